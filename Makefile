@@ -1,0 +1,31 @@
+# Set-up and checks. `make setup` is idempotent: it re-installs only when pyproject.toml changes.
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n1)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# torch.compile (megatron's jit_fuser) costs ~7 s per first call on CPU and changes no result.
+export TORCHDYNAMO_DISABLE ?= 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: python3.12 not found (set PYTHON312=/path/to/python3.12)"; exit 1; }
+	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m megatron_qwen35.demo
+
+bench: setup
+	$(PY) benchmarks/gdn_kernel.py
+
+clean:
+	rm -rf $(VENV)
