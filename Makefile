@@ -1,5 +1,7 @@
 # Set-up and checks. `make setup` is idempotent: it re-installs only when pyproject.toml changes.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n1)
+# The first Python 3.12 that really runs (a pyenv shim can exist without a selected version behind it).
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null) /usr/bin/python3.12; do \
+	$$p -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -1,0 +1,372 @@
+"""The Qwen3.5 architecture: the public presets, Hugging Face config.json <-> ours, ours -> TransformerConfig.
+
+`Qwen35Config` is the one source of truth for a model's shape. It is read from a preset name or a Hugging Face
+`config.json`, written back to a `config.json`, and turned into megatron-core's `TransformerConfig` (which already
+has every Qwen3.5 switch: attention_output_gate, moe_shared_expert_gate, layernorm_zero_centered_gamma, the
+`linear_*` Gated DeltaNet fields, mtp_num_layers); rotary settings go to GPTModel through `layers/rotary.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_ATTENTION = "linear_attention"  # Hugging Face's name for a Gated DeltaNet layer
+FULL_ATTENTION = "full_attention"
+
+TEXT_MODEL_TYPES = {"qwen3_5_text": False, "qwen3_5_moe_text": True}  # model_type -> is MoE
+MULTIMODAL_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The ViT of a preset (width, MLP width, depth): recorded for the vision work and the size table."""
+
+    hidden_size: int
+    intermediate_size: int
+    depth: int
+
+
+@dataclass(frozen=True)
+class Qwen35Config:
+    """Everything that fixes a Qwen3.5 text model's shape (and so its parameter count)."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    linear_num_value_heads: int
+    tie_word_embeddings: bool
+    ffn_hidden_size: int | None = None  # dense MLP width; None for MoE models
+    num_experts: int | None = None  # routed experts; None for dense models
+    moe_router_topk: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    vocab_size: int = 248320
+    head_dim: int = 256  # attention head dim (kv_channels); not hidden/heads
+    partial_rotary_factor: float = 0.25  # rope on the first 64 of 256 dims
+    rope_theta: float = 1e7
+    mrope_section: tuple[int, ...] = (11, 11, 10)  # interleaved t/h/w frequency split (vision); text sees one position
+    norm_epsilon: float = 1e-6
+    linear_num_key_heads: int = 16
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+    full_attention_interval: int = 4  # layer i is full attention when (i + 1) % 4 == 0
+    layer_types: tuple[str, ...] | None = None  # explicit per-layer pattern; None derives it from the interval
+    mtp_num_layers: int = 1  # public checkpoints carry one multi-token-prediction layer
+    max_position_embeddings: int = 262144
+    router_aux_loss_coef: float = 0.001
+    vision: VisionShape | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", tuple(
+                FULL_ATTENTION if (i + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
+                for i in range(self.num_layers)))
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        problems = []
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        unknown = sorted(set(self.layer_types) - {LINEAR_ATTENTION, FULL_ATTENTION})
+        if unknown:
+            problems.append(f"unknown layer_types {unknown}")
+        if self.is_moe:
+            missing = [n for n in ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+                       if getattr(self, n) is None]
+            if missing:
+                problems.append(f"MoE model (num_experts={self.num_experts}) lacks {missing}")
+        elif self.ffn_hidden_size is None:
+            problems.append("dense model needs ffn_hidden_size")
+        if self.num_attention_heads % self.num_query_groups:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"num_query_groups {self.num_query_groups}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            problems.append(f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
+                            f"linear_num_key_heads {self.linear_num_key_heads}")
+        if int(self.head_dim * self.partial_rotary_factor) != 2 * sum(self.mrope_section):
+            problems.append(f"mrope_section {list(self.mrope_section)} does not cover the rotary dims "
+                            f"{int(self.head_dim * self.partial_rotary_factor)} (head_dim x partial_rotary_factor)")
+        if problems:
+            raise ValueError(f"inconsistent Qwen3.5 config '{self.name}': " + "; ".join(problems))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def replace(self, **changes) -> "Qwen35Config":
+        """A copy with some fields changed; layer_types is re-derived when num_layers changes and none is given."""
+        if "num_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        d["mrope_section"] = list(self.mrope_section)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Qwen35Config":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Qwen35Config fields {sorted(unknown)}")
+        if d.get("vision") is not None:
+            d["vision"] = VisionShape(**d["vision"])
+        return cls(**d)
+
+
+def _dense(hidden, layers, heads, groups, ffn, v_heads, vit, tied, name):
+    return Qwen35Config(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, num_query_groups=groups,
+                        ffn_hidden_size=ffn, linear_num_value_heads=v_heads, vision=VisionShape(*vit),
+                        tie_word_embeddings=tied, name=name)
+
+
+def _moe(hidden, layers, heads, groups, experts, topk, expert_ffn, shared_ffn, v_heads, vit, name):
+    return Qwen35Config(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, num_query_groups=groups,
+                        num_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=expert_ffn,
+                        moe_shared_expert_intermediate_size=shared_ffn, linear_num_value_heads=v_heads,
+                        vision=VisionShape(*vit), tie_word_embeddings=False, name=name)
+
+
+_VIT_S, _VIT_M, _VIT_L = (768, 3072, 12), (1024, 4096, 24), (1152, 4304, 27)
+
+# The public sizes (DESIGN.md's table). Parameter counts are checked in tests/test_config.py.
+PRESETS: dict[str, Qwen35Config] = {
+    "0.8b": _dense(1024, 24, 8, 2, 3584, 16, _VIT_S, True, "0.8b"),
+    "2b": _dense(2048, 24, 8, 2, 6144, 16, _VIT_M, True, "2b"),
+    "4b": _dense(2560, 32, 16, 4, 9216, 32, _VIT_M, True, "4b"),
+    "9b": _dense(4096, 32, 16, 4, 12288, 32, _VIT_L, False, "9b"),
+    "27b": _dense(5120, 64, 24, 4, 17408, 48, _VIT_L, False, "27b"),
+    "35b-a3b": _moe(2048, 40, 16, 2, 256, 8, 512, 512, 32, _VIT_L, "35b-a3b"),
+    "122b-a10b": _moe(3072, 48, 32, 2, 256, 8, 1024, 1024, 64, _VIT_L, "122b-a10b"),
+    "397b-a17b": _moe(4096, 60, 32, 2, 512, 10, 1024, 1024, 64, _VIT_L, "397b-a17b"),
+}
+
+# Tiny shapes for tests and the CPU demo: every feature of the real ones (GDN with grouped value heads, gated
+# attention, partial rope, MoE with shared expert, MTP), small enough for two CPU cores.
+_TINY = dict(vocab_size=512, head_dim=32, partial_rotary_factor=0.25, mrope_section=(2, 1, 1),
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+             max_position_embeddings=4096)
+PRESETS["tiny"] = Qwen35Config(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
+                               ffn_hidden_size=128, tie_word_embeddings=True, name="tiny", **_TINY)
+PRESETS["tiny-moe"] = Qwen35Config(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
+                                   num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                   moe_shared_expert_intermediate_size=48, tie_word_embeddings=False,
+                                   name="tiny-moe", **_TINY)
+
+
+def qwen35_preset(name: str) -> Qwen35Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Qwen3.5 preset '{name}'; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face config.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def _text_section(hf: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The text part of a config.json and whether it is MoE; multimodal configs nest it under text_config."""
+    model_type = hf.get("model_type")
+    if model_type in MULTIMODAL_MODEL_TYPES:
+        if "text_config" not in hf:
+            raise ValueError(f"config.json of model_type '{model_type}' has no text_config")
+        text = dict(hf["text_config"])
+        text.setdefault("model_type", MULTIMODAL_MODEL_TYPES[model_type])
+        if "tie_word_embeddings" in hf:  # the multimodal wrapper owns the tying flag
+            text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+        return text, model_type == "qwen3_5_moe"
+    if model_type in TEXT_MODEL_TYPES:
+        return hf, TEXT_MODEL_TYPES[model_type]
+    raise ValueError(f"unknown model_type '{model_type}' in config.json; expected one of "
+                     f"{sorted(TEXT_MODEL_TYPES) + sorted(MULTIMODAL_MODEL_TYPES)}")
+
+
+def _required(d: dict[str, Any], key: str):
+    if key not in d:
+        raise ValueError(f"config.json lacks required key '{key}'")
+    return d[key]
+
+
+def qwen35_config_from_hf(hf: dict[str, Any] | str | Path, *, name: str = "hf") -> Qwen35Config:
+    """Our config from a Hugging Face config.json (a dict or a path to the file or its directory)."""
+    if not isinstance(hf, dict):
+        path = Path(hf)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no Hugging Face config at {path}")
+        hf = json.loads(path.read_text())
+    text, is_moe = _text_section(hf)
+    if text.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act '{text['hidden_act']}' is not supported (Qwen3.5 uses silu)")
+    if text.get("attention_bias", False):
+        raise ValueError("config.json attention_bias=true is not supported (Qwen3.5 has no attention bias)")
+    rope = dict(text.get("rope_parameters") or {})
+    for legacy in ("rope_theta", "partial_rotary_factor", "mrope_section"):  # older files keep them at top level
+        if legacy in text and legacy not in rope:
+            rope[legacy] = text[legacy]
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"config.json rope_type '{rope['rope_type']}' is not supported")
+    if "mrope_section" not in rope and "rope_scaling" in text and text["rope_scaling"]:
+        rope["mrope_section"] = text["rope_scaling"].get("mrope_section")
+    if rope.get("mrope_interleaved") is False:
+        raise ValueError("config.json mrope_interleaved=false: Qwen3.5 uses interleaved mRoPE")
+    kw: dict[str, Any] = dict(
+        hidden_size=_required(text, "hidden_size"),
+        num_layers=_required(text, "num_hidden_layers"),
+        num_attention_heads=_required(text, "num_attention_heads"),
+        num_query_groups=_required(text, "num_key_value_heads"),
+        head_dim=_required(text, "head_dim"),
+        vocab_size=_required(text, "vocab_size"),
+        norm_epsilon=text.get("rms_norm_eps", 1e-6),
+        linear_num_key_heads=_required(text, "linear_num_key_heads"),
+        linear_num_value_heads=_required(text, "linear_num_value_heads"),
+        linear_key_head_dim=_required(text, "linear_key_head_dim"),
+        linear_value_head_dim=_required(text, "linear_value_head_dim"),
+        linear_conv_kernel_dim=_required(text, "linear_conv_kernel_dim"),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        rope_theta=float(_required(rope, "rope_theta")),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.25)),
+        mrope_section=tuple(rope.get("mrope_section") or (11, 11, 10)),
+        mtp_num_layers=int(text.get("mtp_num_hidden_layers", 0)),
+        max_position_embeddings=text.get("max_position_embeddings", 262144),
+        name=name,
+    )
+    if text.get("layer_types") is not None:
+        kw["layer_types"] = tuple(text["layer_types"])
+    elif "full_attention_interval" in text:
+        kw["full_attention_interval"] = text["full_attention_interval"]
+    if is_moe:
+        kw.update(num_experts=_required(text, "num_experts"), moe_router_topk=_required(text, "num_experts_per_tok"),
+                  moe_ffn_hidden_size=_required(text, "moe_intermediate_size"),
+                  moe_shared_expert_intermediate_size=_required(text, "shared_expert_intermediate_size"),
+                  router_aux_loss_coef=text.get("router_aux_loss_coef", 0.001))
+    else:
+        kw["ffn_hidden_size"] = _required(text, "intermediate_size")
+    vision = hf.get("vision_config")
+    if vision:
+        kw["vision"] = VisionShape(vision["hidden_size"], vision["intermediate_size"], vision["depth"])
+    return Qwen35Config(**kw)
+
+
+def qwen35_config_to_hf(cfg: Qwen35Config) -> dict[str, Any]:
+    """A text-only config.json (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM) that transformers loads."""
+    hf: dict[str, Any] = {
+        "architectures": ["Qwen3_5MoeForCausalLM" if cfg.is_moe else "Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_epsilon,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "linear_num_key_heads": cfg.linear_num_key_heads,
+        "linear_num_value_heads": cfg.linear_num_value_heads,
+        "linear_key_head_dim": cfg.linear_key_head_dim,
+        "linear_value_head_dim": cfg.linear_value_head_dim,
+        "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
+        "layer_types": list(cfg.layer_types),
+        "full_attention_interval": cfg.full_attention_interval,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                            "partial_rotary_factor": cfg.partial_rotary_factor,
+                            "mrope_section": list(cfg.mrope_section), "mrope_interleaved": True},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "mtp_num_hidden_layers": cfg.mtp_num_layers,
+        "torch_dtype": "bfloat16",
+    }
+    if cfg.is_moe:
+        hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.moe_router_topk,
+                  moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                  shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef)
+    else:
+        hf["intermediate_size"] = cfg.ffn_hidden_size
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Megatron
+# ---------------------------------------------------------------------------------------------------------------
+
+def linear_attention_pattern(cfg: Qwen35Config) -> list[int]:
+    """Megatron's per-layer pattern: 1 = Gated DeltaNet, 0 = full attention."""
+    return [1 if t == LINEAR_ATTENTION else 0 for t in cfg.layer_types]
+
+
+def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
+    """megatron-core's TransformerConfig for `cfg`; `overrides` set parallelism, precision, recompute, ...
+
+    CPU-safe defaults: fusions that need CUDA kernels are off unless CUDA is present; users override any field.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    cuda = torch.cuda.is_available()
+    kw: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size if not cfg.is_moe else cfg.moe_ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        layernorm_zero_centered_gamma=True,  # HF's (1 + w) norms; w starts at zero
+        qk_layernorm=True,
+        attention_output_gate=True,  # q_proj's per-head [query | gate] half: out * sigmoid(gate)
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        experimental_attention_variant="gated_delta_net",
+        linear_attention_freq=linear_attention_pattern(cfg),
+        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+        linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads,
+        mtp_num_layers=cfg.mtp_num_layers or None,
+        bias_activation_fusion=cuda,
+        masked_softmax_fusion=cuda,
+        persist_layer_norm=cuda,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=cuda,
+        use_cpu_initialization=not cuda,
+    )
+    if cfg.is_moe:
+        kw.update(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=True,  # sigmoid(x @ w) scales the shared expert
+            moe_router_pre_softmax=False,  # softmax over the top-k logits == HF's softmax, top-k, renormalise
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=cfg.router_aux_loss_coef,
+            moe_token_dispatcher_type="alltoall",
+            moe_layer_freq=1,
+        )
+    kw.update(overrides)
+    return TransformerConfig(**kw)

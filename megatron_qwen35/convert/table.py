@@ -1,0 +1,192 @@
+"""THE mapping between Hugging Face and Megatron names: one list of rules, read in both directions.
+
+Megatron names are the checkpoint names of megatron-core's `sharded_state_dict` (Transformer Engine spelling, which
+the local backend maps onto). `{mg}` / `{hf}` stand for a layer's prefix on each side, `{E}` expands over experts.
+MoE rows extend the dense rows through the MLP choice; MTP reuses the attention-layer rows under its own prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from megatron_qwen35.config import FULL_ATTENTION, Qwen35Config
+from megatron_qwen35.convert.transforms import (
+    GATE_UP,
+    GATED_QKV,
+    GDN_IN_PROJ,
+    IDENTITY,
+    PACKED_EXPERTS,
+    PER_EXPERT_GATE_UP,
+    PLUS_ONE,
+    Transform,
+)
+
+TEXT_ONLY_PREFIX = "model."  # Qwen3_5ForCausalLM checkpoints
+MULTIMODAL_PREFIX = "model.language_model."  # Qwen3_5ForConditionalGeneration checkpoints
+EXPERT_LAYOUTS = ("packed", "per_expert")  # transformers' module holds packed; save_pretrained writes per expert
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: tuple[str, ...]
+    hf: tuple[str, ...]
+    transform: Transform = IDENTITY
+
+
+def _r(megatron, hf, transform=IDENTITY) -> Rule:
+    as_tuple = lambda x: (x,) if isinstance(x, str) else tuple(x)  # noqa: E731
+    return Rule(as_tuple(megatron), as_tuple(hf), transform)
+
+
+GDN_RULES = [
+    _r("{mg}self_attention.in_proj.layer_norm_weight", "{hf}input_layernorm.weight"),
+    _r("{mg}self_attention.in_proj.weight", [f"{{hf}}linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
+       GDN_IN_PROJ),
+    _r("{mg}self_attention.conv1d.weight", "{hf}linear_attn.conv1d.weight"),
+    _r("{mg}self_attention.A_log", "{hf}linear_attn.A_log"),
+    _r("{mg}self_attention.dt_bias", "{hf}linear_attn.dt_bias"),
+    _r("{mg}self_attention.out_norm.weight", "{hf}linear_attn.norm.weight", PLUS_ONE),  # HF's gated norm is plain
+    _r("{mg}self_attention.out_proj.weight", "{hf}linear_attn.out_proj.weight"),
+]
+
+ATTENTION_RULES = [
+    _r("{mg}self_attention.linear_qkv.layer_norm_weight", "{hf}input_layernorm.weight"),
+    _r("{mg}self_attention.linear_qkv.weight", [f"{{hf}}self_attn.{p}_proj.weight" for p in "qkv"], GATED_QKV),
+    _r("{mg}self_attention.q_layernorm.weight", "{hf}self_attn.q_norm.weight"),
+    _r("{mg}self_attention.k_layernorm.weight", "{hf}self_attn.k_norm.weight"),
+    _r("{mg}self_attention.linear_proj.weight", "{hf}self_attn.o_proj.weight"),
+]
+
+DENSE_MLP_RULES = [
+    _r("{mg}mlp.linear_fc1.layer_norm_weight", "{hf}post_attention_layernorm.weight"),
+    _r("{mg}mlp.linear_fc1.weight", ["{hf}mlp.gate_proj.weight", "{hf}mlp.up_proj.weight"], GATE_UP),
+    _r("{mg}mlp.linear_fc2.weight", "{hf}mlp.down_proj.weight"),
+]
+
+MOE_RULES = [
+    _r("{mg}pre_mlp_layernorm.weight", "{hf}post_attention_layernorm.weight"),
+    _r("{mg}mlp.router.weight", "{hf}mlp.gate.weight"),
+    _r("{mg}mlp.shared_experts.linear_fc1.weight",
+       ["{hf}mlp.shared_expert.gate_proj.weight", "{hf}mlp.shared_expert.up_proj.weight"], GATE_UP),
+    _r("{mg}mlp.shared_experts.linear_fc2.weight", "{hf}mlp.shared_expert.down_proj.weight"),
+    _r("{mg}mlp.shared_experts.gate_weight", "{hf}mlp.shared_expert_gate.weight"),
+]
+
+_MG_FC1, _MG_FC2 = "{mg}mlp.experts.local_experts.{E}.linear_fc1.weight", "{mg}mlp.experts.local_experts.{E}.linear_fc2.weight"
+EXPERT_RULES = {
+    "packed": [
+        _r(_MG_FC1, "{hf}mlp.experts.gate_up_proj", PACKED_EXPERTS),
+        _r(_MG_FC2, "{hf}mlp.experts.down_proj", PACKED_EXPERTS),
+    ],
+    "per_expert": [
+        _r(_MG_FC1, ["{hf}mlp.experts.{E}.gate_proj.weight", "{hf}mlp.experts.{E}.up_proj.weight"],
+           PER_EXPERT_GATE_UP),
+        _r(_MG_FC2, "{hf}mlp.experts.{E}.down_proj.weight"),
+    ],
+}
+
+MTP_RULES = [  # around the MTP's inner (full attention) layer; HF: Qwen3-Next style mtp.* names
+    _r("{mg}enorm.weight", "{hf}pre_fc_norm_embedding.weight"),
+    _r("{mg}hnorm.weight", "{hf}pre_fc_norm_hidden.weight"),
+    _r("{mg}eh_proj.weight", "{hf}fc.weight"),  # input is [norm(embedding) | norm(hidden)] on both sides
+    _r("{mg}final_layernorm.weight", "{hf}norm.weight"),
+]
+
+
+@dataclass(frozen=True)
+class NamedRule:
+    """A rule with every name spelled out for one model."""
+
+    megatron: tuple[str, ...]
+    hf: tuple[str, ...]
+    transform: Transform
+
+
+def _expand(rule: Rule, mg: str, hf: str, num_experts: int | None) -> NamedRule:
+    def names(patterns):
+        out = []
+        for p in patterns:
+            p = p.replace("{mg}", mg).replace("{hf}", hf)
+            out += [p.replace("{E}", str(e)) for e in range(num_experts)] if "{E}" in p else [p]
+        return tuple(out)
+
+    if rule.transform is IDENTITY and len(names(rule.megatron)) > 1:  # per-expert identity: one rule per expert
+        raise AssertionError("identity rules expand pairwise; use _expand_pairwise")
+    return NamedRule(names(rule.megatron), names(rule.hf), rule.transform)
+
+
+def _expand_rules(rules: list[Rule], mg: str, hf: str, num_experts: int | None) -> list[NamedRule]:
+    out = []
+    for rule in rules:
+        pairwise = rule.transform is IDENTITY and any("{E}" in p for p in rule.megatron)
+        if pairwise:  # one tensor per expert on both sides
+            for e in range(num_experts):
+                sub = lambda ps: tuple(p.replace("{E}", str(e)) for p in ps)  # noqa: E731
+                out.append(_expand(Rule(sub(rule.megatron), sub(rule.hf), IDENTITY), mg, hf, num_experts))
+        else:
+            out.append(_expand(rule, mg, hf, num_experts))
+    return out
+
+
+def _layer_rules(cfg: Qwen35Config, layer_type: str, expert_layout: str) -> list[Rule]:
+    mixer = ATTENTION_RULES if layer_type == FULL_ATTENTION else GDN_RULES
+    if not cfg.is_moe:
+        return mixer + DENSE_MLP_RULES
+    return mixer + MOE_RULES + EXPERT_RULES[expert_layout]
+
+
+def qwen35_rules(cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX, expert_layout: str = "packed",
+                 include_mtp: bool = True) -> list[NamedRule]:
+    """Every tensor of `cfg`'s model, named on both sides, in model order."""
+    if hf_prefix not in (TEXT_ONLY_PREFIX, MULTIMODAL_PREFIX):
+        raise ValueError(f"unknown Hugging Face prefix '{hf_prefix}'")
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout '{expert_layout}'; choose one of {EXPERT_LAYOUTS}")
+    top = [_r("embedding.word_embeddings.weight", f"{hf_prefix}embed_tokens.weight")]
+    rules = _expand_rules(top, "", "", cfg.num_experts)
+    for i, layer_type in enumerate(cfg.layer_types):
+        rules += _expand_rules(_layer_rules(cfg, layer_type, expert_layout), f"decoder.layers.{i}.",
+                               f"{hf_prefix}layers.{i}.", cfg.num_experts)
+    rules += _expand_rules([_r("decoder.final_layernorm.weight", f"{hf_prefix}norm.weight")], "", "", None)
+    if not cfg.tie_word_embeddings:
+        rules += _expand_rules([_r("output_layer.weight", "lm_head.weight")], "", "", None)
+    if include_mtp:
+        for j in range(cfg.mtp_num_layers):
+            mg, hf = f"mtp.layers.{j}.", "mtp."
+            rules += _expand_rules(MTP_RULES, mg, hf, cfg.num_experts)
+            rules += _expand_rules(_layer_rules(cfg, FULL_ATTENTION, expert_layout), f"{mg}mtp_model_layer.",
+                                   f"{hf}layers.{j}.", cfg.num_experts)
+    return rules
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: Qwen35Config, **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Megatron name, tensor) for every rule, reading HF tensors by name (a lazy mapping streams)."""
+    for rule in qwen35_rules(cfg, **rule_options):
+        missing = [n for n in rule.hf if n not in hf]
+        if missing:
+            raise KeyError(f"Hugging Face checkpoint lacks tensor '{missing[0]}'")
+        out = rule.transform.to_megatron([hf[n] for n in rule.hf], cfg)
+        yield from zip(rule.megatron, out)
+
+
+def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: Qwen35Config, **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every rule, reading Megatron tensors by name."""
+    for rule in qwen35_rules(cfg, **rule_options):
+        missing = [n for n in rule.megatron if n not in mg]
+        if missing:
+            raise KeyError(f"Megatron checkpoint lacks tensor '{missing[0]}'")
+        out = rule.transform.to_hf([mg[n] for n in rule.megatron], cfg)
+        yield from zip(rule.hf, out)
+
+
+def check_names(available: set[str], expected: set[str], *, side: str) -> None:
+    """Every tensor present must be mapped and every mapped one present: a clear error names the first stray."""
+    unexpected, missing = sorted(available - expected), sorted(expected - available)
+    if unexpected:
+        raise KeyError(f"{side} checkpoint has unexpected tensor '{unexpected[0]}' "
+                       f"({len(unexpected)} unmapped in all)")
+    if missing:
+        raise KeyError(f"{side} checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing in all)")

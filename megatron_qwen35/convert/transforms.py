@@ -1,0 +1,120 @@
+"""Reshaping rules between Hugging Face and Megatron tensors, each a named pair of functions kept side by side.
+
+Every transform maps a list of Hugging Face tensors to a list of Megatron tensors and back; `to_hf(to_megatron(x))
+== x` bit for bit (tests/test_convert_table.py). Sizes come from the model config, never from guesses.
+Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_qwen35.config import Qwen35Config
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    to_megatron: Callable[[Tensors, Qwen35Config], Tensors]
+    to_hf: Callable[[Tensors, Qwen35Config], Tensors]
+
+
+IDENTITY = Transform("identity", lambda t, cfg: list(t), lambda t, cfg: list(t))
+
+
+# Megatron applies (1 + w) in its norms (layernorm_zero_centered_gamma) to all of them, while HF's gated GDN norm
+# stores the plain scale w + 1 (initialised at one).
+def _minus_one(t: Tensors, cfg) -> Tensors:
+    return [t[0] - 1]
+
+
+def _plus_one(t: Tensors, cfg) -> Tensors:
+    return [t[0] + 1]
+
+
+PLUS_ONE = Transform("plus_one", to_megatron=_minus_one, to_hf=_plus_one)
+
+
+def _concat(t: Tensors, cfg) -> Tensors:
+    return [torch.cat(t, dim=0)]
+
+
+def _gdn_in_proj_sizes(cfg: Qwen35Config) -> list[int]:
+    qk = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    v = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    return [2 * qk + v, v, cfg.linear_num_value_heads, cfg.linear_num_value_heads]  # qkv | z | b | a
+
+
+def _split_gdn_in_proj(t: Tensors, cfg) -> Tensors:
+    return list(torch.split(t[0], _gdn_in_proj_sizes(cfg), dim=0))
+
+
+# HF in_proj_qkv, in_proj_z, in_proj_b, in_proj_a <-> Megatron's fused in_proj rows [q k v | z | b | a].
+# The checkpoint is TP-agnostic: megatron's sharded_state_dict stores each section under its own name.
+GDN_IN_PROJ = Transform("gdn_in_proj", to_megatron=_concat, to_hf=_split_gdn_in_proj)
+
+
+def _split_halves(t: Tensors, cfg) -> Tensors:
+    return list(torch.chunk(t[0], 2, dim=0))
+
+
+# HF gate_proj, up_proj <-> Megatron linear_fc1 rows [gate | up] (SwiGLU: silu(gate) * up).
+GATE_UP = Transform("gate_up", to_megatron=_concat, to_hf=_split_halves)
+
+
+def _gated_qkv_to_megatron(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    q_proj, k_proj, v_proj = t
+    ng, nq, d = cfg.num_query_groups, cfg.num_attention_heads, cfg.head_dim
+    hidden = q_proj.shape[-1]
+    q = q_proj.view(ng, nq // ng, 2, d, hidden)  # each HF head is [query | gate]
+    query = q[:, :, 0].reshape(ng, -1, hidden)  # [ng, nq/ng * d, H]
+    gate = q[:, :, 1].reshape(ng, -1, hidden)
+    k, v = k_proj.view(ng, d, hidden), v_proj.view(ng, d, hidden)
+    return [torch.cat([query, gate, k, v], dim=1).reshape(-1, hidden)]  # per group [q | gate | k | v]
+
+
+def _gated_qkv_to_hf(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    ng, nq, d = cfg.num_query_groups, cfg.num_attention_heads, cfg.head_dim
+    hidden = t[0].shape[-1]
+    per_group = t[0].view(ng, -1, hidden)
+    query, gate, k, v = torch.split(per_group, [nq // ng * d, nq // ng * d, d, d], dim=1)
+    q_proj = torch.stack([query.reshape(ng, nq // ng, d, hidden), gate.reshape(ng, nq // ng, d, hidden)], dim=2)
+    return [q_proj.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)]
+
+
+# HF q_proj (per head [query | gate]), k_proj, v_proj <-> Megatron linear_qkv grouped per query group.
+GATED_QKV = Transform("gated_qkv", to_megatron=_gated_qkv_to_megatron, to_hf=_gated_qkv_to_hf)
+
+
+def _unstack(t: Tensors, cfg) -> Tensors:
+    return list(torch.unbind(t[0], dim=0))
+
+
+def _stack(t: Tensors, cfg) -> Tensors:
+    return [torch.stack(t, dim=0)]
+
+
+# HF packed experts [E, ...] <-> one Megatron tensor per expert. gate_up_proj[e] is already [gate | up].
+PACKED_EXPERTS = Transform("packed_experts", to_megatron=_unstack, to_hf=_stack)
+
+
+def _interleave_per_expert_gate_up(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    e = cfg.num_experts  # inputs: E gate_proj then E up_proj
+    return [torch.cat([t[i], t[e + i]], dim=0) for i in range(e)]
+
+
+def _split_per_expert_gate_up(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    halves = [torch.chunk(w, 2, dim=0) for w in t]
+    return [g for g, _ in halves] + [u for _, u in halves]
+
+
+# HF per-expert experts.{e}.gate_proj / up_proj <-> Megatron's per-expert linear_fc1 [gate | up].
+PER_EXPERT_GATE_UP = Transform("per_expert_gate_up", to_megatron=_interleave_per_expert_gate_up,
+                               to_hf=_split_per_expert_gate_up)
+
+ALL_TRANSFORMS = [IDENTITY, PLUS_ONE, GDN_IN_PROJ, GATE_UP, GATED_QKV, PACKED_EXPERTS, PER_EXPERT_GATE_UP]

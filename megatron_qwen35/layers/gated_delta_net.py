@@ -1,0 +1,114 @@
+"""Qwen3.5's Gated DeltaNet token mixer as a megatron-core module that runs on any device.
+
+Shape legend: s sequence, b batch, h value heads (local to this TP rank), hk key heads, dk / dv head dims.
+
+Differs from megatron-core's `GatedDeltaNet`, whose parameters, tensor-parallel sharding and `sharded_state_dict`
+(the fused in_proj split into named q/k/v/z/beta/alpha sections and the conv into q/k/v, so a checkpoint saved at
+one TP size loads at another) we inherit unchanged:
+- the forward sends every kernel (causal conv, gated delta rule, q/k L2 norm) through `gdn_ops`, which chooses
+  FLA's Triton kernels for CUDA tensors and pure PyTorch elsewhere; megatron's calls FLA unconditionally;
+- the gated output norm's weight is shared by all value heads, which tensor parallelism splits across ranks, so
+  its gradient is summed over the TP group (megatron sums it only under sequence parallelism);
+- context parallelism is not supported yet and says so.
+Numerics follow transformers' `Qwen3_5GatedDeltaNet`: in_proj = [qkv | z | b | a], g = -exp(A_log) *
+softplus(a + dt_bias) in fp32, beta = sigmoid(b), out = out_proj(rmsnorm(o) * w * silu(z)).
+"""
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+from megatron_qwen35.layers import gdn_ops
+
+
+class Qwen35GatedDeltaNet(GatedDeltaNet):
+    """megatron-core's GatedDeltaNet parameters and checkpoint layout, with a device-agnostic forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.conv_bias:
+            raise ValueError("Qwen3.5's Gated DeltaNet conv has no bias; conv_bias=True is not supported")
+        if self.tp_size > 1:
+            _sum_grad_over_group(self.out_norm.weight, self.pg_collection.tp)
+
+    def _setup_variant_attrs(self):
+        super()._setup_variant_attrs()
+        self.gated_delta_rule = gdn_ops.chunk_gated_delta_rule  # our dispatch, never megatron's FLA binding
+
+    def forward(self, hidden_states, attention_mask, inference_context=None, packed_seq_params=None,
+                sequence_len_offset=None, *, inference_params=None, **kwargs):
+        """hidden_states [s(/tp under SP), b, hidden] -> (out [s(/tp), b, hidden], bias None)."""
+        if inference_context is not None or inference_params is not None:
+            raise ValueError("Qwen35GatedDeltaNet has no megatron inference cache; generate with the Hugging Face "
+                             "export or megatron_qwen35.inference")
+        if self.cp_size > 1:
+            raise ValueError(f"context parallelism (cp={self.cp_size}) is not supported by Qwen35GatedDeltaNet yet")
+
+        qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]; SP gathers the sequence here
+        seq_len, batch = qkvzba.shape[:2]
+        cu_seqlens = _packed_cu_seqlens(packed_seq_params, seq_len, batch)
+        qkvzba = qkvzba.transpose(0, 1)  # [b, s, x]
+        qkv, gate, beta, alpha = torch.split(qkvzba, list(self.feat_dim_split), dim=-1)
+
+        qkv = gdn_ops.causal_conv1d(qkv, self.conv1d.weight.squeeze(1), cu_seqlens=cu_seqlens, activation="silu")
+        query, key, value = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], -1)
+        query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
+        key = key.reshape(batch, seq_len, -1, self.key_head_dim)
+        value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
+        group = self.num_value_heads // self.num_key_heads
+        if group > 1:  # each key head serves `group` consecutive value heads
+            query = query.repeat_interleave(group, dim=2)
+            key = key.repeat_interleave(group, dim=2)
+
+        g = -self.A_log.float().exp() * F.softplus(alpha.float() + self.dt_bias.float())  # fp32: bf16 decay underflows
+        beta = beta.sigmoid()
+        core, _ = self.gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens,
+                                        use_qk_l2norm=self.use_qk_l2norm)  # [b, s, h, dv]
+
+        gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
+        norm = partial(self._gated_norm, batch=batch, seq_len=seq_len)
+        if self.recompute_norm_out:
+            self.norm_out_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            normed = self.norm_out_checkpoint.checkpoint(norm, core, gate)
+        else:
+            normed = norm(core, gate)
+        out, out_bias = self.out_proj(normed)  # row-parallel: reduce (or reduce-scatter under SP)
+        if self.recompute_norm_out:
+            self.norm_out_checkpoint.discard_output_and_register_recompute(out)
+        return out, out_bias
+
+    def _gated_norm(self, core, gate, *, batch, seq_len):
+        """rmsnorm(core) * w * silu(gate) per value head, back to [s, b, h * dv]."""
+        y = self._apply_gated_norm(core, gate)  # [b * s * h, dv]
+        return y.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
+
+
+def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None, seq_len: int, batch: int):
+    """Document boundaries of a packed (THD) batch, or None for ordinary [s, b] batches."""
+    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return None
+    if batch != 1:
+        raise ValueError(f"packed sequences (qkv_format='thd') need batch 1, got {batch}")
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    if int(cu[-1]) != seq_len:
+        raise ValueError(f"packed sequence boundaries end at {int(cu[-1])} but the batch has {seq_len} tokens")
+    return cu
+
+
+def _sum_grad_over_group(param: torch.nn.Parameter, group) -> None:
+    """Make `param`'s gradient the sum over `group` of the per-rank gradients (params shared by sharded heads)."""
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    param.register_hook(hook)
+    # Sequence parallelism must not sum it a second time in finalize_model_grads.
+    setattr(param, "sequence_parallel", False)

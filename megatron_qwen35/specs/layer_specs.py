@@ -1,0 +1,132 @@
+"""Per-layer ModuleSpecs for Qwen3.5: (Gated DeltaNet | gated attention) x (dense MLP | MoE + gated shared expert).
+
+One function serves both backends through megatron-core's BackendSpecProvider: Transformer Engine (fused
+norm+linear, the GPU default) or the local PyTorch modules with our RMSNorm. The local layers map their separate
+input norm onto the fused name in `sharded_state_dict`, so both backends read and write the same checkpoint.
+"""
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend, get_gpt_mtp_block_spec_for_backend
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
+from megatron_qwen35.layers.norms import Qwen35RMSNorm
+
+GDN, ATTENTION = "gdn", "attention"
+BACKENDS = ("te", "local")
+
+
+class Qwen35LocalSpecProvider(LocalSpecProvider):
+    """megatron-core's local modules, with an RMSNorm that has zero-centred gamma and sequence parallelism."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False):
+        return Qwen35RMSNorm
+
+
+def default_backend() -> str:
+    """'te' where Transformer Engine imports (GPU nodes), else 'local'."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or TE's own error when it finds no CUDA
+        return "local"
+    return "te"
+
+
+def backend_provider(backend: str) -> BackendSpecProvider:
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    if backend == "local":
+        return Qwen35LocalSpecProvider()
+    raise ValueError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
+
+
+def layer_pattern(config: TransformerConfig) -> list[tuple[str, bool]]:
+    """(mixer, is_moe) for every decoder layer, from the config's linear-attention pattern and experts."""
+    freq = config.linear_attention_freq
+    if not isinstance(freq, list) or len(freq) != config.num_layers:
+        raise ValueError(f"linear_attention_freq must list one 0/1 per layer ({config.num_layers}), got {freq!r}")
+    is_moe = config.num_moe_experts is not None
+    return [(GDN if f == 1 else ATTENTION, is_moe) for f in freq]
+
+
+def _mixer_spec(mixer: str, provider: BackendSpecProvider) -> ModuleSpec:
+    fused = provider.fuse_layernorm_and_linear()
+    in_linear = provider.column_parallel_layer_norm_linear() if fused else provider.column_parallel_linear()
+    if mixer == GDN:
+        return ModuleSpec(module=Qwen35GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
+            in_proj=in_linear,
+            out_norm=provider.layer_norm(rms_norm=True, for_qk=False),
+            out_proj=provider.row_parallel_linear()))
+    qk_norm = provider.layer_norm(rms_norm=True, for_qk=True)
+    return ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                      submodules=SelfAttentionSubmodules(
+                          linear_qkv=in_linear, core_attention=provider.core_attention(),
+                          linear_proj=provider.row_parallel_linear(), q_layernorm=qk_norm, k_layernorm=qk_norm))
+
+
+def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, backend: str) -> ModuleSpec:
+    """One TransformerLayer: a token mixer and an MLP, each behind a (1 + w) RMSNorm and a residual."""
+    provider = backend_provider(backend)
+    fused = provider.fuse_layernorm_and_linear()
+    norm = provider.layer_norm(rms_norm=True, for_qk=False)
+    if is_moe:
+        mlp = get_moe_module_spec_for_backend(backend=provider, num_experts=config.num_moe_experts,
+                                              moe_grouped_gemm=config.moe_grouped_gemm,
+                                              use_te_activation_func=config.use_te_activation_func)
+    else:
+        mlp = get_mlp_module_spec_for_backend(backend=provider, num_experts=None)
+    mlp_norm_fused = fused and not is_moe  # MoE routes the normed input, so its norm stays separate
+    in_name = "in_proj" if mixer == GDN else "linear_qkv"
+    # Local layers store these norms separately; checkpoints use the fused (Transformer Engine) names.
+    keys_map = {} if fused else {"input_layernorm.": f"self_attention.{in_name}.layer_norm_"}
+    if not fused and not is_moe:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=IdentityOp if fused else norm,
+        self_attention=_mixer_spec(mixer, provider),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=IdentityOp if mlp_norm_fused else norm,
+        mlp=mlp,
+        mlp_bda=get_bias_dropout_add,
+        sharded_state_dict_keys_map=keys_map))
+
+
+def qwen35_layer_specs(config: TransformerConfig, *, backend: str) -> list[ModuleSpec]:
+    """The specs of all decoder layers, in order."""
+    return [qwen35_layer_spec(mixer, is_moe, config, backend=backend) for mixer, is_moe in layer_pattern(config)]
+
+
+def qwen35_block_spec(config: TransformerConfig, *, backend: str, vp_stage: int | None = None,
+                      pp_rank: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder layers this pipeline (and virtual pipeline) stage builds, and the final norm."""
+    specs = qwen35_layer_specs(config, backend=backend)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    provider = backend_provider(backend)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
+                                      layer_norm=provider.layer_norm(rms_norm=True, for_qk=False))
+
+
+def qwen35_mtp_block_spec(config: TransformerConfig, *, backend: str, vp_stage: int | None = None,
+                          pp_rank: int | None = None):
+    """Megatron's MTP block whose inner layer is a full-attention Qwen3.5 layer (as in the released mtp.* weights)."""
+    if not config.mtp_num_layers:
+        return None
+    attention_layer = qwen35_layer_spec(ATTENTION, config.num_moe_experts is not None, config, backend=backend)
+    return get_gpt_mtp_block_spec_for_backend(config=config, spec=attention_layer, backend=backend_provider(backend),
+                                              vp_stage=vp_stage, pp_rank=pp_rank)

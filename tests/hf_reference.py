@@ -1,0 +1,64 @@
+"""transformers' Qwen3.5 as the CPU reference: tiny random models with non-trivial norms and decays.
+
+When `fla` is importable, transformers binds FLA's Triton kernels at import time, which fail on a CPU. The
+pure-PyTorch originals stay reachable as `__wrapped__`; we put them back on the modeling modules.
+"""
+
+import torch
+
+_KERNEL_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                     "causal_conv1d_fn", "causal_conv1d_update")
+
+
+def _torch_paths(module):
+    for name in _KERNEL_FUNCTIONS:
+        fn = getattr(module, name)
+        while hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        setattr(module, name, fn)
+    return module
+
+
+def modeling(is_moe: bool):
+    """transformers' modeling module for Qwen3.5 (dense or MoE), on its pure-PyTorch kernels."""
+    if is_moe:
+        import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as m
+    else:
+        import transformers.models.qwen3_5.modeling_qwen3_5 as m
+    return _torch_paths(m)
+
+
+def reference_config(cfg):
+    from transformers import AutoConfig
+
+    from megatron_qwen35.config import qwen35_config_to_hf
+
+    hf = qwen35_config_to_hf(cfg)
+    model_type = hf.pop("model_type")
+    hf.pop("architectures")
+    return AutoConfig.for_model(model_type, **hf)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight random, and norms, A_log and dt_bias far from their init, so a missed +1 or swapped head shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "linear_attn.norm" in name else 0.0))
+            elif name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 1.0)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(p.shape[-1], 1) ** 0.5))
+    return model
+
+
+def reference_model(cfg, seed: int = 0):
+    """transformers' Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM for `cfg`, fp32, eval mode, random weights."""
+    m = modeling(cfg.is_moe)
+    cls = m.Qwen3_5MoeForCausalLM if cfg.is_moe else m.Qwen3_5ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(reference_config(cfg)).float().eval()
+    return randomize_(model, seed)
