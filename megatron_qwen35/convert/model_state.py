@@ -42,6 +42,8 @@ def load_hf_state_dict(model: torch.nn.Module, cfg: Qwen35Config, hf_state: Mapp
     hf_state = _without_tied_head(hf_state, cfg)
     check_names(set(hf_state), {n for r in rules for n in r.hf}, side="Hugging Face")
     targets = megatron_named_tensors(model)
+    if not rule_options.get("include_mtp", True):  # leave the model's own MTP weights as they are
+        targets = {k: v for k, v in targets.items() if not k.startswith("mtp.")}
     check_names(set(targets), {n for r in rules for n in r.megatron}, side="Megatron model")
     with torch.no_grad():
         for name, tensor in hf_to_megatron(hf_state, cfg, **rule_options):

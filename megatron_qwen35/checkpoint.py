@@ -1,0 +1,99 @@
+"""Megatron distributed (torch_dist) checkpoints with the model's Qwen3.5 config beside the weights.
+
+Layout, as megatron.training's `--load` expects it:
+    DIR/latest_checkpointed_iteration.txt     the iteration number (written last: a checkpoint without it is incomplete)
+    DIR/iter_0000000/                         megatron-core dist_checkpointing (parallelism-agnostic shards)
+    DIR/qwen35_config.json                    our Qwen35Config plus metadata (e.g. the source's expert layout)
+Any TP/PP/EP layout can load what any other saved: our modules' sharded_state_dict keeps that promise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_qwen35.config import Qwen35Config
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG = "qwen35_config.json"
+
+
+def iteration_dir(ckpt_dir: Path | str, iteration: int) -> Path:
+    return Path(ckpt_dir) / f"iter_{iteration:07d}"
+
+
+def _model_state(model) -> dict[str, Any]:
+    """Megatron's convention: one chunk under "model", virtual pipeline chunks under "model0", "model1", ..."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_config(ckpt_dir: Path | str, cfg: Qwen35Config, metadata: dict[str, Any] | None = None) -> None:
+    path = Path(ckpt_dir) / CONFIG
+    path.write_text(json.dumps({"config": cfg.to_dict(), "metadata": metadata or {}}, indent=2) + "\n")
+
+
+def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
+    """The model config and metadata stored with a checkpoint written by this project."""
+    path = Path(ckpt_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a megatron_qwen35 checkpoint: {CONFIG} is missing")
+    d = json.loads(path.read_text())
+    return Qwen35Config.from_dict(d["config"]), d.get("metadata", {})
+
+
+def latest_iteration(ckpt_dir: Path | str) -> int:
+    tracker = Path(ckpt_dir) / TRACKER
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint: {TRACKER} is missing")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker} should hold an iteration number, found '{text}'")
+    return int(text)
+
+
+def save_checkpoint(model, cfg: Qwen35Config, ckpt_dir: Path | str, *, iteration: int = 0,
+                    metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> Path:
+    """Save `model` (a module or its virtual-pipeline chunks) collectively from every rank."""
+    ckpt_dir = Path(ckpt_dir)
+    target = iteration_dir(ckpt_dir, iteration)
+    if _rank0():
+        target.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    state = {**_model_state(model), "checkpoint_version": 3.0, "iteration": iteration, **(extra_state or {})}
+    dist_checkpointing.save(state, str(target))
+    if _rank0():
+        write_config(ckpt_dir, cfg, metadata)
+        (ckpt_dir / TRACKER).write_text(f"{iteration}\n")
+    _barrier()
+    return target
+
+
+def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None, strict: bool = True) -> int:
+    """Load weights saved at any parallel layout into `model` (this rank's shards); returns the iteration."""
+    iteration = latest_iteration(ckpt_dir) if iteration is None else iteration
+    source = iteration_dir(ckpt_dir, iteration)
+    if not source.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {source} is missing")
+    loaded = dist_checkpointing.load(_model_state(model), str(source))
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key], strict=strict)
+    return iteration
