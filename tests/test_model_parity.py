@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_reference import reference_model
+from megatron_qwen35.hf_reference import reference_model
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import load_hf_state_dict
 from megatron_qwen35.provider import qwen35_gpt_model

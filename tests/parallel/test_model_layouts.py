@@ -6,9 +6,6 @@ gradient shards are then written as a checkpoint (megatron's resharding reassemb
 single-process gradients in the parent, tensor by tensor.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,8 +14,6 @@ from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import load_hf_state_dict, megatron_named_tensors
 from megatron_qwen35.provider import qwen35_gpt_model
 from tests.parallel.harness import run_distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for hf_reference in spawned ranks
 
 REL_TOL = 5e-5  # fp32: parallel runs split and reorder sums; seen up to 1.1e-5 of the largest gradient
 LAYOUTS = {
@@ -84,7 +79,7 @@ def _rank(rank, world, preset, layout, weights_dir, grads_dir):
 @pytest.mark.parametrize("preset,layout", [("tiny", "tp2_sp"), ("tiny-moe", "tp2_sp"), ("tiny-moe", "ep2")])
 def test_parallel_loss_and_gradients_equal_single_process(preset, layout, tmp_path, megatron_single_process):
     """Loss and every full gradient of TP2+SP / EP2 equal the single process (relative to the largest entry)."""
-    from hf_reference import reference_model
+    from megatron_qwen35.hf_reference import reference_model
 
     cfg, single = _build(preset)
     load_hf_state_dict(single, cfg, reference_model(cfg.replace(mtp_num_layers=0)).state_dict(), include_mtp=False)

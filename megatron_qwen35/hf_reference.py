@@ -1,4 +1,4 @@
-"""transformers' Qwen3.5 as the CPU reference: tiny random models with non-trivial norms and decays.
+"""transformers' Qwen3.5 as the CPU reference (tests, demo, conversion parity): tiny random models.
 
 When `fla` is importable, transformers binds FLA's Triton kernels at import time, which fail on a CPU. The
 pure-PyTorch originals stay reachable as `__wrapped__`; we put them back on the modeling modules.
