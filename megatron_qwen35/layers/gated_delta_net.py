@@ -73,7 +73,9 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
         norm = partial(self._gated_norm, batch=batch, seq_len=seq_len)
         if self.recompute_norm_out:
-            self.norm_out_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            # fp8 must be the config's (None or a recipe name): megatron reads `fp8 is not None`, so the default False
+            # would ask for Transformer Engine's fp8 state even without TE.
+            self.norm_out_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
             normed = self.norm_out_checkpoint.checkpoint(norm, core, gate)
         else:
             normed = norm(core, gate)
