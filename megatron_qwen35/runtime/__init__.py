@@ -1,0 +1,148 @@
+"""Runtime setup: device selection, torch.distributed + megatron model-parallel state, and the
+CPU adaptations that let megatron-core run without CUDA (gloo process groups).
+
+Public API:
+    ensure_cpu_runtime()     apply the CPU patches (no-op when CUDA is available; idempotent)
+    initialize_parallel(...) torch.distributed + parallel_state + RNG tracker
+    destroy_parallel()       tear down parallel_state (and the process group we created)
+    compute_device()         cuda current device, else cpu
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_qwen35.runtime import cpu_patches
+
+__all__ = [
+    "ensure_cpu_runtime",
+    "initialize_parallel",
+    "destroy_parallel",
+    "compute_device",
+    "cpu_patches",
+]
+
+# The (layout, seed) that initialize_parallel last set up, or None.
+_CURRENT_LAYOUT: Optional[Tuple] = None
+# True when initialize_parallel created the default process group (so destroy_parallel owns it).
+_OWNS_PROCESS_GROUP = False
+
+
+def ensure_cpu_runtime() -> None:
+    """Apply every CPU adaptation in ``cpu_patches.PATCHES``.
+
+    No-op when CUDA is available (megatron then runs as designed). Safe to call repeatedly.
+    """
+    if torch.cuda.is_available():
+        return
+    cpu_patches.apply_all()
+
+
+def compute_device() -> torch.device:
+    """The device tensors should live on: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group() -> None:
+    """Create the default process group from env (RANK/WORLD_SIZE/MASTER_*), or as a single
+    process on a free local port when the env does not describe a job."""
+    global _OWNS_PROCESS_GROUP
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size
+        )
+    else:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+        )
+    _OWNS_PROCESS_GROUP = True
+
+
+def initialize_parallel(
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: Optional[int] = None,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: Optional[int] = None,
+    context_parallel: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Initialise torch.distributed and megatron's model-parallel state and RNG tracker.
+
+    Same layout and seed as the previous call: no-op. Same layout, other seed: only re-seeds.
+    Other layout: destroys and re-creates the model-parallel state (the process group stays).
+    """
+    global _CURRENT_LAYOUT
+    from megatron.core import parallel_state, tensor_parallel as mtp
+
+    if not torch.cuda.is_available():
+        ensure_cpu_runtime()
+    _init_process_group()
+
+    layout = (
+        tensor_parallel,
+        pipeline_parallel,
+        virtual_pipeline_parallel,
+        expert_parallel,
+        expert_tensor_parallel,
+        context_parallel,
+    )
+    initialized = parallel_state.model_parallel_is_initialized()
+    if initialized and _CURRENT_LAYOUT is not None and _CURRENT_LAYOUT[0] == layout:
+        if _CURRENT_LAYOUT[1] != seed:
+            mtp.model_parallel_cuda_manual_seed(seed)
+            _CURRENT_LAYOUT = (layout, seed)
+        return
+    if initialized:
+        parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        context_parallel_size=context_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+    )
+    # Looked up on the package at call time so the CPU wrapper (if applied) is used.
+    mtp.model_parallel_cuda_manual_seed(seed)
+    _CURRENT_LAYOUT = (layout, seed)
+
+
+def destroy_parallel() -> None:
+    """Destroy megatron's model-parallel state, and the default process group if we created it."""
+    global _CURRENT_LAYOUT, _OWNS_PROCESS_GROUP
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _CURRENT_LAYOUT = None
+    if _OWNS_PROCESS_GROUP and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False

@@ -1,0 +1,348 @@
+"""CPU adaptations for megatron-core 0.19.2 (all of them, in one place).
+
+megatron-core assumes a CUDA device: it allocates on ``torch.cuda.current_device()``,
+keeps its RNG streams on the CUDA generator, writes ``device="cuda"`` literals, and
+uses CUDA streams/events. None of that exists on a CPU-only host, where each of
+those calls raises. The patches below redirect exactly those spots to the CPU.
+
+Rules:
+  * applied only when ``torch.cuda.is_available()`` is False (see ``ensure_cpu_runtime``);
+  * idempotent: applying twice is the same as applying once;
+  * each patch is a small named function, listed in ``PATCHES`` with a one-line reason;
+  * we monkeypatch attributes; site-packages is never edited.
+
+Originals are kept in ``_ORIGINALS`` so tests can check what was replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+
+_CPU = torch.device("cpu")
+
+# (owner object id, attribute) -> original value; filled by _replace().
+_ORIGINALS: Dict[Tuple[int, str], Any] = {}
+# Names of patches that have been applied in this process, in order.
+_APPLIED: List[str] = []
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """Set ``owner.name = value``, remembering the original once (keeps re-application idempotent)."""
+    key = (id(owner), name)
+    if key not in _ORIGINALS:
+        _ORIGINALS[key] = getattr(owner, name, None)
+    setattr(owner, name, value)
+
+
+def original(owner: Any, name: str) -> Any:
+    """The value ``owner.name`` had before we patched it (or the current one if unpatched)."""
+    return _ORIGINALS.get((id(owner), name), getattr(owner, name, None))
+
+
+def _cpu_if_cuda(device: Any) -> Any:
+    """Map any CUDA device spec ("cuda", "cuda:0", torch.device("cuda"), an int) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):  # a bare int means a CUDA ordinal to torch factories
+        return _CPU
+    if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+        return _CPU
+    return device
+
+
+class _CpuTorchProxy:
+    """Stand-in for the ``torch`` module inside one megatron module: factory functions given
+    ``device="cuda"`` allocate on the CPU instead; everything else is the real ``torch``."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
+
+    def __init__(self, real_torch):
+        self._real = real_torch
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name in self._FACTORIES:
+
+            def factory(*args, _f=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+                return _f(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+# --------------------------------------------------------------------------------------
+# torch.cuda entry points that megatron calls unconditionally
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_current_device():
+    return _CPU
+
+
+def patch_torch_cuda_current_device() -> None:
+    # megatron allocates with device=torch.cuda.current_device() in ~100 places (mappings, layers,
+    # rotary, p2p, global memory buffer, router, ...); without CUDA that raises, so resolve to CPU.
+    _replace(torch.cuda, "current_device", _cpu_current_device)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def patch_torch_cuda_synchronize() -> None:
+    # p2p_communication, dist_checkpointing (filesystem_async, fully_parallel, async_utils) and
+    # parallel_state call torch.cuda.synchronize(); on CPU every op is already synchronous.
+    _replace(torch.cuda, "synchronize", _noop)
+
+
+# --------------------------------------------------------------------------------------
+# RNG tracker (tensor_parallel.random): keep the "CUDA" RNG streams on the CPU generator
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_tracker_add(self, name, seed):
+    """CudaRNGStatesTracker.add, drawing the named state from the CPU generator."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception("seed {} already exists".format(seed))
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception("cuda rng state {} already exists".format(name))
+    orig_rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig_rng_state)
+
+
+@contextlib.contextmanager
+def _cpu_tracker_fork(self, name="model-parallel-rng"):
+    """CudaRNGStatesTracker.fork on the CPU generator. Same bookkeeping as upstream, minus the
+    'CPU RNG state changed within GPU RNG context' warning, which on CPU fires on every fork."""
+    if name not in self.states_:
+        raise Exception("cuda rng state {} is not added".format(name))
+    orig_state = torch.get_rng_state()
+    orig_state_name = self._current_state_name
+    if orig_state_name != "default-rng":
+        self.states_[orig_state_name] = orig_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(
+                f"current state name {self._current_state_name} is not the same as the desired "
+                f"state name {name}."
+            )
+        self.states_[name] = torch.get_rng_state()
+        if orig_state_name != "default-rng":
+            orig_state = self.states_[orig_state_name]
+        torch.set_rng_state(orig_state)
+        self._current_state_name = orig_state_name
+
+
+def _make_cpu_model_parallel_seed(orig: Callable) -> Callable:
+    def model_parallel_cuda_manual_seed(seed, *args, **kwargs):
+        # Upstream seeds the default CUDA generator with `seed`; on CPU seed the CPU one instead
+        # (the tracker's add() saves/restores it, so this is the state left after the call).
+        torch.manual_seed(seed)
+        return orig(seed, *args, **kwargs)
+
+    model_parallel_cuda_manual_seed.__wrapped__ = orig
+    return model_parallel_cuda_manual_seed
+
+
+def patch_rng_tracker() -> None:
+    # All layer init (use_cpu_initialization included) and dropout run inside
+    # get_cuda_rng_tracker().fork(); its states live on the CUDA generator, which does not exist.
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _replace(mrandom, "_get_cuda_rng_state", _cpu_get_rng_state)
+    _replace(mrandom, "_set_cuda_rng_state", _cpu_set_rng_state)
+    _replace(mrandom.CudaRNGStatesTracker, "add", _cpu_tracker_add)
+    _replace(mrandom.CudaRNGStatesTracker, "fork", _cpu_tracker_fork)
+    if not hasattr(mrandom.model_parallel_cuda_manual_seed, "__wrapped__"):
+        wrapped = _make_cpu_model_parallel_seed(mrandom.model_parallel_cuda_manual_seed)
+        _replace(mrandom, "model_parallel_cuda_manual_seed", wrapped)
+        # re-exported by name from megatron.core.tensor_parallel
+        _replace(tensor_parallel, "model_parallel_cuda_manual_seed", wrapped)
+
+
+# --------------------------------------------------------------------------------------
+# "cuda" string literals
+# --------------------------------------------------------------------------------------
+
+
+def patch_cuda_literals() -> None:
+    # These modules build tensors with a literal device="cuda": schedules (total_num_tokens),
+    # transformer.utils (default causal / sliding-window masks used by the local softmax),
+    # dist_checkpointing's state_dict_saver (plan-reuse check). Give each a torch proxy.
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer import utils as transformer_utils
+
+    for module in (schedules, transformer_utils, state_dict_saver):
+        if not isinstance(module.torch, _CpuTorchProxy):
+            _replace(module, "torch", _CpuTorchProxy(torch))
+
+
+# --------------------------------------------------------------------------------------
+# MoE alltoall token dispatcher
+# --------------------------------------------------------------------------------------
+
+
+class _NoStream:
+    """Placeholder for MoEAlltoAllTokenDispatcher.cuda_dtoh_stream (a class attribute that its
+    __init__ would otherwise fill with torch.cuda.Stream())."""
+
+
+def _as_host(value, as_numpy=False):
+    # Upstream moves split sizes with .to('cpu', non_blocking=True).numpy() only if they are CUDA
+    # tensors; on CPU they stay tensors, which all_to_all_single rejects as split sizes.
+    if torch.is_tensor(value) and as_numpy:
+        return value.numpy()
+    return value
+
+
+def _cpu_maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without CUDA streams/events."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        self.input_splits = _as_host(self.input_splits, as_numpy=True)
+        self.output_splits = _as_host(self.output_splits, as_numpy=True)
+        self.output_splits_tp = _as_host(self.output_splits_tp, as_numpy=True)
+    return tokens_per_expert
+
+
+def patch_moe_alltoall_dispatcher() -> None:
+    # The alltoall dispatcher creates a CUDA stream in __init__ and moves split sizes to host on
+    # that stream; on CPU skip the stream and turn the split tensors into numpy like upstream.
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        _replace(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", _NoStream())
+    _replace(
+        MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _cpu_maybe_dtoh_and_synchronize
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Uneven first-dim collectives (gloo)
+# --------------------------------------------------------------------------------------
+
+
+def _make_uneven_gather(orig: Callable) -> Callable:
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        # gloo's all_gather needs equal shapes; pad every rank to the largest split, gather, trim.
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * len(sizes),) + tuple(input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+        chunks = gathered.split(longest, dim=0)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)], dim=0)
+
+    _gather_along_first_dim.__wrapped__ = orig
+    return _gather_along_first_dim
+
+
+def _make_uneven_reduce_scatter(orig: Callable) -> Callable:
+    def _reduce_scatter_along_first_dim(
+        input_, group, input_split_sizes=None, use_global_buffer=False
+    ):
+        # gloo's reduce_scatter needs equal shapes; all-reduce the whole tensor, keep our slice.
+        if input_split_sizes is None or group.size() == 1:
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in input_split_sizes]
+        reduced = input_.contiguous().clone()
+        torch.distributed.all_reduce(reduced, group=group)
+        start = sum(sizes[: group.rank()])
+        return reduced[start : start + sizes[group.rank()]].contiguous()
+
+    _reduce_scatter_along_first_dim.__wrapped__ = orig
+    return _reduce_scatter_along_first_dim
+
+
+def patch_uneven_first_dim_collectives() -> None:
+    # MoE alltoall with TP>1 gathers/reduce-scatters variable token counts over the TP group
+    # (output_split_sizes / input_split_sizes); gloo rejects unequal tensor lists.
+    from megatron.core.tensor_parallel import mappings
+
+    if not hasattr(mappings._gather_along_first_dim, "__wrapped__"):
+        _replace(
+            mappings, "_gather_along_first_dim", _make_uneven_gather(mappings._gather_along_first_dim)
+        )
+    if not hasattr(mappings._reduce_scatter_along_first_dim, "__wrapped__"):
+        _replace(
+            mappings,
+            "_reduce_scatter_along_first_dim",
+            _make_uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# jit_fuser == torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def patch_disable_dynamo() -> None:
+    # megatron.core.jit.jit_fuser is torch.compile and was bound at import time in many modules;
+    # compiling on CPU needs a C toolchain and is slow, so turn dynamo off (same as
+    # TORCHDYNAMO_DISABLE=1, which tests also export before importing torch).
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+# --------------------------------------------------------------------------------------
+# The table applied by ensure_cpu_runtime()
+# --------------------------------------------------------------------------------------
+
+PATCHES: List[Tuple[str, Callable[[], None], str]] = [
+    ("torch_cuda_current_device", patch_torch_cuda_current_device,
+     "torch.cuda.current_device() -> cpu for megatron's allocations"),
+    ("torch_cuda_synchronize", patch_torch_cuda_synchronize,
+     "torch.cuda.synchronize() -> no-op (p2p, dist_checkpointing, parallel_state)"),
+    ("rng_tracker", patch_rng_tracker,
+     "CudaRNGStatesTracker / model_parallel_cuda_manual_seed on the CPU generator"),
+    ("cuda_literals", patch_cuda_literals,
+     "device='cuda' literals in schedules, transformer.utils, state_dict_saver -> cpu"),
+    ("moe_alltoall_dispatcher", patch_moe_alltoall_dispatcher,
+     "alltoall dispatcher: no CUDA stream, split sizes to numpy"),
+    ("uneven_first_dim_collectives", patch_uneven_first_dim_collectives,
+     "variable-size first-dim all-gather / reduce-scatter that gloo accepts"),
+    ("disable_dynamo", patch_disable_dynamo,
+     "jit_fuser is torch.compile: run eagerly"),
+]
+
+
+def apply_all() -> List[str]:
+    """Apply every patch in PATCHES once; returns the names applied (idempotent)."""
+    for name, fn, _why in PATCHES:
+        if name not in _APPLIED:
+            fn()
+            _APPLIED.append(name)
+    return list(_APPLIED)
+
+
+def applied_patches() -> List[str]:
+    """Names of patches applied in this process."""
+    return list(_APPLIED)

@@ -1,0 +1,331 @@
+"""Single-process tests of megatron_qwen35.runtime: one test (at least) per CPU adaptation, the
+no-CUDA / CUDA switch, idempotency, and a stock megatron GPTModel forward+backward on CPU.
+Multi-process layouts (TP2, PP2, EP2, dist_checkpointing) are in tests/parallel/."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_qwen35 import runtime
+from megatron_qwen35.runtime import cpu_patches
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-runtime tests")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cpu_runtime():
+    runtime.ensure_cpu_runtime()
+    yield
+
+
+@pytest.fixture
+def parallel_1():
+    """Single-process megatron state; restores the default (conftest) layout afterwards."""
+    runtime.initialize_parallel(seed=1234)
+    yield
+    runtime.initialize_parallel(seed=1234)
+
+
+# ----------------------------------------------------------------------------- switch / idempotency
+
+
+def _run_fresh_python(code: str, dynamo_env: bool = True) -> str:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=REPO_ROOT)
+    if not dynamo_env:
+        env.pop("TORCHDYNAMO_DISABLE")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_noop_when_cuda_available():
+    # Fresh interpreter, so nothing was patched by earlier tests in this process.
+    stdout = _run_fresh_python(
+        """
+        import torch
+        torch.cuda.is_available = lambda: True
+        orig_current_device, orig_sync = torch.cuda.current_device, torch.cuda.synchronize
+        from megatron.core.tensor_parallel import random as mrandom
+        from megatron.core.pipeline_parallel import schedules
+        orig_fork = mrandom.CudaRNGStatesTracker.fork
+        from megatron_qwen35.runtime import ensure_cpu_runtime, cpu_patches
+        ensure_cpu_runtime()
+        ensure_cpu_runtime()
+        assert cpu_patches.applied_patches() == [], cpu_patches.applied_patches()
+        assert torch.cuda.current_device is orig_current_device
+        assert torch.cuda.synchronize is orig_sync
+        assert mrandom.CudaRNGStatesTracker.fork is orig_fork
+        assert schedules.torch is torch
+        print("UNPATCHED")
+        """
+    )
+    assert "UNPATCHED" in stdout
+
+
+def test_ensure_cpu_runtime_is_idempotent(cpu_runtime):
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.pipeline_parallel import schedules
+
+    before = (
+        list(cpu_patches.applied_patches()),
+        torch.cuda.current_device,
+        mappings._gather_along_first_dim,
+        tensor_parallel.model_parallel_cuda_manual_seed,
+        schedules.torch,
+    )
+    runtime.ensure_cpu_runtime()
+    cpu_patches.apply_all()
+    after = (
+        list(cpu_patches.applied_patches()),
+        torch.cuda.current_device,
+        mappings._gather_along_first_dim,
+        tensor_parallel.model_parallel_cuda_manual_seed,
+        schedules.torch,
+    )
+    assert before == after
+    assert before[0] == [name for name, _, _ in cpu_patches.PATCHES]
+    # wrappers are not stacked on re-application
+    assert not hasattr(mappings._gather_along_first_dim.__wrapped__, "__wrapped__")
+    seed_fn = tensor_parallel.model_parallel_cuda_manual_seed
+    assert not hasattr(seed_fn.__wrapped__, "__wrapped__")
+
+
+def test_patch_table_documents_every_patch():
+    for name, fn, why in cpu_patches.PATCHES:
+        assert callable(fn) and why and name
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_current_device_and_compute_device_resolve_to_cpu(cpu_runtime):
+    assert runtime.compute_device() == torch.device("cpu")
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_global_memory_buffer_on_cpu(cpu_runtime):
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    buf = GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "mpu")
+    assert buf.device.type == "cpu" and buf.shape == (2, 3)
+
+
+def test_rotary_embedding_buffers_on_cpu(cpu_runtime):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=False)
+    assert rope.inv_freq.device.type == "cpu"
+    assert rope(8).device.type == "cpu"
+
+
+def test_synchronize_is_noop(cpu_runtime):
+    assert torch.cuda.synchronize() is None
+
+
+# ----------------------------------------------------------------------------- RNG tracker
+
+
+def test_rng_tracker_fork_is_deterministic_and_isolated(parallel_1, caplog):
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+
+    def draws():
+        tensor_parallel.model_parallel_cuda_manual_seed(123)
+        default_state = torch.get_rng_state()
+        with tracker.fork():
+            a = torch.randn(4)
+        with tracker.fork():
+            b = torch.randn(4)  # the forked stream advanced
+        with tracker.fork(tensor_parallel.random.get_data_parallel_rng_tracker_name()):
+            c = torch.randn(4)
+        # forking leaves the default generator where it was
+        assert torch.equal(torch.get_rng_state(), default_state)
+        return a, b, c, torch.randn(4)
+
+    with caplog.at_level(logging.WARNING):
+        first, second = draws(), draws()
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    a, b, c, default = first
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    assert "CPU RNG state changed" not in caplog.text
+
+
+def test_model_parallel_seed_seeds_cpu_generator(parallel_1):
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    x = torch.randn(3)
+    torch.manual_seed(7)
+    assert torch.equal(x, torch.randn(3))
+
+
+def test_checkpointed_dropout_replays_same_mask(parallel_1):
+    # tensor_parallel.checkpoint saves/restores the "CUDA" RNG state for the recompute pass.
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(11)
+    x = torch.randn(64, requires_grad=True)
+
+    def f(inp):
+        return torch.nn.functional.dropout(inp, p=0.5, training=True)
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        out = tensor_parallel.checkpoint(f, False, x)
+    out.sum().backward()
+    kept = out.detach() != 0
+    assert torch.equal(x.grad != 0, kept)
+    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 2.0))
+
+
+# ----------------------------------------------------------------------------- "cuda" literals
+
+
+def test_cuda_literals_allocate_on_cpu(cpu_runtime):
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    assert isinstance(schedules.torch, cpu_patches._CpuTorchProxy)
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor  # everything else is the real torch
+    mask = get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask[0, 1] and not mask[1, 0]
+
+
+# ----------------------------------------------------------------------------- MoE dispatcher
+
+
+def test_alltoall_dispatcher_host_splits_without_streams(cpu_runtime):
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    assert MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is not None  # no torch.cuda.Stream()
+    fake = SimpleNamespace(
+        drop_and_pad=False,
+        cuda_dtoh_point="before_permutation_1",
+        input_splits=torch.tensor([3, 1]),
+        output_splits=torch.tensor([2, 2]),
+        output_splits_tp=None,
+    )
+    tpe = torch.tensor([1, 2])
+    out = MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize(fake, "before_permutation_1", tpe)
+    assert out is tpe
+    assert list(fake.input_splits) == [3, 1] and not torch.is_tensor(fake.input_splits)
+    assert list(fake.output_splits) == [2, 2]
+
+
+def test_uneven_collectives_pass_through_on_one_rank(cpu_runtime, parallel_1):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import mappings
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = torch.randn(3, 2)
+    assert mappings._gather_along_first_dim(x, group, output_split_sizes=[3]) is x
+    assert mappings._reduce_scatter_along_first_dim(x, group, input_split_sizes=[3]) is x
+
+
+# ----------------------------------------------------------------------------- dynamo
+
+
+def test_dynamo_disabled():
+    # Fresh interpreter without TORCHDYNAMO_DISABLE (conftest sets it for this process), and a
+    # function compiled *before* the patch, like megatron's import-time @jit_fuser functions.
+    stdout = _run_fresh_python(
+        """
+        import torch
+        calls = []
+
+        @torch.compile
+        def f(x):
+            calls.append(1)  # a Python side effect runs on every call only when not compiled
+            return x + 1
+
+        from megatron_qwen35.runtime import ensure_cpu_runtime
+        ensure_cpu_runtime()
+        f(torch.ones(1)); f(torch.ones(1))
+        print("CALLS", len(calls), torch._dynamo.config.disable)
+        """,
+        dynamo_env=False,
+    )
+    assert "CALLS 2 True" in stdout
+
+
+# ----------------------------------------------------------------------------- initialize_parallel
+
+
+def test_initialize_parallel_single_process(parallel_1):
+    from megatron.core import parallel_state
+
+    assert torch.distributed.is_initialized()
+    assert torch.distributed.get_backend() == "gloo"
+    assert parallel_state.model_parallel_is_initialized()
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    runtime.initialize_parallel(seed=1234)  # same layout: no-op
+    assert parallel_state.get_tensor_model_parallel_group() is group
+
+    runtime.initialize_parallel(seed=99)  # same layout, other seed: re-seed only
+    assert parallel_state.get_tensor_model_parallel_group() is group
+    x = torch.randn(2)
+    torch.manual_seed(99)
+    assert torch.equal(x, torch.randn(2))
+
+    runtime.initialize_parallel(context_parallel=1, expert_parallel=1, tensor_parallel=1)
+    runtime.destroy_parallel()
+    assert not parallel_state.model_parallel_is_initialized()
+    runtime.initialize_parallel(seed=1234)
+    assert parallel_state.model_parallel_is_initialized()
+
+
+# ----------------------------------------------------------------------------- stock GPTModel
+
+
+def _tiny_gpt(num_experts=None):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    moe = {}
+    if num_experts:
+        moe = dict(
+            num_moe_experts=num_experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+            moe_ffn_hidden_size=64, add_bias_linear=False, moe_aux_loss_coeff=0.0,
+        )
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, params_dtype=torch.float32,
+        use_cpu_initialization=True, perform_initialization=True, **moe,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=num_experts),
+        vocab_size=128, max_sequence_length=16, position_embedding_type="rope",
+    )
+
+
+@pytest.mark.parametrize("num_experts", [None, 4], ids=["dense", "moe"])
+def test_gpt_forward_backward_on_cpu(parallel_1, num_experts):
+    model = _tiny_gpt(num_experts)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    tokens = torch.randint(0, 128, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    logits = model(tokens, positions, None)
+    assert logits.shape == (2, 16, 128)
+    loss = model(tokens, positions, None, labels=tokens).mean()  # dropout on (default 0.1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
