@@ -169,6 +169,10 @@ PRESETS["tiny-moe"] = Qwen35Config(hidden_size=64, num_layers=4, num_attention_h
                                    moe_shared_expert_intermediate_size=48, tie_word_embeddings=False,
                                    name="tiny-moe", **_TINY)
 
+# The CPU demo: tiny-moe's shape with the real 248320-token vocabulary, so it reads real tokenized text and its
+# Hugging Face export generates real words.
+PRESETS["tiny-demo"] = PRESETS["tiny-moe"].replace(vocab_size=248320, name="tiny-demo")
+
 
 def qwen35_preset(name: str) -> Qwen35Config:
     if name not in PRESETS:
@@ -311,6 +315,21 @@ def qwen35_config_to_hf(cfg: Qwen35Config) -> dict[str, Any]:
 def linear_attention_pattern(cfg: Qwen35Config) -> list[int]:
     """Megatron's per-layer pattern: 1 = Gated DeltaNet, 0 = full attention."""
     return [1 if t == LINEAR_ATTENTION else 0 for t in cfg.layer_types]
+
+
+def qwen35_check_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
+    """Raise, naming each field and number, when a parallel layout cannot split this model's heads or experts."""
+    problems = []
+    for field in ("num_attention_heads", "num_query_groups", "linear_num_key_heads", "linear_num_value_heads",
+                  "vocab_size"):  # each TP rank holds whole heads / an equal slice of the vocabulary
+        value = getattr(cfg, field)
+        if value % tensor_parallel:
+            problems.append(f"{field}={value} is not divisible by tensor_parallel={tensor_parallel}")
+    if cfg.is_moe and cfg.num_experts % expert_parallel:
+        problems.append(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={expert_parallel}")
+    if problems:
+        raise ValueError(f"model '{cfg.name}' cannot be laid out at tensor_parallel={tensor_parallel}, "
+                         f"expert_parallel={expert_parallel}: " + "; ".join(problems))
 
 
 def qwen35_transformer_config(cfg: Qwen35Config, **overrides):

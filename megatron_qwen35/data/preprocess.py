@@ -1,0 +1,86 @@
+"""Tokenize jsonl or plain text into Megatron's indexed dataset (.bin/.idx), in parallel, with a progress bar.
+
+Documents: one per jsonl line (the `json_key` field), or for plain text one per blank-line-separated paragraph.
+Each document ends with the end-of-document token, so GPTDataset can pack documents and mask across them.
+The output appears only when complete: files are written under temporary names and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+_TOKENIZER: Qwen35Tokenizer | None = None
+
+
+def iter_documents(path: Path, json_key: str = "text") -> Iterator[str]:
+    """Documents of a .jsonl file (one object per line) or of a plain text file (paragraphs)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if json_key not in obj:
+                    raise KeyError(f"{path}:{n} has no '{json_key}' field")
+                yield obj[json_key]
+    else:
+        paragraph: list[str] = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "".join(paragraph).rstrip("\n")
+                    paragraph = []
+        if paragraph:
+            yield "".join(paragraph).rstrip("\n")
+
+
+def _init_worker(hf_tokenizer_dir):
+    global _TOKENIZER
+    _TOKENIZER = Qwen35Tokenizer(hf_tokenizer_dir)
+
+
+def _encode(text: str) -> tuple[list[int], int]:
+    ids = _TOKENIZER.encode(text) + [_TOKENIZER.eod_id]
+    return ids, len(text.encode("utf-8"))
+
+
+def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int = 1, json_key: str = "text",
+                        hf_tokenizer_dir: str | None = None) -> dict[str, int]:
+    """Write OUTPUT_PREFIX.bin/.idx; returns counts (documents, tokens)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin, tmp_idx = (Path(f"{output_prefix}.tmp{os.getpid()}{s}") for s in (".bin", ".idx"))
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=np.int32)  # 248320 ids do not fit in uint16
+    docs = tokens = 0
+    try:
+        with Pool(workers, initializer=_init_worker, initargs=(hf_tokenizer_dir,)) as pool, \
+                tqdm(unit="B", unit_scale=True, desc="tokenizing") as bar:
+            for path in inputs:
+                for ids, nbytes in pool.imap(_encode, iter_documents(Path(path), json_key), chunksize=16):
+                    builder.add_document(ids, [len(ids)])
+                    docs, tokens = docs + 1, tokens + len(ids)
+                    bar.update(nbytes)
+        if docs == 0:
+            raise ValueError(f"no documents found in {[str(p) for p in inputs]}")
+        builder.finalize(str(tmp_idx))
+        tmp_bin.rename(f"{output_prefix}.bin")
+        tmp_idx.rename(f"{output_prefix}.idx")
+    finally:
+        for tmp in (tmp_bin, tmp_idx):
+            tmp.unlink(missing_ok=True)
+    return {"documents": docs, "tokens": tokens}

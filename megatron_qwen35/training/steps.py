@@ -1,0 +1,108 @@
+"""forward_step, loss and datasets in the shape of Megatron-LM's pretrain_gpt.py, for Qwen3.5.
+
+The same three functions serve `megatron.training.pretrain` on GPUs and the CPU loop (`cpu_loop.py`); they read
+Megatron's global args and tokenizer. The MTP loss and the MoE auxiliary loss are added inside the model the
+Megatron way (MTPLossAutoScaler / MoEAuxLossAutoScaler), so the loss here is the language-model loss only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+
+from megatron_qwen35.runtime import compute_device
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
+    """This rank's micro-batch: read on TP rank 0, broadcast over TP, sliced for context parallelism."""
+    from megatron.training import get_args
+
+    args = get_args()
+    batch = None
+    if mpu.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
+        batch = {k: (v.to(compute_device(), non_blocking=True) if torch.is_tensor(v) else v)
+                 for k, v in next(data_iterator).items()}
+    first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if not (first or last or args.mtp_num_layers):  # middle stages need no data
+        return {k: None for k in BATCH_KEYS}
+    batch = get_batch_on_this_tp_rank(
+        batch, has_cu_seqlens=False, is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
+        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
+        broadcast_group=mpu.get_tensor_model_parallel_group(), cp_size=mpu.get_context_parallel_world_size(),
+        tp_rank=mpu.get_tensor_model_parallel_rank(), micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        mtp_on_this_rank=bool(args.mtp_num_layers) and mtp_on_this_rank(mtp_num_layers=args.mtp_num_layers,
+                                                                        vp_stage=vp_stage),
+        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
+        is_pipeline_first_stage=first, is_pipeline_last_stage=last)
+    return get_batch_on_this_cp_rank(batch)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed masked token loss and the token count; the schedule divides (per-token or per-micro-batch)."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """One micro-batch through `model`; returns (per-token losses, loss_func) as Megatron's schedules expect."""
+    vp_stage = getattr(model, "vp_stage", None)
+    batch = get_batch(data_iterator, vp_stage)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
+    """Data is read on TP rank 0 of stages that consume it (first: tokens; last: labels)."""
+    first = mpu.is_pipeline_first_stage(ignore_virtual=True)
+    last = mpu.is_pipeline_last_stage(ignore_virtual=True)
+    return (first or last) and mpu.get_tensor_model_parallel_rank() == 0
+
+
+def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
+    from megatron.training import get_tokenizer
+    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
+    """Megatron's GPTDataset on indexed data (with blends), or MockGPTDataset under --mock-data."""
+    from megatron.training import get_args
+
+    args = get_args()
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, is_dataset_built_on_rank,
+                                         gpt_dataset_config_from_args(args)).build()
+
+
+# megatron.training.pretrain reads this to build datasets on every rank that needs them.
+train_valid_test_datasets_provider.is_distributed = True

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# usage: DATA_PATH=/data/corpus NNODES=2 bash recipes/35b-a3b.sh [extra Megatron flags]   (8x H100 80GB per node)
+# 34.7B total / 3.5B active, PP2 x EP8 (public layout): 40 layers / 2 stages = 20; 256 experts / EP 8 = 32 experts
+# per GPU; TP1 (2 query groups). Grouped GEMM for the experts on Transformer Engine.
+PRESET=35b-a3b TP=${TP:-1} PP=${PP:-2} EP=${EP:-8} MICRO_BATCH=${MICRO_BATCH:-1} GLOBAL_BATCH=${GLOBAL_BATCH:-512} \
+  LR=${LR:-3e-4} EXTRA_PARALLEL=${EXTRA_PARALLEL:---moe-grouped-gemm} source "$(dirname "$0")/common.sh" "$@"

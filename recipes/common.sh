@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Shared launcher for every Qwen3.5 recipe: sourced by recipes/<size>.sh after it sets its defaults.
+# Every setting is ${VAR:-default}: override any of them from the environment. Extra arguments to the recipe are
+# passed to pretrain_qwen35.py last, so any Megatron flag can be added or overridden.
+# Launch modes: one node (torchrun, default), several nodes (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT),
+# or under SLURM (srun sets SLURM_*; we derive the torchrun rendezvous from it).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+
+: "${PRESET:?the recipe must set PRESET}"
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+if [ -n "${SLURM_JOB_ID:-}" ]; then  # srun: one task per node, torchrun spawns the GPUs
+  NNODES=${NNODES:-${SLURM_NNODES:-1}}
+  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; EP=${EP:-1}; ETP=${ETP:-1}; CP=${CP:-1}
+MICRO_BATCH=${MICRO_BATCH:-1}
+GLOBAL_BATCH=${GLOBAL_BATCH:-512}
+SEQ_LEN=${SEQ_LEN:-4096}
+TRAIN_ITERS=${TRAIN_ITERS:-100000}
+LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-3e-5}; WARMUP=${WARMUP:-2000}
+PRECISION=${PRECISION:---bf16}
+RECOMPUTE=${RECOMPUTE:-}
+SAVE=${SAVE:-$REPO/checkpoints/$PRESET}
+LOAD=${LOAD:-$SAVE}
+SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+EXTRA_PARALLEL=${EXTRA_PARALLEL:-}
+
+if [ "${MOCK_DATA:-0}" = 1 ]; then
+  DATA_ARGS=(--mock-data)
+else
+  DATA_ARGS=(--data-path ${DATA_PATH:?set DATA_PATH to tokenized data (tools/data/preprocess.py) or MOCK_DATA=1} --split 99,1,0)
+fi
+DATA_ARGS+=(--tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044)  # data is pre-tokenized (Qwen3.5 vocab)
+
+MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python -m megatron_qwen35.training.flags)
+PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP"
+  --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
+[ "$TP" -gt 1 ] && PARALLEL_ARGS+=(--sequence-parallel)
+[ -n "$VPP" ] && PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP")
+[ -n "$EXTRA_PARALLEL" ] && read -r -a extra <<< "$EXTRA_PARALLEL" && PARALLEL_ARGS+=("${extra[@]}")
+TRAIN_ARGS=(--micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN"
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP"
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.02 $PRECISION)
+[ -n "$RECOMPUTE" ] && read -r -a rc <<< "$RECOMPUTE" && TRAIN_ARGS+=("${rc[@]}")
+CKPT_ARGS=(--save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist)
+LOG_ARGS=(--log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}")
+
+ARGS=("${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}" "${LOG_ARGS[@]}" "$@")
+
+if [ "${DRY_RUN:-0}" = 1 ]; then  # print the pretrain_qwen35.py arguments, one per line (tests parse these)
+  printf '%s\n' "${ARGS[@]}"
+  exit 0
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # needed for TP/SP communication overlap
+exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
+  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  "$REPO/pretrain_qwen35.py" "${ARGS[@]}"

@@ -1,0 +1,87 @@
+"""Every recipe's flags go through Megatron's own argument parser and build the model on the meta device."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qwen35.training.flags import add_qwen35_args, check_args_match, expand_argv
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.sh") if p.stem not in ("common", "tiny"))
+
+
+def recipe_args(name: str, **env) -> list[str]:
+    """The pretrain_qwen35.py arguments a recipe would launch with (its DRY_RUN mode)."""
+    out = subprocess.run(["bash", str(REPO / "recipes" / f"{name}.sh")], check=True, capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1", "MOCK_DATA": "1", **env})
+    return out.stdout.splitlines()
+
+
+def parse_megatron_args(argv: list[str], monkeypatch):
+    """Megatron's parse_args + validate_args on `argv`, for a world just big enough for its layout."""
+    import megatron.training.arguments as megatron_arguments
+    from megatron.training.arguments import parse_args, validate_args
+
+    # The recipes are written for H100 nodes: validate as Megatron would there (it reads the GPU architecture).
+    monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(sys, "argv", ["pretrain_qwen35.py"] + expand_argv(argv))
+    probe = parse_args(extra_args_provider=add_qwen35_args)
+    world = (probe.tensor_model_parallel_size * probe.pipeline_model_parallel_size
+             * probe.context_parallel_size * max(probe.expert_model_parallel_size, 1))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # common.sh exports it before launching
+    args = parse_args(extra_args_provider=add_qwen35_args)
+    validate_args(args, {})
+    return args
+
+
+def test_every_public_size_has_a_recipe():
+    assert RECIPES == sorted(["0.8b", "2b", "4b", "9b", "27b", "35b-a3b", "122b-a10b", "397b-a17b"])
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_parses_and_builds_on_meta(name, monkeypatch, megatron_single_process):
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_qwen35.config import PRESETS
+    from megatron_qwen35.provider import qwen35_config_from_args, qwen35_gpt_model
+
+    args = parse_megatron_args(recipe_args(name), monkeypatch)
+    cfg = qwen35_config_from_args(args)
+    assert cfg == PRESETS[name]
+    check_args_match(args, cfg)
+    args.apply_rope_fusion = False  # a Transformer Engine kernel choice; TE is absent here, the model is the same
+    config = core_transformer_config_from_args(args)
+    # Build one process's worth of the same model: parallel sizes to 1, the architecture untouched.
+    single = dataclasses.replace(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                 virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+                                 expert_tensor_parallel_size=1, context_parallel_size=1, sequence_parallel=False,
+                                 num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+                                 apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+                                 gradient_accumulation_fusion=False, perform_initialization=False,
+                                 use_cpu_initialization=True)
+    with torch.device("meta"):
+        model = qwen35_gpt_model(cfg, single, backend="local")
+    assert len(model.decoder.layers) == cfg.num_layers
+    assert sum(p.numel() for p in model.parameters()) > 0.9 * float(name.split("b")[0]) * 1e9
+
+
+def test_environment_overrides_a_recipe_setting():
+    args = recipe_args("9b", TP="2", MICRO_BATCH="3")
+    assert args[args.index("--tensor-model-parallel-size") + 1] == "2"
+    assert args[args.index("--micro-batch-size") + 1] == "3"
+
+
+def test_flag_contradicting_the_architecture_is_named(monkeypatch):
+    from megatron_qwen35.config import PRESETS
+
+    args = parse_megatron_args(recipe_args("0.8b") + ["--num-query-groups", "4"], monkeypatch)
+    with pytest.raises(SystemExit, match="--num-query-groups=4 contradicts the Qwen3.5 architecture '0.8b'"):
+        check_args_match(args, PRESETS["0.8b"])
