@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m megatron_qwen35.demo
+	bash recipes/tiny.sh
 
 bench: setup
 	$(PY) benchmarks/gdn_kernel.py

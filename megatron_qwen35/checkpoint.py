@@ -68,15 +68,24 @@ def latest_iteration(ckpt_dir: Path | str) -> int:
     return int(text)
 
 
-def save_checkpoint(model, cfg: Qwen35Config, ckpt_dir: Path | str, *, iteration: int = 0,
+def _full_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
+    """megatron.training's checkpoint layout: model chunks, and the optimizer's state sharded like the model."""
+    state = _model_state(model)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(model, cfg: Qwen35Config, ckpt_dir: Path | str, *, iteration: int = 0, optimizer=None,
                     metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> Path:
-    """Save `model` (a module or its virtual-pipeline chunks) collectively from every rank."""
+    """Save `model` (a module or its virtual-pipeline chunks), and the optimizer if given, from every rank."""
     ckpt_dir = Path(ckpt_dir)
     target = iteration_dir(ckpt_dir, iteration)
     if _rank0():
         target.mkdir(parents=True, exist_ok=True)
     _barrier()
-    state = {**_model_state(model), "checkpoint_version": 3.0, "iteration": iteration, **(extra_state or {})}
+    state = {**_full_state(model, optimizer, is_loading=False), "checkpoint_version": 3.0, "iteration": iteration,
+             **(extra_state or {})}
     dist_checkpointing.save(state, str(target))
     if _rank0():
         write_config(ckpt_dir, cfg, metadata)
@@ -85,15 +94,21 @@ def save_checkpoint(model, cfg: Qwen35Config, ckpt_dir: Path | str, *, iteration
     return target
 
 
-def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None, strict: bool = True) -> int:
-    """Load weights saved at any parallel layout into `model` (this rank's shards); returns the iteration."""
+def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None, optimizer=None,
+                    strict: bool = True) -> dict[str, Any]:
+    """Load weights (and optimizer state) saved at any parallel layout into this rank's shards.
+
+    Returns the checkpoint's other entries (iteration, and whatever `extra_state` the saver added).
+    """
     iteration = latest_iteration(ckpt_dir) if iteration is None else iteration
     source = iteration_dir(ckpt_dir, iteration)
     if not source.is_dir():
         raise FileNotFoundError(f"checkpoint directory {source} is missing")
-    loaded = dist_checkpointing.load(_model_state(model), str(source))
+    loaded = dist_checkpointing.load(_full_state(model, optimizer, is_loading=True), str(source))
     chunks = model if isinstance(model, (list, tuple)) else [model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(loaded[key], strict=strict)
-    return iteration
+        chunk.load_state_dict(loaded.pop(key), strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+    return loaded

@@ -62,3 +62,9 @@ def reference_model(cfg, seed: int = 0):
     torch.manual_seed(seed)
     model = cls(reference_config(cfg)).float().eval()
     return randomize_(model, seed)
+
+
+def use_torch_paths() -> None:
+    """Put transformers' Qwen3.5 modeling modules (dense and MoE) on their pure-PyTorch kernels."""
+    modeling(False)
+    modeling(True)

@@ -45,7 +45,8 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
                                                                         vp_stage=vp_stage),
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
         is_pipeline_first_stage=first, is_pipeline_last_stage=last)
-    return get_batch_on_this_cp_rank(batch)
+    batch.setdefault("cu_seqlens", None)  # ordinary (not packed) pretraining batches
+    return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
