@@ -7,7 +7,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 OUT=${OUT:-$REPO/out/demo}
-ITERS=${ITERS:-120}
+ITERS=${ITERS:-80}
 HALF=$((ITERS / 2))
 export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}  # megatron's jit_fuser would compile on CPU for no gain
 
@@ -16,8 +16,8 @@ rm -rf "$OUT" && mkdir -p "$OUT"
   --workers 2
 
 TRAIN_ARGS=(--qwen35-preset tiny-demo
-  --micro-batch-size 4 --global-batch-size 8 --seq-length 128
-  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 10 --lr-decay-iters "$ITERS"
+  --micro-batch-size 4 --global-batch-size 4 --seq-length 64
+  --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 10 --lr-decay-iters "$ITERS"
   --weight-decay 0.01 --clip-grad 1.0 --seed 1234 --train-iters "$ITERS"
   --data-path "$OUT/data/corpus" --split 100,0,0 --tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044
   --save "$OUT/checkpoint" --load "$OUT/checkpoint" --save-interval "$HALF" --log-interval 5 --eval-iters 0
