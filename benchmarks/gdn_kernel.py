@@ -11,7 +11,6 @@ Run: python benchmarks/gdn_kernel.py [--seq-len 4096] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -21,25 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from megatron_qwen35.hf_reference import torch_chunk_gated_delta_rule  # noqa: E402
 from megatron_qwen35.layers.gdn_ops import chunk_gated_delta_rule  # noqa: E402
-
-
-def load_transformers_reference():
-    """transformers' pure-PyTorch `torch_chunk_gated_delta_rule`.
-
-    The module-level function is wrapped by a kernel-hub decorator that binds FLA when fla is importable,
-    so hide fla during the import (if the module is not loaded yet) and unwrap to the torch function.
-    """
-    name = "transformers.models.qwen3_5.modeling_qwen3_5"
-    if name not in sys.modules:
-        hidden = {k: v for k, v in sys.modules.items() if k == "fla" or k.startswith("fla.")}
-        sys.modules["fla"] = None  # makes `import fla` raise ImportError
-        try:
-            __import__(name)
-        finally:
-            del sys.modules["fla"]
-            sys.modules.update(hidden)
-    return inspect.unwrap(sys.modules[name].torch_chunk_gated_delta_rule)
 
 
 def make_inputs(b: int, t: int, h: int, d: int, seed: int = 0):
@@ -67,7 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    reference = load_transformers_reference()
+    reference = torch_chunk_gated_delta_rule()
     inputs = make_inputs(1, args.seq_len, args.heads, args.head_dim)
     candidates = {
         "ours": lambda *x: chunk_gated_delta_rule(*x, use_qk_l2norm=True),

@@ -68,3 +68,8 @@ def use_torch_paths() -> None:
     """Put transformers' Qwen3.5 modeling modules (dense and MoE) on their pure-PyTorch kernels."""
     modeling(False)
     modeling(True)
+
+
+def torch_chunk_gated_delta_rule():
+    """transformers' pure-PyTorch chunked gated delta rule (the baseline of the GDN tests and benchmark)."""
+    return modeling(False).torch_chunk_gated_delta_rule

@@ -7,13 +7,12 @@ decay or a leaked state changes results at the 1e-2 level).
 
 from __future__ import annotations
 
-import inspect
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_qwen35.hf_reference import torch_chunk_gated_delta_rule
 from megatron_qwen35.layers import gdn_ops
 from megatron_qwen35.layers.gdn_ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
@@ -21,23 +20,8 @@ ATOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers (self-contained for now; shared fixtures will move to tests/conftest.py)
+# helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def transformers_chunk_reference():
-    """transformers' pure-PyTorch `torch_chunk_gated_delta_rule` (with fla hidden during the import,
-    and unwrapped from the kernel-hub decorator that would otherwise dispatch to FLA)."""
-    name = "transformers.models.qwen3_5.modeling_qwen3_5"
-    if name not in sys.modules:
-        hidden = {k: v for k, v in sys.modules.items() if k == "fla" or k.startswith("fla.")}
-        sys.modules["fla"] = None  # makes `import fla` raise ImportError
-        try:
-            __import__(name)
-        finally:
-            del sys.modules["fla"]
-            sys.modules.update(hidden)
-    return inspect.unwrap(sys.modules[name].torch_chunk_gated_delta_rule)
 
 
 def make_inputs(b, t, h, dk, dv, *, seed=0, dtype=torch.float32, requires_grad=False):
@@ -86,7 +70,7 @@ def test_chunked_matches_transformers_torch_chunk_reference(t):
     q, k, v, g, beta = make_inputs(2, t, 4, 32, 32)
     h0 = random_state(2, 4, 32, 32)
     ours, ours_state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-    ref, ref_state = transformers_chunk_reference()(
+    ref, ref_state = torch_chunk_gated_delta_rule()(
         q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True
     )
     assert ours.shape == (2, t, 4, 32) and ours_state.shape == (2, 4, 32, 32)
