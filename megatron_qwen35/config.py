@@ -320,11 +320,15 @@ def linear_attention_pattern(cfg: Qwen35Config) -> list[int]:
 def qwen35_check_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
     """Raise, naming each field and number, when a parallel layout cannot split this model's heads or experts."""
     problems = []
-    for field in ("num_attention_heads", "num_query_groups", "linear_num_key_heads", "linear_num_value_heads",
+    for field in ("num_attention_heads", "linear_num_key_heads", "linear_num_value_heads",
                   "vocab_size"):  # each TP rank holds whole heads / an equal slice of the vocabulary
         value = getattr(cfg, field)
         if value % tensor_parallel:
             problems.append(f"{field}={value} is not divisible by tensor_parallel={tensor_parallel}")
+    groups = cfg.num_query_groups  # megatron splits KV groups over TP, or replicates each on TP / groups ranks
+    if groups % tensor_parallel and tensor_parallel % groups:
+        problems.append(f"num_query_groups={groups} neither divides nor is divisible by "
+                        f"tensor_parallel={tensor_parallel}")
     if cfg.is_moe and cfg.num_experts % expert_parallel:
         problems.append(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={expert_parallel}")
     if problems:
@@ -388,4 +392,6 @@ def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
             moe_layer_freq=1,
         )
     kw.update(overrides)
+    if kw.get("pipeline_model_parallel_size", 1) > 1:  # megatron requires it; p2p carries params_dtype
+        kw.setdefault("pipeline_dtype", kw.get("params_dtype", torch.float32))
     return TransformerConfig(**kw)

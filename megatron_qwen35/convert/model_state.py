@@ -16,23 +16,29 @@ from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.table import check_names, hf_to_megatron, megatron_to_hf, qwen35_rules
 
 
-def megatron_named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """{checkpoint-style name: live parameter tensor} of an unsharded (TP=1, PP=1, EP=1) model."""
+def table_names(model: torch.nn.Module) -> dict[str, str]:
+    """{state_dict name: checkpoint-style (table) name} of every tensor in `model`'s state dict."""
     renames: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, TransformerLayer):
             for old, new in module.submodules_config.sharded_state_dict_keys_map.items():
                 renames[f"{name}.{old}"] = f"{name}.{new}"
     out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.endswith("_extra_state"):
-            continue
+    for name in model.state_dict(keep_vars=True):
+        table_name = name
         for old, new in renames.items():
             if name.startswith(old):
-                name = new + name[len(old):]
+                table_name = new + name[len(old):]
                 break
-        out[name] = tensor
+        out[name] = table_name
     return out
+
+
+def megatron_named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{checkpoint-style name: live parameter tensor} of an unsharded (TP=1, PP=1, EP=1) model."""
+    names = table_names(model)
+    return {names[name]: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+            if not name.endswith("_extra_state")}
 
 
 def load_hf_state_dict(model: torch.nn.Module, cfg: Qwen35Config, hf_state: Mapping[str, torch.Tensor],
@@ -67,4 +73,4 @@ def export_hf_state_dict(model: torch.nn.Module, cfg: Qwen35Config, **rule_optio
     return dict(megatron_to_hf(named, cfg, **rule_options))
 
 
-__all__ = ["megatron_named_tensors", "load_hf_state_dict", "export_hf_state_dict", "qwen35_rules"]
+__all__ = ["table_names", "megatron_named_tensors", "load_hf_state_dict", "export_hf_state_dict", "qwen35_rules"]

@@ -1,0 +1,376 @@
+"""Hugging Face <-> Megatron checkpoint conversion: exact round trips, parity with transformers, the torch_dist
+layout megatron itself writes, and a clear error (with nothing left behind) for each kind of bad input."""
+
+import json
+import os
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qwen35.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+from megatron_qwen35.config import qwen35_check_layout, qwen35_preset, qwen35_transformer_config
+from megatron_qwen35.convert.hf_to_megatron import (
+    MegatronLayout,
+    conversion_rules,
+    hf_shapes,
+    qwen35_hf_to_megatron,
+)
+from megatron_qwen35.convert.io import (
+    INDEX_NAME,
+    CheckpointFileError,
+    SafetensorsCheckpoint,
+    TorchDistReader,
+    TorchDistWriter,
+    write_safetensors,
+)
+from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+from megatron_qwen35.convert.model_state import load_hf_state_dict, megatron_named_tensors
+from megatron_qwen35.convert.table import MULTIMODAL_PREFIX, TEXT_ONLY_PREFIX
+from megatron_qwen35.hf_reference import modeling, reference_model
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+REPO = Path(__file__).resolve().parents[1]
+LOGIT_TOL = 1e-4  # fp32 through 4 layers; the two implementations differ only in summation order
+KL_TOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny Hugging Face checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def _mtp_tensors(cfg, *, hf_prefix, layout, seed=5):
+    """Random `mtp.*` tensors with the names and shapes the table gives for cfg's MTP layer."""
+    cfg = cfg.replace(mtp_num_layers=1)
+    rules = [r for r in conversion_rules(cfg, hf_prefix=hf_prefix, expert_layout={"decoder": layout, "mtp": layout})
+             if r.megatron[0].startswith("mtp.")]
+    shapes = hf_shapes(rules, MegatronLayout(cfg), cfg)
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) * 0.1 + (1.0 if n.endswith("linear_attn.norm.weight") else 0.0)
+            for n, s in shapes.items()}
+
+
+def make_hf_checkpoint(path: Path, preset: str, *, how="save_pretrained", dtype=torch.float32, mtp_layout=None,
+                       multimodal=False, seed=0) -> Path:
+    """A tiny Qwen3.5 checkpoint as users bring them.
+
+    how: "save_pretrained" (transformers' own files, per-expert MoE, sharded with an index) or "packed" (the
+    module's packed experts written directly). mtp_layout: add MTP tensors, experts in that layout. multimodal:
+    `model.language_model.` names, a nested config.json and `model.visual.*` tensors to carry through.
+    """
+    cfg = qwen35_preset(preset)
+    hf = reference_model(cfg, seed).to(dtype)
+    if how == "save_pretrained" and not multimodal:
+        hf.save_pretrained(path, max_shard_size="200KB")
+    else:
+        path.mkdir(parents=True)
+        state = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        text_config = json.loads(hf.config.to_json_string())
+        config = text_config
+        if multimodal:
+            state = {(MULTIMODAL_PREFIX + k[len("model."):] if k.startswith("model.") else k): v
+                     for k, v in state.items()}
+            g = torch.Generator().manual_seed(seed + 1)
+            state.update({f"model.visual.blocks.0.attn.qkv.{p}": torch.randn(s, generator=g).to(dtype)
+                          for p, s in (("weight", (24, 8)), ("bias", (24,)))})
+            state["model.visual.patch_embed.proj.weight"] = torch.randn(8, 3, 2, 4, 4, generator=g).to(dtype)
+            config = {"model_type": "qwen3_5_moe" if cfg.is_moe else "qwen3_5",
+                      "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": text_config,
+                      "vision_config": {"hidden_size": 8, "intermediate_size": 16, "depth": 1},
+                      "tie_word_embeddings": cfg.tie_word_embeddings}
+        write_safetensors(path / "model.safetensors", state)
+        (path / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    if mtp_layout is not None:
+        prefix = MULTIMODAL_PREFIX if multimodal else TEXT_ONLY_PREFIX
+        mtp = {k: v.to(dtype) for k, v in _mtp_tensors(cfg, hf_prefix=prefix, layout=mtp_layout).items()}
+        write_safetensors(path / "mtp.safetensors", mtp)
+        index = path / INDEX_NAME
+        if index.is_file():
+            d = json.loads(index.read_text())
+            d["weight_map"].update({k: "mtp.safetensors" for k in mtp})
+            index.write_text(json.dumps(d))
+    return path
+
+
+def assert_same_hf_checkpoint(want: Path, got: Path):
+    """Every tensor name, dtype, shape and byte, and config.json / generation_config.json byte for byte."""
+    a, b = SafetensorsCheckpoint(want), SafetensorsCheckpoint(got)
+    assert set(a) == set(b), f"names differ: {sorted(set(a) ^ set(b))[:5]}"
+    for name in a:
+        x, y = a[name], b[name]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), name
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), f"bytes of {name}"
+    for f in ("config.json", "generation_config.json"):
+        if (want / f).is_file():
+            assert (want / f).read_bytes() == (got / f).read_bytes(), f
+
+
+CASES = {  # name: (preset, make_hf_checkpoint options)
+    "dense_tied": ("tiny", dict()),
+    "moe_per_expert": ("tiny-moe", dict()),
+    "moe_packed": ("tiny-moe", dict(how="packed")),
+    "dense_mtp_bf16": ("tiny", dict(dtype=torch.bfloat16, mtp_layout="packed")),
+    "moe_mtp_mixed_layouts": ("tiny-moe", dict(how="packed", mtp_layout="per_expert")),
+    "moe_multimodal_bf16": ("tiny-moe", dict(multimodal=True, dtype=torch.bfloat16, mtp_layout="packed")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_is_bitwise_identical(case, tmp_path):
+    """HF -> Megatron -> HF reproduces every tensor (name, dtype, bytes) and the config files exactly."""
+    preset, options = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "hf", preset, **options)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_bytes=64 * 1024)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1  # really sharded, with an index
+    assert_same_hf_checkpoint(src, tmp_path / "out")
+    _, meta = json.loads((tmp_path / "mg" / CONFIG).read_text()).values()
+    assert meta["source_dtype"] == str(options.get("dtype", torch.float32)).removeprefix("torch.")
+    if options.get("multimodal"):
+        assert (tmp_path / "mg" / meta["vision"]).is_dir()
+
+
+def test_bf16_norm_offsets_are_stored_in_fp32(tmp_path):
+    """(w - 1) of a bf16 GDN norm weight keeps its low bits only in fp32; every other tensor keeps bf16."""
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny", dtype=torch.bfloat16)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    reader = TorchDistReader(tmp_path / "mg" / "iter_0000000")
+    dtypes = {k: reader.dtype(k) for k in reader.tensors}
+    assert {k for k, d in dtypes.items() if d == torch.float32} == {k for k in dtypes if k.endswith("out_norm.weight")}
+    assert all(d == torch.bfloat16 for k, d in dtypes.items() if not k.endswith("out_norm.weight"))
+
+
+def test_dtype_flag_casts_and_export_restores_the_source_dtype(tmp_path):
+    """--dtype fp32 on a bf16 source: fp32 weights in Megatron, the bf16 source again on export."""
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny", dtype=torch.bfloat16)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", dtype="fp32", progress=False)
+    reader = TorchDistReader(tmp_path / "mg" / "iter_0000000")
+    assert {reader.dtype(k) for k in reader.tensors} == {torch.float32}
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    assert_same_hf_checkpoint(src, tmp_path / "out")
+
+
+def test_written_checkpoint_is_what_megatron_save_writes(tmp_path):
+    """Same keys, global shapes, chunks and values as save_checkpoint of the model loaded in memory; and
+    load_checkpoint of the converted files gives the in-memory model's tensors exactly."""
+    cfg = qwen35_preset("tiny-moe")
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny-moe", how="packed", mtp_layout="packed")
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    def build():
+        return qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
+
+    model = build()
+    hf_state = SafetensorsCheckpoint(src)
+    load_hf_state_dict(model, cfg, {k: hf_state[k] for k in hf_state}, expert_layout="packed")
+    save_checkpoint(model, cfg, tmp_path / "ref")
+    ours, ref = TorchDistReader(tmp_path / "mg" / "iter_0000000"), TorchDistReader(tmp_path / "ref" / "iter_0000000")
+    assert set(ours.metadata.state_dict_metadata) == set(ref.metadata.state_dict_metadata)
+    for key, md in ref.tensors.items():
+        assert ours.tensors[key].size == md.size, key
+        chunks = lambda m: sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks)  # noqa: E731
+        assert chunks(ours.tensors[key]) == chunks(md), key
+        assert torch.equal(ours.read(key), ref.read(key)), key
+
+    loaded = build()
+    load_checkpoint(loaded, tmp_path / "mg")
+    want = megatron_named_tensors(model)
+    for name, tensor in megatron_named_tensors(loaded).items():
+        assert torch.equal(tensor, want[name]), name
+
+
+def _transformers_model(path: Path, is_moe: bool):
+    from transformers import AutoModelForCausalLM
+
+    modeling(is_moe)  # put transformers' pure-PyTorch GDN paths back before it builds the layers
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_converted_model_matches_transformers(preset, tmp_path):
+    """load_model(converted) against transformers on the original files: max |delta| <= 1e-4, KL <= 1e-6, same
+    argmax everywhere (fp32)."""
+    from megatron_qwen35.inference import load_model
+
+    src = make_hf_checkpoint(tmp_path / "hf", preset)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    cfg = qwen35_preset(preset)
+    ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _transformers_model(src, cfg.is_moe)(input_ids=ids).logits.float()
+    got = load_model(tmp_path / "mg")(ids)
+    assert (got - want).abs().max().item() <= LOGIT_TOL
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    assert kl.max().item() <= KL_TOL
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("how", ["save_pretrained", "packed"])
+def test_export_loads_in_transformers(how, tmp_path):
+    """transformers' from_pretrained reads the export into exactly the weights it reads from the source."""
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny-moe", how=how)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_bytes=64 * 1024)
+    want = _transformers_model(src, True).state_dict()
+    got = _transformers_model(tmp_path / "out", True).state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_save_pretrained_writes_experts_per_expert(tmp_path):
+    """The layout an export without a recorded source uses is the one transformers itself writes."""
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny-moe")
+    names = set(SafetensorsCheckpoint(src))
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in names
+    assert not any(n.endswith("experts.gate_up_proj") for n in names)
+
+
+def test_export_without_source_record_is_save_pretrained_layout(tmp_path):
+    """A checkpoint saved by training (no HF metadata) exports per-expert, text-only, and transformers loads it."""
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    cfg = qwen35_preset("tiny-moe").replace(mtp_num_layers=0)
+    hf = reference_model(cfg)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
+    load_hf_state_dict(model, cfg, hf.state_dict())
+    save_checkpoint(model, cfg, tmp_path / "trained")
+    qwen35_megatron_to_hf(tmp_path / "trained", tmp_path / "out", progress=False)
+    got = _transformers_model(tmp_path / "out", True).state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the culprit, and no output left behind
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dense_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("source")
+    return make_hf_checkpoint(root / "hf", "tiny", how="packed")
+
+
+@pytest.fixture
+def source(dense_source, tmp_path):
+    copy = tmp_path / "hf"
+    shutil.copytree(dense_source, copy)
+    return copy
+
+
+def _rewrite(source: Path, change):
+    reader = SafetensorsCheckpoint(source)
+    tensors = {k: reader[k] for k in reader}
+    change(tensors)
+    write_safetensors(source / "model.safetensors", tensors)
+
+
+def _assert_nothing_left(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_missing_tensor_is_named(source, tmp_path):
+    _rewrite(source, lambda t: t.pop("model.layers.2.linear_attn.dt_bias"))
+    with pytest.raises(KeyError, match="model.layers.2.linear_attn.dt_bias"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    _assert_nothing_left(tmp_path / "mg")
+
+
+def test_unexpected_tensor_is_named(source, tmp_path):
+    _rewrite(source, lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(KeyError, match="unexpected tensor 'model.layers.0.mlp.extra.weight'"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+
+
+def test_wrong_shape_is_named(source, tmp_path):
+    _rewrite(source, lambda t: t.update({"model.layers.3.self_attn.o_proj.weight": torch.zeros(64, 100)}))
+    with pytest.raises(ValueError, match=r"'model.layers.3.self_attn.o_proj.weight'.*\[64, 100\].*\[64, 128\]"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+
+
+def test_unknown_model_type_is_named(source, tmp_path):
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+
+
+def test_truncated_safetensors_is_named(source, tmp_path):
+    f = source / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 100)
+    with pytest.raises(CheckpointFileError, match=r"model.safetensors: truncated.*'"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+
+
+def test_corrupt_safetensors_header_is_named(source, tmp_path):
+    f = source / "model.safetensors"
+    with open(f, "r+b") as h:
+        h.seek(8)
+        h.write(b"\xff\xfe{{{{")
+    with pytest.raises(CheckpointFileError, match="model.safetensors: corrupt safetensors header"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+
+
+def test_existing_output_needs_overwrite(source, tmp_path):
+    out = tmp_path / "mg"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        qwen35_hf_to_megatron(source, out, progress=False)
+    assert (out / "keep").is_file()
+    qwen35_hf_to_megatron(source, out, overwrite=True, progress=False)
+    assert not (out / "keep").exists() and (out / CONFIG).is_file()
+
+
+def test_failure_while_writing_leaves_nothing(source, tmp_path, monkeypatch):
+    """An error mid-way (here: the disk 'fills' on the 5th chunk) removes the temporary directory."""
+    calls = []
+    original = TorchDistWriter.write_chunk
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("No space left on device")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(TorchDistWriter, "write_chunk", failing)
+    with pytest.raises(OSError, match="No space"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    _assert_nothing_left(tmp_path / "mg")
+
+
+def test_truncated_megatron_data_is_named_on_export(source, tmp_path):
+    qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    data = tmp_path / "mg" / "iter_0000000" / "__0_0.distcp"
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(CheckpointFileError, match="__0_0.distcp: cannot read tensor"):
+        qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    _assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("preset,layout,message", [
+    ("tiny", dict(tensor_parallel=3), "num_query_groups=2 neither divides nor is divisible by tensor_parallel=3"),
+    ("tiny", dict(tensor_parallel=4), "linear_num_key_heads=2 is not divisible by tensor_parallel=4"),
+    ("tiny-moe", dict(expert_parallel=3), "num_experts=4 is not divisible by expert_parallel=3"),
+])
+def test_layout_that_cannot_split_heads_is_named(preset, layout, message):
+    with pytest.raises(ValueError, match=message):
+        qwen35_check_layout(qwen35_preset(preset), **layout)
+    qwen35_check_layout(qwen35_preset(preset), tensor_parallel=2, expert_parallel=2)  # these divide
+
+
+def test_command_lines_convert_and_report_errors(source, tmp_path, capsys):
+    to_mg = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")["main"]
+    to_hf = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
+    assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 0
+    assert to_hf(["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert_same_hf_checkpoint(source, tmp_path / "out")
+    assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+"""Convert a Hugging Face Qwen3.5 checkpoint into a megatron_qwen35 torch_dist checkpoint (loads at any TP/EP).
+
+    python tools/convert/hf_to_megatron.py --hf-dir Qwen3.5-4B --out-dir ckpt/qwen35-4b [--dtype bf16|fp32]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    parser.add_argument("--out-dir", required=True, help="the Megatron checkpoint directory to create")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="weight dtype (default: the checkpoint's own, tensor by tensor)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+
+    try:
+        out = qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                                    progress=not args.no_progress)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Export a megatron_qwen35 checkpoint as a Hugging Face checkpoint (sharded safetensors, index, config.json).
+
+    python tools/convert/megatron_to_hf.py --megatron-dir ckpt/qwen35-4b --out-dir Qwen3.5-4B-trained [--overwrite]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megatron-dir", required=True, help="checkpoint written by training or hf_to_megatron.py")
+    parser.add_argument("--out-dir", required=True, help="the Hugging Face directory to create")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+
+    try:
+        out = qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
+                                    max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
