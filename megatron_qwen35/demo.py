@@ -76,7 +76,7 @@ def generate(hf_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens // 2, do_sample=False,
                              eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist())
 

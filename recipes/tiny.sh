@@ -10,6 +10,7 @@ OUT=${OUT:-$REPO/out/demo}
 ITERS=${ITERS:-80}
 HALF=$((ITERS / 2))
 export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}  # megatron's jit_fuser would compile on CPU for no gain
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron's deprecation notices would drown the demo's output
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 "$PYTHON" "$REPO/tools/data/preprocess.py" --input "$REPO/data/tiny_corpus.txt" --output-prefix "$OUT/data/corpus" \

@@ -57,7 +57,8 @@ def _train(tmp: Path, exit_at: int, save: Path, load: Path | None = None) -> dic
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Stopping after step 2 and resuming from the checkpoint gives steps 3 and 4 the uninterrupted losses."""
+    """Stopping after step 2 and resuming from the checkpoint gives steps 3 and 4 the uninterrupted losses;
+    the final training checkpoint exports to Hugging Face."""
     straight = _train(tmp_path, 4, tmp_path / "straight")
     _train(tmp_path, 2, tmp_path / "resumed")
     resumed = _train(tmp_path, 4, tmp_path / "resumed", load=tmp_path / "resumed")
@@ -65,6 +66,17 @@ def test_resume_continues_exactly(tmp_path):
     assert straight[4] < straight[1]
     for step in (3, 4):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+    # A training checkpoint (optimizer state included) exports to Hugging Face names: the model's tensors only.
+    from safetensors import safe_open
+
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+
+    qwen35_megatron_to_hf(tmp_path / "resumed", tmp_path / "hf", progress=False)
+    with safe_open(str(next((tmp_path / "hf").glob("*.safetensors"))), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "mtp.fc.weight" in names
+    assert not any("optimizer" in n or "exp_avg" in n for n in names)
 
 
 def test_preprocessed_tokens_decode_to_the_source_text(tmp_path):

@@ -39,13 +39,16 @@ from megatron_qwen35.convert.io import (
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, NamedRule, check_names
 from megatron_qwen35.convert.transforms import PLUS_ONE
 
+TRAINING_STATE_PREFIXES = ("optimizer.",)  # megatron's optimizer sharded_state_dict keys
 SAVE_PRETRAINED_LAYOUT = {"decoder": "per_expert", "mtp": "per_expert"}  # transformers writes experts per expert
 
 
 def _check_checkpoint(layout: MegatronLayout, reader: TorchDistReader) -> None:
     """The checkpoint holds exactly the model's keys, each with the model's global shape."""
     want = layout.checkpoint_shapes()
-    check_names(set(reader.tensors), set(want), side=f"Megatron ({reader.directory})")
+    # A training checkpoint also holds the optimizer's sharded state; only the model's tensors are exported.
+    model_keys = {k for k in reader.tensors if not k.startswith(TRAINING_STATE_PREFIXES)}
+    check_names(model_keys, set(want), side=f"Megatron ({reader.directory})")
     for key, shape in want.items():
         got = tuple(reader.tensors[key].size)
         if got != shape:
