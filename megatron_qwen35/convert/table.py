@@ -105,29 +105,26 @@ class NamedRule:
     transform: Transform
 
 
-def _expand(rule: Rule, mg: str, hf: str, num_experts: int | None) -> NamedRule:
-    def names(patterns):
-        out = []
-        for p in patterns:
-            p = p.replace("{mg}", mg).replace("{hf}", hf)
-            out += [p.replace("{E}", str(e)) for e in range(num_experts)] if "{E}" in p else [p]
-        return tuple(out)
-
-    if rule.transform is IDENTITY and len(names(rule.megatron)) > 1:  # per-expert identity: one rule per expert
-        raise AssertionError("identity rules expand pairwise; use _expand_pairwise")
-    return NamedRule(names(rule.megatron), names(rule.hf), rule.transform)
+def _names(patterns: tuple[str, ...], mg: str, hf: str, num_experts: int | None) -> tuple[str, ...]:
+    """Patterns with the layer prefixes filled in; a `{E}` pattern becomes one name per expert, in order."""
+    out: list[str] = []
+    for p in patterns:
+        p = p.replace("{mg}", mg).replace("{hf}", hf)
+        out += [p.replace("{E}", str(e)) for e in range(num_experts)] if "{E}" in p else [p]
+    return tuple(out)
 
 
 def _expand_rules(rules: list[Rule], mg: str, hf: str, num_experts: int | None) -> list[NamedRule]:
     out = []
     for rule in rules:
-        pairwise = rule.transform is IDENTITY and any("{E}" in p for p in rule.megatron)
-        if pairwise:  # one tensor per expert on both sides
+        if rule.transform is IDENTITY and any("{E}" in p for p in rule.megatron):  # one tensor per expert each side
             for e in range(num_experts):
-                sub = lambda ps: tuple(p.replace("{E}", str(e)) for p in ps)  # noqa: E731
-                out.append(_expand(Rule(sub(rule.megatron), sub(rule.hf), IDENTITY), mg, hf, num_experts))
+                per_expert = lambda ps: tuple(p.replace("{E}", str(e)) for p in ps)  # noqa: E731
+                out.append(NamedRule(_names(per_expert(rule.megatron), mg, hf, None),
+                                     _names(per_expert(rule.hf), mg, hf, None), IDENTITY))
         else:
-            out.append(_expand(rule, mg, hf, num_experts))
+            out.append(NamedRule(_names(rule.megatron, mg, hf, num_experts), _names(rule.hf, mg, hf, num_experts),
+                                 rule.transform))
     return out
 
 
