@@ -72,7 +72,13 @@ def _full_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
     """megatron.training's checkpoint layout: model chunks, and the optimizer's state sharded like the model."""
     state = _model_state(model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        from megatron.core import parallel_state
+
+        metadata = {  # megatron.training's choices: optimizer state reshardable across data-parallel sizes
+            "distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True,
+            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 

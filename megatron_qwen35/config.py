@@ -394,4 +394,7 @@ def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
     kw.update(overrides)
     if kw.get("pipeline_model_parallel_size", 1) > 1:  # megatron requires it; p2p carries params_dtype
         kw.setdefault("pipeline_dtype", kw.get("params_dtype", torch.float32))
+    if kw.get("virtual_pipeline_model_parallel_size"):  # as megatron.training: batched p2p mixes up PP2's messages
+        kw.setdefault("overlap_p2p_comm", True)
+        kw.setdefault("batch_p2p_comm", False)
     return TransformerConfig(**kw)

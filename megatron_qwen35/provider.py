@@ -9,9 +9,9 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_qwen35.config import (Qwen35Config, qwen35_check_layout, qwen35_config_from_hf, qwen35_preset,
-                                    qwen35_transformer_config)
+from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf, qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.layers.rotary import qwen35_position_embedding_kwargs
+from megatron_qwen35.parallel_layout import check_transformer_config_layout
 from megatron_qwen35.specs.layer_specs import default_backend, qwen35_block_spec, qwen35_mtp_block_spec
 
 
@@ -25,9 +25,8 @@ def resolve_backend(config: TransformerConfig, backend: str | None = None) -> st
 def qwen35_gpt_model(cfg: Qwen35Config, config: TransformerConfig, *, backend: str | None = None,
                      pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
     """The (stage of the) Qwen3.5 text model described by `cfg`, parallelised as `config` says."""
-    qwen35_check_layout(cfg, tensor_parallel=config.tensor_model_parallel_size,
-                        expert_parallel=config.expert_model_parallel_size)
     _check_consistent(cfg, config)
+    check_transformer_config_layout(cfg, config)  # a layout that cannot split the model is named before building
     backend = resolve_backend(config, backend)
     return GPTModel(
         config=config,

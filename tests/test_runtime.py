@@ -61,6 +61,11 @@ def test_noop_when_cuda_available():
         from megatron.core.tensor_parallel import random as mrandom
         from megatron.core.pipeline_parallel import schedules
         orig_fork = mrandom.CudaRNGStatesTracker.fork
+        orig_stream = torch.cuda.current_stream
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        orig_distopt_init, orig_setup = DistributedOptimizer.__init__, LanguageModule.setup_embeddings_and_output_layer
         from megatron_qwen35.runtime import ensure_cpu_runtime, cpu_patches
         ensure_cpu_runtime()
         ensure_cpu_runtime()
@@ -69,6 +74,9 @@ def test_noop_when_cuda_available():
         assert torch.cuda.synchronize is orig_sync
         assert mrandom.CudaRNGStatesTracker.fork is orig_fork
         assert schedules.torch is torch
+        assert torch.cuda.current_stream is orig_stream and clip_grads.torch is torch
+        assert DistributedOptimizer.__init__ is orig_distopt_init
+        assert LanguageModule.setup_embeddings_and_output_layer is orig_setup
         print("UNPATCHED")
         """
     )
@@ -329,3 +337,151 @@ def test_gpt_forward_backward_on_cpu(parallel_1, num_experts):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- DDP + optimizers
+
+
+def test_current_stream_waits_are_noops(cpu_runtime):
+    stream = torch.cuda.current_stream()
+    assert stream.wait_event(None) is None and stream.wait_stream(stream) is None
+    assert torch.cuda.current_stream() is stream
+
+
+def test_optimizer_modules_allocate_on_cpu(cpu_runtime):
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    for module in (optimizer_module, clip_grads, grad_scaler):
+        assert isinstance(module.torch, cpu_patches._CpuTorchProxy)
+        assert module.torch.tensor([0], dtype=torch.int, device="cuda").device.type == "cpu"
+    scaler = grad_scaler.DynamicGradScaler(initial_scale=2.0**8, min_scale=1.0, growth_factor=2.0,
+                                           backoff_factor=0.5, growth_interval=2, hysteresis=1)
+    assert scaler.scale.device.type == "cpu"
+
+
+def test_grad_norm_and_zero_count_on_cpu(parallel_1):
+    from megatron.core.optimizer.clip_grads import count_zeros_fp32, get_grad_norm_fp32
+
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0, 12.0]])]
+    assert get_grad_norm_fp32(grads) == pytest.approx(13.0)
+    assert get_grad_norm_fp32(grads, norm_type=float("inf")) == pytest.approx(12.0)
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    assert int(count_zeros_fp32([p], grad_stats_parallel_group=None)) == 2
+
+
+def test_cuda_type_names_only_inside_wrapped_functions(parallel_1):
+    from megatron.core.optimizer import clip_grads
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 2.0)
+    clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=4.0)  # asserts a CUDA type
+    torch.testing.assert_close(p.grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
+    assert p.type() == "torch.FloatTensor"  # untouched outside
+    assert p.type(torch.float64).dtype == torch.float64
+
+
+def _qwen35_train_setup(use_distributed_optimizer, seed=1234):
+    """tiny-moe wrapped in megatron DDP, its megatron optimizer and LR scheduler (the cpu_loop recipe)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    cfg = qwen35_preset("tiny-moe")
+    tc = qwen35_transformer_config(cfg, params_dtype=torch.float32)
+    model = qwen35_gpt_model(cfg, tc, backend="local")
+    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
+        use_distributed_optimizer=use_distributed_optimizer, grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-3, min_lr=1e-4, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False,
+        use_distributed_optimizer=use_distributed_optimizer, log_num_zeros_in_grad=True), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=1e-4, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=10,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=10, wd_incr_style="constant")
+    return cfg, ddp, optimizer, scheduler
+
+
+def _qwen35_train_step(cfg, ddp, optimizer, scheduler, seed):
+    from megatron.core.distributed import finalize_model_grads
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
+    positions = torch.arange(16).expand(2, 16)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp(ids[:, :-1], positions, None, labels=ids[:, 1:]).mean()
+    loss.backward()
+    finalize_model_grads([ddp])
+    result = optimizer.step()
+    scheduler.step(increment=1)
+    return loss.item(), result
+
+
+def _train_checkpoint_state(ddp, optimizer, scheduler, is_loading=False):
+    from megatron.core import parallel_state
+
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+                "chained_optim_avoid_prefix": True,
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    state = {"model": ddp.module.sharded_state_dict(metadata=metadata)}  # unwrapped: no "module." prefix
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    return state
+
+
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True], ids=["adam", "distributed-adam"])
+def test_ddp_optimizer_train_step_and_resume(parallel_1, tmp_path, use_distributed_optimizer):
+    """DDP -> forward/backward -> finalize_model_grads -> optimizer.step(), then a dist_checkpointing
+    save of model + optimizer + scheduler, and a resume whose next step equals the uninterrupted run's."""
+    from megatron.core import dist_checkpointing
+
+    cfg, ddp, optimizer, scheduler = _qwen35_train_setup(use_distributed_optimizer)
+    before = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    loss, (ok, grad_norm, num_zeros) = _qwen35_train_step(cfg, ddp, optimizer, scheduler, seed=1)
+    assert ok and torch.isfinite(torch.tensor(loss)) and grad_norm > 0 and num_zeros is not None
+    changed = [n for n, p in ddp.module.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)  # Adam moves every parameter that got a gradient
+
+    dist_checkpointing.save(_train_checkpoint_state(ddp, optimizer, scheduler), str(tmp_path))
+    want = _qwen35_train_step(cfg, ddp, optimizer, scheduler, seed=2)
+    want_params = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+
+    cfg, ddp2, optimizer2, scheduler2 = _qwen35_train_setup(use_distributed_optimizer, seed=99)
+    loaded = dist_checkpointing.load(_train_checkpoint_state(ddp2, optimizer2, scheduler2, is_loading=True),
+                                     str(tmp_path))
+    ddp2.module.load_state_dict(loaded["model"])
+    optimizer2.load_state_dict(loaded["optimizer"])
+    scheduler2.load_state_dict(loaded["opt_param_scheduler"])
+    got = _qwen35_train_step(cfg, ddp2, optimizer2, scheduler2, seed=2)
+    assert got == want
+    for n, p in ddp2.module.named_parameters():
+        assert torch.equal(p, want_params[n]), n
+
+
+def test_distributed_optimizer_state_dict_before_first_step(parallel_1):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _, _, optimizer, _ = _qwen35_train_setup(True)
+    inner = optimizer.chained_optimizers[0]
+    assert isinstance(inner, DistributedOptimizer)
+    groups = inner.state_dict()["optimizer"]["param_groups"]  # upstream: AssertionError (no steps yet)
+    assert {g["step"] for g in groups} == {0.0}
+
+
+def test_pipeline_embedding_copy_skips_cuda_move(cpu_runtime):
+    # PP2 itself (where the last stage syncs its embedding copy) runs in tests/parallel/test_layout_matrix.py.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "__wrapped__")
+    x = torch.ones(2)
+    with cpu_patches._tensor_cuda_is_identity():
+        assert x.cuda() is x
+    # restored on exit: the real method again, which fails without CUDA
+    with pytest.raises((RuntimeError, AssertionError)):
+        x.cuda()

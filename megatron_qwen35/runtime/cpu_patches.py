@@ -101,6 +101,40 @@ def patch_torch_cuda_synchronize() -> None:
     _replace(torch.cuda, "synchronize", _noop)
 
 
+class _CpuStream:
+    """What torch.cuda.current_stream() returns on CPU: every wait/sync is already satisfied."""
+
+    device = _CPU
+
+    def wait_event(self, event=None):
+        return None
+
+    def wait_stream(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def record_event(self, event=None):
+        return None
+
+    def query(self):
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_current_stream(device=None):
+    return _CPU_STREAM
+
+
+def patch_torch_cuda_current_stream() -> None:
+    # DDP's grad sync (param_and_grad_buffer.start_grad_sync) waits on
+    # torch.cuda.current_stream() for CUDA-graph events every step; on CPU there is one stream.
+    _replace(torch.cuda, "current_stream", _cpu_current_stream)
+
+
 # --------------------------------------------------------------------------------------
 # RNG tracker (tensor_parallel.random): keep the "CUDA" RNG streams on the CPU generator
 # --------------------------------------------------------------------------------------
@@ -313,6 +347,198 @@ def patch_disable_dynamo() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Optimizers (megatron.core.optimizer): FP32/mixed-precision, distributed, grad clipping
+# --------------------------------------------------------------------------------------
+
+
+def patch_optimizer_cuda_literals() -> None:
+    # The optimizers allocate their scale / found-inf / overflow flags, clip_grads its norm and
+    # zero-count accumulators, and the grad scaler its factors with a literal device="cuda".
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    for module in (optimizer_module, clip_grads, grad_scaler):
+        if not isinstance(module.torch, _CpuTorchProxy):
+            _replace(module, "torch", _CpuTorchProxy(torch))
+
+
+def _cpu_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron.core.utils.local_multi_tensor_l2_norm (the no-TE/no-apex fallback) without its
+    device="cuda" result: the l2 norm of the per-tensor l2 norms, as a 1-element fp32 tensor."""
+    norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros([])
+    return total.reshape(1).to(torch.float), None
+
+
+def patch_grad_norm_fallback() -> None:
+    # Without Transformer Engine and apex, clip_grads uses megatron's local l2-norm fallback,
+    # which returns its result on device="cuda"; give clip_grads a CPU one.
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        _replace(clip_grads, "l2_norm_impl", _cpu_multi_tensor_l2_norm)
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cpu_tensors_report_cuda_type_names():
+    """Within the block, ``tensor.type()`` (no argument) of a CPU tensor names the CUDA type."""
+    real_type = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = real_type(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return real_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real_type
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_report_cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+    return wrapper
+
+
+def patch_cuda_type_name_checks() -> None:
+    # The distributed optimizer sorts params by `param.type() == 'torch.cuda.FloatTensor'` (and
+    # Half/BFloat16) in __init__ and raises TypeError for anything else; the fp16/bf16 optimizer
+    # does the same; clip_grads asserts it. CPU tensors report 'torch.FloatTensor', so within
+    # exactly those functions type() names the CUDA type.
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        init = cls.__dict__["__init__"]
+        if not hasattr(init, "__wrapped__"):
+            _replace(cls, "__init__", _with_cuda_type_names(init))
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not hasattr(clip, "__wrapped__"):
+        clip = _with_cuda_type_names(clip)
+        _replace(clip_grads, "clip_grad_by_total_norm_fp32", clip)
+        _replace(optimizer_module, "clip_grad_by_total_norm_fp32", clip)  # imported there by name
+
+
+def _make_distopt_state_dict(orig: Callable) -> Callable:
+    def state_dict(self):
+        # Without TE/apex the distributed optimizer wraps torch.optim.Adam and reads the iteration
+        # from its per-parameter "step" entries, asserting there is exactly one. Before the first
+        # step (a fresh optimizer about to load a checkpoint) there are none: report step 0.
+        from megatron.core.optimizer import distrib_optimizer
+
+        inner = self.optimizer
+        if distrib_optimizer.HAVE_APEX_OR_TE or any("step" in s for s in inner.state.values()):
+            return orig(self)
+        real_state_dict = inner.state_dict
+
+        def with_step_zero():
+            sd = real_state_dict()
+            sd["state"] = {0: {"step": torch.tensor(0.0)}}  # read for the step only, then dropped
+            return sd
+
+        inner.state_dict = with_step_zero
+        try:
+            return orig(self)
+        finally:
+            del inner.state_dict
+
+    state_dict.__wrapped__ = orig
+    return state_dict
+
+
+def _make_distopt_load_state_dict(orig: Callable) -> Callable:
+    def load_state_dict(self, state_dict):
+        # Without TE/apex, upstream (a) gives every parameter's torch Adam state the *same* "step"
+        # tensor, which torch Adam then increments once per parameter, and (b) with the
+        # dp_reshardable format copies the loading template's step (0) back over it. Re-set each
+        # parameter's step to its own tensor holding the checkpoint's iteration.
+        # no_grad: with fp32 params the main params are views of the model params, and the
+        # loader's in-place copy_ into them raises under autograd.
+        from megatron.core.optimizer import distrib_optimizer
+
+        with torch.no_grad():
+            out = orig(self, state_dict)
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            return out
+        groups = (state_dict.get("optimizer") or {}).get("param_groups", [])
+        steps = {float(g["step"]) for g in groups if g.get("step") is not None}
+        if len(steps) == 1:
+            step = steps.pop()
+            for param_state in self.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = torch.tensor(step, dtype=torch.float32)
+        return out
+
+    load_state_dict.__wrapped__ = orig
+    return load_state_dict
+
+
+def patch_distopt_torch_adam_step() -> None:
+    # The distributed optimizer's state_dict / load_state_dict handle torch.optim.Adam's "step"
+    # (the no-TE/no-apex fallback) wrongly before the first step and after a load; see above.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not hasattr(DistributedOptimizer.state_dict, "__wrapped__"):
+        _replace(DistributedOptimizer, "state_dict", _make_distopt_state_dict(DistributedOptimizer.state_dict))
+    if not hasattr(DistributedOptimizer.load_state_dict, "__wrapped__"):
+        _replace(DistributedOptimizer, "load_state_dict",
+                 _make_distopt_load_state_dict(DistributedOptimizer.load_state_dict))
+
+
+# --------------------------------------------------------------------------------------
+# Pipeline parallelism: the embedding copy on the last stage
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Within the block, ``tensor.cuda()`` returns the (CPU) tensor itself."""
+    real_cuda = torch.Tensor.cuda
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.cuda = cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda
+
+
+def patch_pipeline_embedding_copy() -> None:
+    # With PP > 1 the last stage holds a copy of the word embeddings (tied output layer, or the
+    # MTP block's embedding); LanguageModule.setup_embeddings_and_output_layer moves it with
+    # `weight.data.cuda()` before the all-reduce that syncs it with the first stage.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if not hasattr(setup, "__wrapped__"):
+        def setup_embeddings_and_output_layer(self):
+            with _tensor_cuda_is_identity():
+                return setup(self)
+
+        setup_embeddings_and_output_layer.__wrapped__ = setup
+        _replace(LanguageModule, "setup_embeddings_and_output_layer", setup_embeddings_and_output_layer)
+
+
+# --------------------------------------------------------------------------------------
 # The table applied by ensure_cpu_runtime()
 # --------------------------------------------------------------------------------------
 
@@ -321,6 +547,8 @@ PATCHES: List[Tuple[str, Callable[[], None], str]] = [
      "torch.cuda.current_device() -> cpu for megatron's allocations"),
     ("torch_cuda_synchronize", patch_torch_cuda_synchronize,
      "torch.cuda.synchronize() -> no-op (p2p, dist_checkpointing, parallel_state)"),
+    ("torch_cuda_current_stream", patch_torch_cuda_current_stream,
+     "torch.cuda.current_stream() -> a stream whose waits are no-ops (DDP grad sync)"),
     ("rng_tracker", patch_rng_tracker,
      "CudaRNGStatesTracker / model_parallel_cuda_manual_seed on the CPU generator"),
     ("cuda_literals", patch_cuda_literals,
@@ -331,6 +559,16 @@ PATCHES: List[Tuple[str, Callable[[], None], str]] = [
      "variable-size first-dim all-gather / reduce-scatter that gloo accepts"),
     ("disable_dynamo", patch_disable_dynamo,
      "jit_fuser is torch.compile: run eagerly"),
+    ("optimizer_cuda_literals", patch_optimizer_cuda_literals,
+     "device='cuda' literals in optimizer, clip_grads, grad_scaler -> cpu"),
+    ("grad_norm_fallback", patch_grad_norm_fallback,
+     "no-TE/no-apex l2-norm fallback returns its norm on the CPU"),
+    ("cuda_type_name_checks", patch_cuda_type_name_checks,
+     "optimizer type() checks for 'torch.cuda.FloatTensor' accept CPU tensors"),
+    ("distopt_torch_adam_step", patch_distopt_torch_adam_step,
+     "distributed optimizer over torch Adam: state_dict before step 1, unshared steps after load"),
+    ("pipeline_embedding_copy", patch_pipeline_embedding_copy,
+     "PP: the last stage's embedding copy is synced without weight.data.cuda()"),
 ]
 
 

@@ -122,7 +122,8 @@ def pretrain_on_cpu(argv: list[str], datasets_provider, model_provider, forward_
     chunks = build_model_chunks(model_provider, config, args)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
-    chunks = [DistributedDataParallel(config, ddp_config, c) for c in chunks]
+    chunks = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)  # as megatron.training
+              for i, c in enumerate(chunks)]
     optimizer = _optimizer(chunks, args)
     scheduler = get_optimizer_param_scheduler(optimizer)
     config.finalize_model_grads_func = finalize_model_grads

@@ -1,0 +1,82 @@
+"""Does a parallel layout fit a Qwen3.5 model? One check per rule, each error naming the field, its value and the size.
+
+megatron-core finds most of these itself, but deep inside a layer and as a bare `assert` ("4 is not divisible by 3"),
+after minutes of start-up on a large job. `qwen35_gpt_model` calls `check_parallel_layout` before building anything.
+docs/parallelism.md lists the rules with the layouts that are proven by tests.
+"""
+
+from __future__ import annotations
+
+from megatron_qwen35.config import Qwen35Config, qwen35_check_layout
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that the model's shape cannot be split into."""
+
+
+def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                          expert_parallel: int = 1, virtual_pipeline_parallel: int | None = None,
+                          expert_tensor_parallel: int | None = None, context_parallel: int = 1,
+                          batch_p2p_comm: bool | None = None, uneven_pipeline: bool = False) -> None:
+    """Raise ValueError naming the field, its value and the parallel size for each rule the layout breaks.
+
+    Heads, query groups, vocabulary and experts against TP / EP are `config.qwen35_check_layout`'s rules (checked
+    first); this adds the MLP widths against TP / expert-TP, layers against PP x VPP, VPP's p2p setting and CP."""
+    tp, pp, ep, cp = tensor_parallel, pipeline_parallel, expert_parallel, context_parallel
+    vpp = virtual_pipeline_parallel or 1
+    etp = tp if expert_tensor_parallel is None else expert_tensor_parallel
+    for flag, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("expert_parallel", ep),
+                        ("virtual_pipeline_parallel", vpp), ("expert_tensor_parallel", etp),
+                        ("context_parallel", cp)):
+        if not isinstance(value, int) or value < 1:
+            raise ParallelLayoutError(f"{flag} must be a positive integer, got {value!r}")
+
+    qwen35_check_layout(cfg, tensor_parallel=tp, expert_parallel=ep)
+    problems = []
+
+    def divisible(field: str, value: int | None, flag: str, size: int, what: str) -> None:
+        if value is not None and size > 1 and value % size:
+            problems.append(f"{field}={value} is not divisible by {flag}={size} ({what})")
+
+    if cfg.is_moe:
+        divisible("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel", etp,
+                  "each expert's MLP is split over expert-tensor-parallel ranks")
+        divisible("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size, "tensor_parallel",
+                  tp, "the shared expert's MLP is split over tensor-parallel ranks")
+    else:
+        if ep > 1:
+            problems.append(f"expert_parallel={ep} needs a mixture-of-experts model; '{cfg.name}' is dense")
+        divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel", tp,
+                  "the MLP is split over tensor-parallel ranks")
+    if pp * vpp > 1 and not uneven_pipeline and cfg.num_layers % (pp * vpp):
+        problems.append(f"num_layers={cfg.num_layers} is not divisible by pipeline_parallel x "
+                        f"virtual_pipeline_parallel={pp} x {vpp} (every pipeline chunk holds the same number of layers)")
+    if vpp > 1 and pp == 1:
+        problems.append(f"virtual_pipeline_parallel={vpp} needs pipeline_parallel > 1")
+    if vpp > 1 and pp == 2 and batch_p2p_comm:
+        problems.append("virtual_pipeline_parallel with pipeline_parallel=2 needs batch_p2p_comm=False (and "
+                        "overlap_p2p_comm=True, megatron.training's default): with batched p2p the two ranks exchange "
+                        "forward and backward tensors in one batch and receive them swapped")
+    if cp > 1:
+        problems.append(f"context_parallel={cp} is not supported: Qwen3.5's Gated DeltaNet layers have no "
+                        "context-parallel implementation yet")
+    if problems:
+        raise ParallelLayoutError(f"parallel layout TP={tp} PP={pp} VPP={vpp} EP={ep} ETP={etp} CP={cp} does not fit "
+                                  f"Qwen3.5 '{cfg.name}': " + "; ".join(problems))
+
+
+def check_transformer_config_layout(cfg: Qwen35Config, config) -> None:
+    """`check_parallel_layout` with the sizes a megatron TransformerConfig carries (an explicitly uneven pipeline,
+    megatron's num_layers_in_first/last_pipeline_stage or pipeline_model_parallel_layout, is megatron's to check)."""
+    check_parallel_layout(cfg, tensor_parallel=config.tensor_model_parallel_size,
+                          pipeline_parallel=config.pipeline_model_parallel_size,
+                          expert_parallel=config.expert_model_parallel_size,
+                          virtual_pipeline_parallel=config.virtual_pipeline_model_parallel_size,
+                          expert_tensor_parallel=config.expert_tensor_parallel_size,
+                          context_parallel=config.context_parallel_size, batch_p2p_comm=config.batch_p2p_comm,
+                          uneven_pipeline=bool(config.num_layers_in_first_pipeline_stage
+                                               or config.num_layers_in_last_pipeline_stage
+                                               or config.pipeline_model_parallel_layout))
+
+
+__all__ = ["ParallelLayoutError", "check_parallel_layout", "check_transformer_config_layout"]
