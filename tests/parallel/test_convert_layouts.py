@@ -1,5 +1,5 @@
-"""A checkpoint converted from Hugging Face loads at TP=2 and at EP=2 and gives the single process's logits
-(gloo, 2 ranks; load_model gathers the TP-split vocabulary)."""
+"""A checkpoint converted from Hugging Face loads at TP=2, EP=2 and PP=2 and gives the single process's logits
+(TP2, EP2: load_model gathers the TP-split vocabulary) and loss (PP2: only the last stage has logits); gloo, 2 ranks."""
 
 import pytest
 import torch
@@ -35,3 +35,21 @@ def test_converted_checkpoint_loads_at_any_layout(layout, tmp_path, megatron_sin
     for got in run_distributed(_logits, 2, str(tmp_path / "mg"), layout):
         assert got.shape == want.shape
         assert (got - want).abs().max().item() <= TOL
+
+
+def _pp2_loss(rank, world, checkpoint):
+    from tests.parallel.test_layout_matrix import _run_layout
+
+    return _run_layout({"pp": 2}, checkpoint, None, forward_only=True)
+
+
+def test_converted_checkpoint_runs_at_pp2(tmp_path, megatron_single_process):
+    """Two pipeline stages (MTP on the last) evaluate the converted checkpoint to the single process's loss."""
+    from tests.parallel.test_layout_matrix import PRESET, _run_layout
+
+    src = make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert")
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    want = _run_layout({}, str(tmp_path / "mg"), None, forward_only=True)
+    got = [loss for loss in run_distributed(_pp2_loss, 2, str(tmp_path / "mg")) if loss is not None]
+    assert len(got) == 1  # only the last stage computes the loss
+    assert abs(got[0] - want) <= TOL * abs(want)
