@@ -58,8 +58,9 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
                         "overlap_p2p_comm=True, megatron.training's default): with batched p2p the two ranks exchange "
                         "forward and backward tensors in one batch and receive them swapped")
     if cp > 1:
-        problems.append(f"context_parallel={cp} is not supported: Qwen3.5's Gated DeltaNet layers have no "
-                        "context-parallel implementation yet")
+        problems.append(f"context_parallel={cp} is not supported for the whole model yet: the Gated DeltaNet "
+                        "layers run it (all-to-all to head parallelism, proven layer by layer), but the attention "
+                        "layers' context parallelism needs Transformer Engine and the combination is unproven")
     if problems:
         raise ParallelLayoutError(f"parallel layout TP={tp} PP={pp} VPP={vpp} EP={ep} ETP={etp} CP={cp} does not fit "
                                   f"Qwen3.5 '{cfg.name}': " + "; ".join(problems))

@@ -21,3 +21,15 @@ def megatron_single_process():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auxiliary_loss_scales():
+    """megatron's schedules leave class-level MTP / MoE aux-loss backward scales (1 / num_microbatches) behind;
+    a test that backpropagates outside a schedule must start from 1, as a fresh process does."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # re-created as 1.0 on first use
+    MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
+    yield

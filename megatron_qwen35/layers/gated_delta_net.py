@@ -9,7 +9,8 @@ one TP size loads at another) we inherit unchanged:
   FLA's Triton kernels for CUDA tensors and pure PyTorch elsewhere; megatron's calls FLA unconditionally;
 - the gated output norm's weight is shared by all value heads, which tensor parallelism splits across ranks, so
   its gradient is summed over the TP group (megatron sums it only under sequence parallelism);
-- context parallelism is not supported yet and says so.
+- context parallelism goes through megatron's all-to-all to head parallelism (each rank runs the whole sequence for
+  1/cp of the heads); packed sequences with CP are not supported yet and say so.
 Numerics follow transformers' `Qwen3_5GatedDeltaNet`: in_proj = [qkv | z | b | a], g = -exp(A_log) *
 softplus(a + dt_bias) in fp32, beta = sigmoid(b), out = out_proj(rmsnorm(o) * w * silu(z)).
 """
@@ -22,6 +23,12 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+from megatron.core.ssm.gated_delta_net.common import (
+    _build_head_perm_for_split_sections,
+    get_parameter_local_cp,
+    tensor_a2a_cp2hp,
+    tensor_a2a_hp2cp,
+)
 
 from megatron_qwen35.layers import gdn_ops
 
@@ -46,17 +53,27 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         if inference_context is not None or inference_params is not None:
             raise ValueError("Qwen35GatedDeltaNet has no megatron inference cache; generate with the Hugging Face "
                              "export or megatron_qwen35.inference")
-        if self.cp_size > 1:
-            raise ValueError(f"context parallelism (cp={self.cp_size}) is not supported by Qwen35GatedDeltaNet yet")
+        cp = self.pg_collection.cp
+        if self.cp_size > 1 and packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            raise ValueError("packed (THD) sequences with context parallelism are not supported by "
+                             "Qwen35GatedDeltaNet yet")
 
-        qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]; SP gathers the sequence here
+        qkvzba, _ = self.in_proj(hidden_states)  # [s(/cp), b, in_proj_dim / tp]; SP gathers the sequence here
+        if self.cp_size > 1:  # context -> head parallel: every rank gets the whole sequence of 1/cp of the heads
+            head_perm = _build_head_perm_for_split_sections(self.in_proj_split_sections, self.cp_size,
+                                                            qkvzba.device)
+            qkvzba = tensor_a2a_cp2hp(qkvzba.index_select(-1, head_perm), seq_dim=0, head_dim=-1, cp_group=cp)
         seq_len, batch = qkvzba.shape[:2]
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, seq_len, batch)
         qkvzba = qkvzba.transpose(0, 1)  # [b, s, x]
         qkv, gate, beta, alpha = torch.split(qkvzba, list(self.feat_dim_split), dim=-1)
 
-        qkv = gdn_ops.causal_conv1d(qkv, self.conv1d.weight.squeeze(1), cu_seqlens=cu_seqlens, activation="silu")
-        query, key, value = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], -1)
+        qk_dim, v_dim = self.qk_dim_local_tp // self.cp_size, self.v_dim_local_tp // self.cp_size
+        conv_weight = get_parameter_local_cp(self.conv1d.weight.squeeze(1), dim=0, cp_group=cp,
+                                             split_sections=[self.qk_dim_local_tp, self.qk_dim_local_tp,
+                                                             self.v_dim_local_tp])  # this rank's heads' channels
+        qkv = gdn_ops.causal_conv1d(qkv, conv_weight, cu_seqlens=cu_seqlens, activation="silu")
+        query, key, value = torch.split(qkv, [qk_dim, qk_dim, v_dim], -1)
         query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
         key = key.reshape(batch, seq_len, -1, self.key_head_dim)
         value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
@@ -65,7 +82,9 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
             query = query.repeat_interleave(group, dim=2)
             key = key.repeat_interleave(group, dim=2)
 
-        g = -self.A_log.float().exp() * F.softplus(alpha.float() + self.dt_bias.float())  # fp32: bf16 decay underflows
+        a_log = get_parameter_local_cp(self.A_log, dim=0, cp_group=cp)
+        dt_bias = get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp)
+        g = -a_log.float().exp() * F.softplus(alpha.float() + dt_bias.float())  # fp32: bf16 decay underflows
         beta = beta.sigmoid()
         core, _ = self.gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens,
                                         use_qk_l2norm=self.use_qk_l2norm)  # [b, s, h, dv]
@@ -85,9 +104,10 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         return out, out_bias
 
     def _gated_norm(self, core, gate, *, batch, seq_len):
-        """rmsnorm(core) * w * silu(gate) per value head, back to [s, b, h * dv]."""
+        """rmsnorm(core) * w * silu(gate) per value head, back to [s(/cp), b, h * dv]."""
         y = self._apply_gated_norm(core, gate)  # [b * s * h, dv]
-        return y.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
+        y = y.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
+        return tensor_a2a_hp2cp(y, seq_dim=0, head_dim=-1, cp_group=self.pg_collection.cp)  # back to this rank's tokens
 
 
 def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None, seq_len: int, batch: int):
