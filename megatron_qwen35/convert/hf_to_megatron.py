@@ -144,7 +144,8 @@ class MegatronLayout:
             raise ValueError(f"'{name}' has shape {list(tensor.shape)}; the model needs {list(self.shape(name))}")
         for sh in self._flat_sharded_tensors(name, tensor):
             if sh.flattened_range is not None:
-                raise NotImplementedError(f"flattened sharded tensor '{sh.key}'")
+                # The TP=1 model built for conversion never flattens (only the distributed optimizer does).
+                raise ValueError(f"cannot write '{sh.key}': the model's sharded state holds it flattened")
             chunk = sh.data.reshape((1,) * sh.prepend_axis_num + tuple(sh.data.shape))  # expert axis etc.
             writer.write_chunk(sh.key, chunk, global_shape=sh.global_shape, offsets=sh.global_offset)
 
@@ -152,7 +153,8 @@ class MegatronLayout:
         """ShardedObjects (modules' _extra_state) and megatron's common state, as save_checkpoint stores them."""
         for obj in self.objects:
             if torch.is_tensor(obj.data) and obj.data.is_meta:
-                raise NotImplementedError(f"extra state '{obj.key}' is a tensor; its value cannot be derived")
+                # Local-backend modules keep None here; a tensor (e.g. TE's fp8 metadata) has no HF source.
+                raise ValueError(f"cannot write extra state '{obj.key}': it is a tensor with no Hugging Face source")
             writer.write_object(obj.unique_key, obj.data)
         common = ShardedObject("common_state", None, (1,), (0,))
         writer.write_object(common.unique_key, {"checkpoint_version": 3.0, "iteration": iteration})
