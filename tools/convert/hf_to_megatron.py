@@ -21,15 +21,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+    from megatron_qwen35.convert.cli import run_conversion
 
-    try:
-        out = qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                                    progress=not args.no_progress)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_conversion(lambda: qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                                                        progress=not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from megatron_qwen35.convert.cli import run_conversion
 
-    try:
-        out = qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
-                                    max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_conversion(lambda: qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
+                                                        max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress))
 
 
 if __name__ == "__main__":

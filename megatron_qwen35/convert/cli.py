@@ -1,0 +1,19 @@
+"""What the conversion command lines share: a failure is one `error: ...` line naming the culprit, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+INPUT_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)  # bad input, already named in the message
+
+
+def run_conversion(convert: Callable[[], object]) -> int:
+    """Run `convert`; print where it wrote (exit 0) or the input error (exit 2)."""
+    try:
+        out = convert()
+    except INPUT_ERRORS as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
