@@ -17,11 +17,13 @@ class ParallelLayoutError(ValueError):
 def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                           expert_parallel: int = 1, virtual_pipeline_parallel: int | None = None,
                           expert_tensor_parallel: int | None = None, context_parallel: int = 1,
-                          batch_p2p_comm: bool | None = None, uneven_pipeline: bool = False) -> None:
+                          batch_p2p_comm: bool | None = None, uneven_pipeline: bool = False,
+                          seq_length: int | None = None) -> None:
     """Raise ValueError naming the field, its value and the parallel size for each rule the layout breaks.
 
     Heads, query groups, vocabulary and experts against TP / EP are `config.qwen35_check_layout`'s rules (checked
-    first); this adds the MLP widths against TP / expert-TP, layers against PP x VPP, VPP's p2p setting and CP."""
+    first); this adds the MLP widths against TP / expert-TP, layers against PP x VPP, VPP's p2p setting, the GDN heads
+    against CP and, when given, the training sequence length against CP."""
     tp, pp, ep, cp = tensor_parallel, pipeline_parallel, expert_parallel, context_parallel
     vpp = virtual_pipeline_parallel or 1
     etp = tp if expert_tensor_parallel is None else expert_tensor_parallel
@@ -57,16 +59,22 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
         problems.append("virtual_pipeline_parallel with pipeline_parallel=2 needs batch_p2p_comm=False (and "
                         "overlap_p2p_comm=True, megatron.training's default): with batched p2p the two ranks exchange "
                         "forward and backward tensors in one batch and receive them swapped")
-    if cp > 1:
-        problems.append(f"context_parallel={cp} is not supported for the whole model yet: the Gated DeltaNet "
-                        "layers run it (all-to-all to head parallelism, proven layer by layer), but the attention "
-                        "layers' context parallelism needs Transformer Engine and the combination is unproven")
+    if cp > 1:  # the GDN layers trade the sequence split for a split of their heads (all-to-all over CP)
+        for field in ("linear_num_key_heads", "linear_num_value_heads"):
+            heads = getattr(cfg, field)
+            if heads % tp == 0 and (heads // tp) % cp:
+                problems.append(f"{field}={heads} split over tensor_parallel={tp} leaves {heads // tp} per rank, "
+                                f"not divisible by context_parallel={cp} (the Gated DeltaNet layers run the whole "
+                                "sequence on 1/CP of each rank's heads)")
+    if cp > 1 and seq_length is not None and seq_length % (2 * cp):
+        problems.append(f"seq_length={seq_length} is not divisible by 2 x context_parallel={2 * cp} (megatron "
+                        "splits every sequence into 2 x CP equal chunks)")
     if problems:
         raise ParallelLayoutError(f"parallel layout TP={tp} PP={pp} VPP={vpp} EP={ep} ETP={etp} CP={cp} does not fit "
                                   f"Qwen3.5 '{cfg.name}': " + "; ".join(problems))
 
 
-def check_transformer_config_layout(cfg: Qwen35Config, config) -> None:
+def check_transformer_config_layout(cfg: Qwen35Config, config, seq_length: int | None = None) -> None:
     """`check_parallel_layout` with the sizes a megatron TransformerConfig carries (an explicitly uneven pipeline,
     megatron's num_layers_in_first/last_pipeline_stage or pipeline_model_parallel_layout, is megatron's to check)."""
     check_parallel_layout(cfg, tensor_parallel=config.tensor_model_parallel_size,
@@ -77,7 +85,8 @@ def check_transformer_config_layout(cfg: Qwen35Config, config) -> None:
                           context_parallel=config.context_parallel_size, batch_p2p_comm=config.batch_p2p_comm,
                           uneven_pipeline=bool(config.num_layers_in_first_pipeline_stage
                                                or config.num_layers_in_last_pipeline_stage
-                                               or config.pipeline_model_parallel_layout))
+                                               or config.pipeline_model_parallel_layout),
+                          seq_length=seq_length)
 
 
 __all__ = ["ParallelLayoutError", "check_parallel_layout", "check_transformer_config_layout"]

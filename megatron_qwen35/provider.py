@@ -11,6 +11,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf, qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.layers.rotary import qwen35_position_embedding_kwargs
+from megatron_qwen35.layers.context_parallel import use_cp_global_mtp_token_counts
 from megatron_qwen35.parallel_layout import check_transformer_config_layout
 from megatron_qwen35.specs.layer_specs import default_backend, qwen35_block_spec, qwen35_mtp_block_spec
 
@@ -23,10 +24,14 @@ def resolve_backend(config: TransformerConfig, backend: str | None = None) -> st
 
 
 def qwen35_gpt_model(cfg: Qwen35Config, config: TransformerConfig, *, backend: str | None = None,
-                     pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
-    """The (stage of the) Qwen3.5 text model described by `cfg`, parallelised as `config` says."""
+                     pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                     seq_length: int | None = None) -> GPTModel:
+    """The (stage of the) Qwen3.5 text model described by `cfg`, parallelised as `config` says (`seq_length`, the
+    training sequence length when known, is checked against context parallelism)."""
     _check_consistent(cfg, config)
-    check_transformer_config_layout(cfg, config)  # a layout that cannot split the model is named before building
+    check_transformer_config_layout(cfg, config, seq_length)  # a layout that cannot split the model is named first
+    if config.context_parallel_size > 1 and config.mtp_num_layers:
+        use_cp_global_mtp_token_counts()  # megatron's MTP loss weighs tokens per CP rank otherwise
     backend = resolve_backend(config, backend)
     return GPTModel(
         config=config,
@@ -82,4 +87,4 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         config = core_transformer_config_from_args(args)
     backend = "local" if getattr(args, "transformer_impl", None) == "local" else None
     return qwen35_gpt_model(cfg, config, backend=backend, pre_process=pre_process, post_process=post_process,
-                            vp_stage=vp_stage)
+                            vp_stage=vp_stage, seq_length=args.seq_length)

@@ -15,6 +15,8 @@ from megatron_qwen35.parallel_layout import check_parallel_layout, check_transfo
     ("397b-a17b", dict(tensor_parallel=4, expert_parallel=16, expert_tensor_parallel=1, pipeline_parallel=4)),
     ("27b", dict(tensor_parallel=8, pipeline_parallel=4, virtual_pipeline_parallel=2)),  # 4 query groups, TP 8
     ("9b", dict(tensor_parallel=4, pipeline_parallel=2)),
+    ("tiny-moe", dict(context_parallel=2, seq_length=16)),
+    ("27b", dict(tensor_parallel=4, context_parallel=4, seq_length=262144)),  # 16 key heads: 4 per TP rank
 ])
 def test_layouts_that_fit(preset, layout):
     check_parallel_layout(PRESETS[preset], **layout)
@@ -36,7 +38,10 @@ def test_layouts_that_fit(preset, layout):
     ("tiny-moe", dict(pipeline_parallel=2, virtual_pipeline_parallel=2, batch_p2p_comm=True),
      "needs batch_p2p_comm=False"),
     ("tiny", dict(expert_parallel=2), "needs a mixture-of-experts model"),
-    ("tiny", dict(context_parallel=2), "context_parallel=2 is not supported"),
+    ("tiny-moe", dict(tensor_parallel=2, context_parallel=2),
+     "linear_num_key_heads=2 split over tensor_parallel=2 leaves 1 per rank, not divisible by context_parallel=2"),
+    ("tiny", dict(context_parallel=2, seq_length=102),
+     "seq_length=102 is not divisible by 2 x context_parallel=4"),
     ("tiny", dict(tensor_parallel=0), "tensor_parallel must be a positive integer"),
 ])
 def test_layouts_that_do_not_fit_name_the_field(preset, layout, message):

@@ -10,7 +10,8 @@ one TP size loads at another) we inherit unchanged:
 - the gated output norm's weight is shared by all value heads, which tensor parallelism splits across ranks, so
   its gradient is summed over the TP group (megatron sums it only under sequence parallelism);
 - context parallelism goes through megatron's all-to-all to head parallelism (each rank runs the whole sequence for
-  1/cp of the heads); packed sequences with CP are not supported yet and say so.
+  1/cp of the heads), then into natural token order by `context_parallel.load_balanced_positions`, which also
+  knows packed (THD) batches, whose every document is spread over all CP ranks.
 Numerics follow transformers' `Qwen3_5GatedDeltaNet`: in_proj = [qkv | z | b | a], g = -exp(A_log) *
 softplus(a + dt_bias) in fp32, beta = sigmoid(b), out = out_proj(rmsnorm(o) * w * silu(z)).
 """
@@ -31,6 +32,7 @@ from megatron.core.ssm.gated_delta_net.common import (
 )
 
 from megatron_qwen35.layers import gdn_ops
+from megatron_qwen35.layers.context_parallel import load_balanced_positions, natural_order_index
 
 
 class Qwen35GatedDeltaNet(GatedDeltaNet):
@@ -54,17 +56,18 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
             raise ValueError("Qwen35GatedDeltaNet has no megatron inference cache; generate with the Hugging Face "
                              "export or megatron_qwen35.inference")
         cp = self.pg_collection.cp
-        if self.cp_size > 1 and packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            raise ValueError("packed (THD) sequences with context parallelism are not supported by "
-                             "Qwen35GatedDeltaNet yet")
-
         qkvzba, _ = self.in_proj(hidden_states)  # [s(/cp), b, in_proj_dim / tp]; SP gathers the sequence here
+        cp_positions = None
         if self.cp_size > 1:  # context -> head parallel: every rank gets the whole sequence of 1/cp of the heads
             head_perm = _build_head_perm_for_split_sections(self.in_proj_split_sections, self.cp_size,
                                                             qkvzba.device)
-            qkvzba = tensor_a2a_cp2hp(qkvzba.index_select(-1, head_perm), seq_dim=0, head_dim=-1, cp_group=cp)
+            qkvzba = tensor_a2a_cp2hp(qkvzba.index_select(-1, head_perm), seq_dim=0, head_dim=-1, cp_group=cp,
+                                      undo_attention_load_balancing=False)  # ranks' tokens one after another
         seq_len, batch = qkvzba.shape[:2]
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, seq_len, batch)
+        if self.cp_size > 1:  # the recurrence needs natural order, per packed sequence
+            cp_positions = load_balanced_positions(seq_len, self.cp_size, cu_seqlens, device=qkvzba.device)
+            qkvzba = qkvzba.index_select(0, natural_order_index(cp_positions))
         qkvzba = qkvzba.transpose(0, 1)  # [b, s, x]
         qkv, gate, beta, alpha = torch.split(qkvzba, list(self.feat_dim_split), dim=-1)
 
@@ -90,7 +93,7 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
                                         use_qk_l2norm=self.use_qk_l2norm)  # [b, s, h, dv]
 
         gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
-        norm = partial(self._gated_norm, batch=batch, seq_len=seq_len)
+        norm = partial(self._gated_norm, batch=batch, seq_len=seq_len, cp_positions=cp_positions)
         if self.recompute_norm_out:
             # fp8 must be the config's (None or a recipe name): megatron reads `fp8 is not None`, so the default False
             # would ask for Transformer Engine's fp8 state even without TE.
@@ -103,11 +106,15 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
             self.norm_out_checkpoint.discard_output_and_register_recompute(out)
         return out, out_bias
 
-    def _gated_norm(self, core, gate, *, batch, seq_len):
+    def _gated_norm(self, core, gate, *, batch, seq_len, cp_positions):
         """rmsnorm(core) * w * silu(gate) per value head, back to [s(/cp), b, h * dv]."""
         y = self._apply_gated_norm(core, gate)  # [b * s * h, dv]
         y = y.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
-        return tensor_a2a_hp2cp(y, seq_dim=0, head_dim=-1, cp_group=self.pg_collection.cp)  # back to this rank's tokens
+        if cp_positions is None:
+            return y
+        y = y.index_select(0, cp_positions.flatten())  # natural order -> the ranks' tokens one after another
+        return tensor_a2a_hp2cp(y, seq_dim=0, head_dim=-1, cp_group=self.pg_collection.cp,
+                                redo_attention_load_balancing=False)  # back to this rank's tokens
 
 
 def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None, seq_len: int, batch: int):

@@ -1,7 +1,8 @@
 """Per-layer ModuleSpecs for Qwen3.5: (Gated DeltaNet | gated attention) x (dense MLP | MoE + gated shared expert).
 
 One function serves both backends through megatron-core's BackendSpecProvider: Transformer Engine (fused
-norm+linear, the GPU default) or the local PyTorch modules with our RMSNorm. The local layers map their separate
+norm+linear, the GPU default) or the local PyTorch modules with our RMSNorm and our core attention (megatron's
+local one has neither packed sequences nor context parallelism). The local layers map their separate
 input norm onto the fused name in `sharded_state_dict`, so both backends read and write the same checkpoint.
 """
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
 from megatron_qwen35.layers.norms import Qwen35RMSNorm
 
@@ -30,10 +32,14 @@ BACKENDS = ("te", "local")
 
 
 class Qwen35LocalSpecProvider(LocalSpecProvider):
-    """megatron-core's local modules, with an RMSNorm that has zero-centred gamma and sequence parallelism."""
+    """megatron-core's local modules, with an RMSNorm that has zero-centred gamma and sequence parallelism, and a
+    core attention that runs packed sequences and context parallelism."""
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False):
         return Qwen35RMSNorm
+
+    def core_attention(self):
+        return Qwen35CoreAttention
 
 
 def default_backend() -> str:

@@ -14,8 +14,9 @@ from megatron.core import parallel_state as mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+from megatron.core.utils import get_batch_on_this_tp_rank
 
+from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
 from megatron_qwen35.runtime import compute_device
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
@@ -46,7 +47,8 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
         is_pipeline_first_stage=first, is_pipeline_last_stage=last)
     batch.setdefault("cu_seqlens", None)  # ordinary (not packed) pretraining batches
-    return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
+    # megatron's own split, computed where the model's CP layers compute it (megatron's pins memory: GPU only)
+    return batch_on_this_cp_rank(batch, mpu.get_context_parallel_group())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -1,0 +1,116 @@
+"""Which tokens a context-parallel rank holds: megatron's load-balanced split, the one place we compute it.
+
+Megatron cuts every sequence into 2 x CP equal chunks and gives rank r chunks r and 2CP-1-r, so that causal
+attention costs every rank the same. A packed (THD) batch is split the same way sequence by sequence, so every
+document is spread over all CP ranks (TE's `thd_get_partitioned_indices` does this on GPUs). Three users need the
+exact token order: the data split (`batch_on_this_cp_rank`), the Gated DeltaNet layer (which gathers whole
+sequences and must run them in natural order) and the local core attention (which masks by global position).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sequence_bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[int]:
+    if cu_seqlens is None:
+        return [0, total]
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"packed sequence boundaries {bounds} must start at 0 and end at the {total} tokens "
+                         "of the batch")
+    return bounds
+
+
+def load_balanced_positions(total: int, cp_size: int, cu_seqlens: torch.Tensor | None = None,
+                            device: torch.device | str | None = None) -> torch.Tensor:
+    """[cp_size, total / cp_size]: row r holds the natural (global) index of each token on CP rank r, in that rank's
+    local order. `total` counts the tokens of the whole sequence (or packed batch) before the split; with
+    `cu_seqlens` (global, padded boundaries) every packed sequence is split on its own."""
+    bounds = _sequence_bounds(cu_seqlens, total)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if any(n % (2 * cp_size) for n in lengths):
+        what = "sequence length" if cu_seqlens is None else "packed sequence lengths (padded)"
+        raise ValueError(f"context_parallel={cp_size} splits every sequence into 2 x {cp_size} equal chunks, but the "
+                         f"{what} {lengths} {'is' if len(lengths) == 1 else 'are'} not all divisible by "
+                         f"{2 * cp_size}")
+    rows = []
+    for rank in range(cp_size):
+        parts = []
+        for start, n in zip(bounds[:-1], lengths):
+            chunk = n // (2 * cp_size)
+            for c in (rank, 2 * cp_size - 1 - rank):
+                parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+        rows.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+    return torch.stack(rows).to(device)
+
+
+def natural_order_index(positions: torch.Tensor) -> torch.Tensor:
+    """For tokens gathered rank after rank (`positions.flatten()` order), the index that puts them in natural
+    order: natural = gathered.index_select(dim, natural_order_index(positions))."""
+    flat = positions.flatten()
+    inverse = torch.empty_like(flat)
+    inverse[flat] = torch.arange(flat.numel(), device=flat.device)
+    return inverse
+
+
+def document_ids(positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """The packed sequence each natural position belongs to (all 0 without packing)."""
+    if cu_seqlens is None:
+        return torch.zeros_like(positions)
+    return torch.bucketize(positions, cu_seqlens[1:].to(positions.device), right=True)
+
+
+def batch_on_this_cp_rank(batch: dict, cp_group, seq_dim: int = 1) -> dict:
+    """This rank's share of a [b, s] micro-batch (and of a packed one, whose boundaries are in `cu_seqlens`):
+    every tensor with the sequence at `seq_dim` is indexed by `load_balanced_positions`. The attention mask, when
+    present ([b, 1, s, s]), keeps every key and only this rank's query rows, as megatron's own split does."""
+    cp_size = 1 if cp_group is None else cp_group.size()
+    if cp_size == 1:
+        return batch
+    tokens = batch["tokens"] if batch.get("tokens") is not None else batch["labels"]
+    total = tokens.size(seq_dim)
+    positions = load_balanced_positions(total, cp_size, batch.get("cu_seqlens"), device=tokens.device)
+    mine = positions[cp_group.rank()]
+    out = dict(batch)
+    for key, value in batch.items():
+        if key == "cu_seqlens" or not torch.is_tensor(value):
+            continue
+        dim = 2 if key == "attention_mask" else seq_dim
+        out[key] = value.index_select(dim, mine)
+    return out
+
+
+
+
+def use_cp_global_mtp_token_counts() -> None:
+    """Make megatron's MTP loss weigh every token as the single process does under context parallelism.
+
+    megatron-core 0.19 divides each CP rank's MTP loss sum by that rank's own count of (rolled) target tokens, and
+    the counts differ by construction: the sequence's last position, which has no next token, sits on CP rank 0.
+    Each token then weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096; upstream:
+    NVIDIA/Megatron-LM#7498). `roll_tensor`'s count is the divisor both of the loss that is back-propagated and of
+    the logged value, which is then averaged over DP x CP; n / cp on every rank makes both exact. Only MTP's
+    module is changed, its rolls of ids and positions ignore the count, and without CP nothing changes.
+    Idempotent."""
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    if getattr(mtp.roll_tensor, "_qwen35_cp_mean_count", False):
+        return
+    megatron_roll = mtp.roll_tensor
+
+    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        rolled, count = megatron_roll(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
+                                      packed_seq_params=packed_seq_params)
+        if cp_group is not None and cp_group.size() > 1:
+            count = count.detach().to(torch.float64).clone()
+            torch.distributed.all_reduce(count, group=cp_group)
+            count = (count / cp_group.size()).to(rolled.dtype if rolled.is_floating_point() else torch.float32)
+        return rolled, count
+
+    roll_tensor._qwen35_cp_mean_count = True
+    mtp.roll_tensor = roll_tensor
+
+
+__all__ = ["load_balanced_positions", "natural_order_index", "document_ids", "batch_on_this_cp_rank",
+           "use_cp_global_mtp_token_counts"]

@@ -1,0 +1,121 @@
+"""Packed (THD) sequences, alone and with context parallelism, for the whole hybrid MoE + MTP model.
+
+Three documents of 68, 20 and 12 tokens are packed into one 100-token row: 68 is not a multiple of the GDN's
+64-token chunk, and under CP2 every document is cut into 4 chunks spread over both ranks (rank r holds chunks r and
+3 - r of each), so every document boundary and every chunk boundary crosses ranks.
+- Single process: the packed row's logits equal each document run on its own (GDN state, attention, rope positions
+  and the MTP shift all restart at each boundary).
+- CP2: loss and every gradient of the packed row, through megatron's schedule, DDP and finalize_model_grads, equal
+  the single process's.
+"""
+
+from functools import partial
+
+import torch
+
+from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
+from tests.parallel.harness import run_distributed
+
+DOC_LENGTHS = (68, 20, 12)
+PRESET = "tiny-moe"
+TOL = 1e-5  # fp32, relative to the largest entry (loss) / the largest gradient entry of the model
+
+
+def _documents():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, qwen35_preset(PRESET).vocab_size, (n + 1,), generator=g) for n in DOC_LENGTHS]
+
+
+def _packed_batch():
+    """One packed row: tokens, labels (next token within the document), positions restarting per document."""
+    docs = _documents()
+    cu = torch.tensor([0, *torch.tensor(DOC_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return dict(tokens=torch.cat([d[:-1] for d in docs]).unsqueeze(0),
+                labels=torch.cat([d[1:] for d in docs]).unsqueeze(0),
+                position_ids=torch.cat([torch.arange(n) for n in DOC_LENGTHS]).unsqueeze(0),
+                loss_mask=torch.ones(1, sum(DOC_LENGTHS)), cu_seqlens=cu)
+
+
+def _packed_seq_params(cu):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _model(cp=1):
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    cfg = qwen35_preset(PRESET)
+    tc = qwen35_transformer_config(cfg, params_dtype=torch.float32, context_parallel_size=cp)
+    return tc, qwen35_gpt_model(cfg, tc, backend="local")
+
+
+def _forward_step(data_iterator, model):
+    from megatron.core import parallel_state as ps
+
+    from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
+    from megatron_qwen35.training.steps import loss_func
+
+    full = next(data_iterator)
+    batch = batch_on_this_cp_rank(full, ps.get_context_parallel_group())
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                packed_seq_params=_packed_seq_params(full["cu_seqlens"]))
+    return out, partial(loss_func, batch["loss_mask"])
+
+
+def _train_step(rank, world, state):
+    """Loss (this rank's sum and count) and every reduced gradient of one packed micro-batch at CP = world."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_qwen35.runtime import initialize_parallel
+
+    initialize_parallel(context_parallel=world)
+    tc, model = _model(cp=world)
+    model.load_state_dict(state)
+    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp.zero_grad_buffer()
+    losses = get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter([_packed_batch()]),
+                                         model=[ddp], num_microbatches=1, seq_length=sum(DOC_LENGTHS),
+                                         micro_batch_size=1, forward_only=False)
+    finalize_model_grads([ddp])
+    return losses[0]["lm loss"], {n: p.main_grad.clone() for n, p in model.named_parameters()}
+
+
+def _state(model):
+    torch.manual_seed(17)
+    with torch.no_grad():
+        for p in model.parameters():  # norms, decays and gates away from their init values
+            p.add_(torch.randn_like(p) * 0.02)
+    return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+
+
+def test_packed_row_equals_documents_run_alone(megatron_single_process):
+    _, model = _model()
+    model.load_state_dict(_state(model))
+    model.eval()
+    batch = _packed_batch()
+    with torch.no_grad():
+        packed = model(batch["tokens"], batch["position_ids"], None,
+                       packed_seq_params=_packed_seq_params(batch["cu_seqlens"]))[0]
+        alone = torch.cat([model(d[:-1].unsqueeze(0), torch.arange(len(d) - 1).unsqueeze(0), None)[0]
+                           for d in _documents()])
+    assert packed.shape == alone.shape
+    assert (packed - alone).abs().max().item() <= TOL * alone.abs().max().item()
+
+
+def test_packed_context_parallel_equals_single_process(megatron_single_process):
+    _, model = _model()
+    state = _state(model)
+    want_loss, want = _train_step(0, 1, state)
+    got = run_distributed(_train_step, 2, state)
+    sums = torch.stack([loss for loss, _ in got]).sum(0)
+    assert int(sums[1]) == int(want_loss[1]) == sum(DOC_LENGTHS)  # the two ranks share every token once
+    assert abs(sums[0] - want_loss[0]) <= TOL * abs(want_loss[0])
+    largest = max(g.abs().max().item() for g in want.values())
+    for name, g in want.items():
+        for rank, (_, grads) in enumerate(got):  # DDP leaves the reduced gradient on every CP rank
+            err = (grads[name] - g).abs().max().item()
+            assert err <= TOL * largest, f"rank {rank} {name}: max abs error {err:.3g} (largest {largest:.3g})"
