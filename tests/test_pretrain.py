@@ -43,12 +43,16 @@ def test_forward_step_loss_equals_hand_computation(megatron_single_process, monk
     assert torch.allclose(report["lm loss"], torch.stack([hand, loss_mask.sum()]), rtol=1e-6, atol=0)
 
 
-def _train(tmp: Path, exit_at: int, save: Path, load: Path | None = None) -> dict[int, float]:
-    args = [sys.executable, str(REPO / "pretrain_qwen35.py"), "--qwen35-preset", "tiny-moe",
+def _train(tmp: Path, exit_at: int, save: Path | None, load: Path | None = None, *, launch: tuple = (),
+           extra: tuple = ()) -> dict[int, float]:
+    """Steps -> logged LM loss of a tiny-moe pretraining run; `launch` puts a launcher (torchrun) before the script."""
+    args = [*(launch or [sys.executable]), str(REPO / "pretrain_qwen35.py"), "--qwen35-preset", "tiny-moe",
             "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "4", "--exit-interval", str(exit_at),
             "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
             "--lr-decay-iters", "4", "--mock-data", "--tokenizer-type", "NullTokenizer", "--seed", "7",
-            "--save", str(save), "--save-interval", "2", "--log-interval", "1", "--eval-iters", "0"]
+            "--log-interval", "1", "--eval-iters", "0", *extra]
+    if save is not None:
+        args += ["--save", str(save), "--save-interval", "2"]
     if load is not None:
         args += ["--load", str(load)]
     out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=tmp, timeout=600,
@@ -77,6 +81,17 @@ def test_resume_continues_exactly(tmp_path):
         names = set(f.keys())
     assert "model.embed_tokens.weight" in names and "mtp.fc.weight" in names
     assert not any("optimizer" in n or "exp_avg" in n for n in names)
+
+
+def test_context_parallel_run_logs_the_single_process_losses(tmp_path):
+    """pretrain_qwen35.py under torchrun at CP2 (the data split by get_batch, the loss summed over CP for the log)
+    logs the single process's losses at every step."""
+    single = _train(tmp_path, 3, None)
+    cp2 = _train(tmp_path, 3, None, launch=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+                 extra=("--context-parallel-size", "2"))
+    assert sorted(single) == sorted(cp2) == [1, 2, 3]
+    for step in single:
+        assert abs(cp2[step] - single[step]) <= 1e-4, (step, cp2[step], single[step])  # logged with 4 decimals
 
 
 def test_preprocessed_tokens_decode_to_the_source_text(tmp_path):

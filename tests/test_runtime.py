@@ -485,3 +485,12 @@ def test_pipeline_embedding_copy_skips_cuda_move(cpu_runtime):
     # restored on exit: the real method again, which fails without CUDA
     with pytest.raises((RuntimeError, AssertionError)):
         x.cuda()
+
+
+def test_validate_args_reads_no_gpu_generation(cpu_runtime):
+    """TP / CP > 1 make validate_args ask for the GPU generation; on the CPU the answer is one with no stream-ordering
+    rule (so no CUDA_DEVICE_MAX_CONNECTIONS demand), and the original is kept."""
+    from megatron.training import arguments
+
+    assert arguments.get_device_arch_version() == 10
+    assert cpu_patches.original(arguments, "get_device_arch_version").__module__.startswith("megatron.training")

@@ -565,6 +565,25 @@ def patch_rope_context_parallel_slice() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# megatron.training's argument check: the GPU generation
+# --------------------------------------------------------------------------------------
+
+
+def _no_stream_ordering_arch() -> int:
+    """What validate_args may know of the CPU: no CUDA streams, so none of Hopper's ordering requirements (10 is
+    the first generation without them)."""
+    return 10
+
+
+def patch_training_device_arch() -> None:
+    # validate_args asks torch.cuda for the GPU generation when TP > 1 or CP > 1, to demand
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 before Blackwell (kernel ordering on CUDA streams); without CUDA that raises.
+    from megatron.training import arguments
+
+    _replace(arguments, "get_device_arch_version", _no_stream_ordering_arch)
+
+
+# --------------------------------------------------------------------------------------
 # The table applied by ensure_cpu_runtime()
 # --------------------------------------------------------------------------------------
 
@@ -595,6 +614,8 @@ PATCHES: List[Tuple[str, Callable[[], None], str]] = [
      "distributed optimizer over torch Adam: state_dict before step 1, unshared steps after load"),
     ("pipeline_embedding_copy", patch_pipeline_embedding_copy,
      "PP: the last stage's embedding copy is synced without weight.data.cuda()"),
+    ("training_device_arch", patch_training_device_arch,
+     "validate_args with TP/CP > 1: no GPU generation to read, no CUDA stream ordering to demand"),
     ("rope_context_parallel_slice", patch_rope_context_parallel_slice,
      "CP: this rank's rows of the rotary table without pinned memory or .cuda()"),
 ]

@@ -90,10 +90,15 @@ def _data_iterators(datasets_provider, args, consumed_samples: int, num_chunks: 
 
 
 def _lm_loss(losses_reduced) -> float | None:
-    """Token-weighted LM loss of one step (on the last pipeline stage; None elsewhere)."""
+    """Token-weighted LM loss of one step over the whole global batch, as megatron.training logs it: summed over
+    this rank's micro-batches and over the data- and context-parallel ranks (on the last pipeline stage; None
+    elsewhere)."""
+    from megatron.core import parallel_state as mpu
+
     if not losses_reduced:
         return None
-    total = sum(x["lm loss"] for x in losses_reduced)
+    total = sum(x["lm loss"] for x in losses_reduced).clone()
+    torch.distributed.all_reduce(total, group=mpu.get_data_parallel_group(with_context_parallel=True))
     return (total[0] / total[1]).item()
 
 
@@ -156,7 +161,8 @@ def pretrain_on_cpu(argv: list[str], datasets_provider, model_provider, forward_
         consumed += args.global_batch_size
         loss = _lm_loss(reduced) if mpu.is_pipeline_last_stage(ignore_virtual=True) else None
         losses.append(loss)
-        if loss is not None and (iteration % args.log_interval == 0 or iteration == args.train_iters):
+        last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1  # megatron logs there
+        if last_rank and (iteration % args.log_interval == 0 or iteration == args.train_iters):
             print(f"iteration {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | grad norm {grad_norm:.3f} | "
                   f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {time.time() - start:.1f}s", flush=True)
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0  # Megatron's --exit-interval
