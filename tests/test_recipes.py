@@ -85,3 +85,27 @@ def test_flag_contradicting_the_architecture_is_named(monkeypatch):
     args = parse_megatron_args(recipe_args("0.8b") + ["--num-query-groups", "4"], monkeypatch)
     with pytest.raises(SystemExit, match="--num-query-groups=4 contradicts the Qwen3.5 architecture '0.8b'"):
         check_args_match(args, PRESETS["0.8b"])
+
+
+def test_readme_long_context_layout_fits_and_a_wider_cp_is_named(monkeypatch, megatron_single_process):
+    """README's `CP=2 SEQ_LEN=32768 recipes/9b.sh` (TP4 x CP2) passes the layout rules with its sequence length;
+    CP8 at TP4 would leave half a GDN key head per rank and is refused by name (megatron's TransformerConfig says so
+    first when the config is built from flags)."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_qwen35.parallel_layout import check_parallel_layout, check_transformer_config_layout
+    from megatron_qwen35.provider import qwen35_config_from_args
+
+    args = parse_megatron_args(recipe_args("9b", CP="2", SEQ_LEN="32768"), monkeypatch)
+    args.apply_rope_fusion = False  # a Transformer Engine kernel choice; TE is absent here
+    cfg = qwen35_config_from_args(args)
+    check_transformer_config_layout(cfg, core_transformer_config_from_args(args), args.seq_length)
+
+    args = parse_megatron_args(recipe_args("9b", CP="8", SEQ_LEN="32768"), monkeypatch)
+    args.apply_rope_fusion = False
+    with pytest.raises(AssertionError, match=r"linear_num_key_heads=16 must be a multiple of "
+                                             r"\(self.tensor_model_parallel_size=4 \* self.context_parallel_size=8\)"):
+        core_transformer_config_from_args(args)
+    with pytest.raises(ValueError, match="linear_num_key_heads=16 split over tensor_parallel=4 leaves 4 per rank, "
+                                         "not divisible by context_parallel=8"):
+        check_parallel_layout(cfg, tensor_parallel=4, context_parallel=8, seq_length=32768)

@@ -9,6 +9,8 @@ sequences and must run them in natural order) and the local core attention (whic
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -28,9 +30,14 @@ def load_balanced_positions(total: int, cp_size: int, cu_seqlens: torch.Tensor |
     local order. `total` counts the tokens of the whole sequence (or packed batch) before the split; with
     `cu_seqlens` (global, padded boundaries) every packed sequence is split on its own."""
     bounds = _sequence_bounds(cu_seqlens, total)
+    return _positions(tuple(bounds), cp_size).to(device)
+
+
+@lru_cache(maxsize=64)  # every GDN and attention layer asks again for the same micro-batch
+def _positions(bounds: tuple[int, ...], cp_size: int) -> torch.Tensor:
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if any(n % (2 * cp_size) for n in lengths):
-        what = "sequence length" if cu_seqlens is None else "packed sequence lengths (padded)"
+        what = "sequence length" if len(bounds) == 2 and bounds[0] == 0 else "packed sequence lengths (padded)"
         raise ValueError(f"context_parallel={cp_size} splits every sequence into 2 x {cp_size} equal chunks, but the "
                          f"{what} {lengths} {'is' if len(lengths) == 1 else 'are'} not all divisible by "
                          f"{2 * cp_size}")
@@ -42,7 +49,7 @@ def load_balanced_positions(total: int, cp_size: int, cu_seqlens: torch.Tensor |
             for c in (rank, 2 * cp_size - 1 - rank):
                 parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
         rows.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
-    return torch.stack(rows).to(device)
+    return torch.stack(rows)
 
 
 def natural_order_index(positions: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ replacement in `Qwen35LocalSpecProvider`; on GPUs the TE backend keeps TE's own 
 - Context parallelism all-gathers K and V over the CP group (megatron's sequence-parallel gather, whose backward
   reduce-scatters the key and value gradients back to their owners) and keeps this rank's queries; the positions of
   both come from `context_parallel.load_balanced_positions`, so documents may cross CP ranks freely. Each rank does
-  the same work because megatron's split is load-balanced; memory holds the whole sequence's K and V, which is what
-  a CPU proof needs (on GPUs TE's ring exchange avoids it).
+  the same work because megatron's split is load-balanced; memory holds the whole sequence's K and V and a
+  [local, whole] boolean mask, which is what a CPU proof and short sequences need (on GPUs, for long context, TE's
+  fused attention and ring exchange avoid both).
 - The product itself is torch's `scaled_dot_product_attention`, which picks a kernel for the tensor's device.
 """
 
