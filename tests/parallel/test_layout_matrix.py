@@ -24,7 +24,7 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_qwen35.checkpoint import load_checkpoint, save_checkpoint
+from megatron_qwen35.checkpoint import load_checkpoint, read_config, save_checkpoint
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import megatron_named_tensors
 from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
@@ -133,7 +133,7 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
     initialize_parallel(tensor_parallel=lay.get("tp", 1), pipeline_parallel=lay.get("pp", 1),
                         virtual_pipeline_parallel=lay.get("vpp"), expert_parallel=lay.get("ep", 1),
                         expert_tensor_parallel=lay.get("etp"), context_parallel=lay.get("cp", 1))
-    cfg = _model_cfg()
+    cfg, _ = read_config(weights_dir)  # the model the weights are for (the matrix's, or a converted checkpoint's)
     tc = _transformer_config(cfg, lay)
     chunks = _build_chunks(cfg, tc, lay)
     load_checkpoint(chunks if len(chunks) > 1 else chunks[0], weights_dir)
