@@ -233,14 +233,27 @@ def test_save_pretrained_writes_experts_per_expert(tmp_path):
 
 
 def test_export_without_source_record_is_save_pretrained_layout(tmp_path):
-    """A checkpoint saved by training (no HF metadata) exports per-expert, text-only, and transformers loads it."""
+    """A checkpoint saved by training (no HF metadata) exports per-expert, text-only, and transformers loads it.
+    It also holds what megatron.training writes beside the model: sharded objects (RNG and rerun state, Transformer
+    Engine's `_extra_state`) and common entries (args); the export reads the model's tensors only."""
+    import io
+    from argparse import Namespace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     from megatron_qwen35.provider import qwen35_gpt_model
 
     cfg = qwen35_preset("tiny-moe").replace(mtp_num_layers=0)
     hf = reference_model(cfg)
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
     load_hf_state_dict(model, cfg, hf.state_dict())
-    save_checkpoint(model, cfg, tmp_path / "trained")
+    megatron_training_extras = {
+        "rng_state": ShardedObject("rng_state", [{"random_rng_state": (1, 2)}], (1,), (0,)),
+        "rerun_state_machine": ShardedObject("rerun_state_machine_state", {"mode": "disabled"}, (1,), (0,)),
+        "te_extra_state": ShardedObject("decoder.layers.3.self_attention.core_attention._extra_state",
+                                        io.BytesIO(b"fp8 meta"), (1,), (0,)),
+        "args": Namespace(tensor_model_parallel_size=1), "num_floating_point_operations_so_far": 0}
+    save_checkpoint(model, cfg, tmp_path / "trained", extra_state=megatron_training_extras)
     qwen35_megatron_to_hf(tmp_path / "trained", tmp_path / "out", progress=False)
     got = _transformers_model(tmp_path / "out", True).state_dict()
     for name, tensor in hf.state_dict().items():
