@@ -87,6 +87,15 @@ def test_flag_contradicting_the_architecture_is_named(monkeypatch):
         check_args_match(args, PRESETS["0.8b"])
 
 
+@pytest.mark.parametrize("flag", ["--reset-attention-mask", "--reset-position-ids"])
+def test_document_reset_flags_that_only_attention_would_honour_are_named(flag, monkeypatch):
+    from megatron_qwen35.config import PRESETS
+
+    args = parse_megatron_args(recipe_args("0.8b") + [flag], monkeypatch)
+    with pytest.raises(SystemExit, match=f"{flag} would not separate documents in Qwen3.5: the Gated DeltaNet"):
+        check_args_match(args, PRESETS["0.8b"])
+
+
 def test_readme_long_context_layout_fits_and_a_wider_cp_is_named(monkeypatch, megatron_single_process):
     """README's `CP=2 SEQ_LEN=32768 recipes/9b.sh` (TP4 x CP2) passes the layout rules with its sequence length;
     CP8 at TP4 would leave half a GDN key head per rank and is refused by name (megatron's TransformerConfig says so

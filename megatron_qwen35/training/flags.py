@@ -94,8 +94,13 @@ ARCHITECTURE_DESTS = (
 )
 
 
+# megatron's dataset flags that cut a sequence into documents through the attention mask and position ids only
+DOCUMENT_RESET_DESTS = ("reset_attention_mask", "reset_position_ids")
+
+
 def check_args_match(args, cfg: Qwen35Config) -> None:
-    """Refuse parsed Megatron args that would build another model than `cfg`, naming the flag."""
+    """Refuse parsed Megatron args that would build another model than `cfg`, or ask for what the model cannot do,
+    naming the flag."""
     expected = vars(_parse_flags(qwen35_megatron_flags(cfg)))
     wrong = [(dest, getattr(args, dest, None), expected[dest]) for dest in ARCHITECTURE_DESTS
              if getattr(args, dest, None) != expected[dest]]
@@ -103,6 +108,13 @@ def check_args_match(args, cfg: Qwen35Config) -> None:
         dest, got, want = wrong[0]
         raise SystemExit(f"error: --{dest.replace('_', '-')}={got} contradicts the Qwen3.5 architecture "
                          f"'{cfg.name}', which needs {want}")
+    for dest in DOCUMENT_RESET_DESTS:
+        if getattr(args, dest, False):
+            raise SystemExit(f"error: --{dest.replace('_', '-')} would not separate documents in Qwen3.5: the "
+                             "Gated DeltaNet layers carry their state across every token of a sequence and rope "
+                             "reads no position ids, so only attention could be masked; drop the flag (documents "
+                             "then see their predecessors, as in megatron's default pretraining), or feed packed THD "
+                             "batches (PackedSeqParams with cu_seqlens), which every layer honours")
 
 
 def _parse_flags(flags: list[str]) -> argparse.Namespace:
