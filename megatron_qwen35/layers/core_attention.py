@@ -12,7 +12,9 @@ replacement in `Qwen35LocalSpecProvider`; on GPUs the TE backend keeps TE's own 
   the same work because megatron's split is load-balanced; memory holds the whole sequence's K and V and a
   [local, whole] boolean mask, which is what a CPU proof and short sequences need (on GPUs, for long context, TE's
   fused attention and ring exchange avoid both).
-- The product itself is torch's `scaled_dot_product_attention`, which picks a kernel for the tensor's device.
+- The product itself is torch's `scaled_dot_product_attention`, which picks a kernel for the tensor's device; a plain
+  causal sequence (no CP, no packing, no explicit mask) builds no mask and passes `is_causal`, so a GPU without
+  Transformer Engine still gets a flash kernel.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ class Qwen35CoreAttention(MegatronModule):
             raise ValueError(f"packed sequence boundaries end at {int(cu_seqlens[-1])} but the batch has "
                              f"{local_len * cp_size} tokens")
 
-        allowed = _allowed(q_pos, k_pos, cu_seqlens, causal="causal" in mask_type.name)  # [sq, sk]
-        if attention_mask is not None:  # megatron's convention: True = masked; keys in natural order
-            allowed = allowed & ~attention_mask.index_select(-1, k_pos).bool()
+        causal = "causal" in mask_type.name
+        allowed = None  # a plain causal (or unmasked) sequence: SDPA's own flag lets it pick a flash kernel
+        if cp_size > 1 or cu_seqlens is not None or attention_mask is not None:
+            allowed = _allowed(q_pos, k_pos, cu_seqlens, causal=causal)  # [sq, sk]
+            if attention_mask is not None:  # megatron's convention: True = masked; keys in natural order
+                allowed = allowed & ~attention_mask.index_select(-1, k_pos).bool()
 
         heads, groups = query.size(2), key.size(2)
         if heads != groups:  # grouped queries: query head i reads key/value group i // (heads / groups)
@@ -91,7 +96,7 @@ class Qwen35CoreAttention(MegatronModule):
             else nullcontext()
         with rng:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
+                                                 is_causal=causal and allowed is None, scale=self.softmax_scale)
         out = out.permute(2, 0, 1, 3).reshape(local_len, batch, heads * out.size(-1))  # [sq, b, np * hn]
         return out.squeeze(1) if cu_seqlens is not None else out
 
