@@ -1,15 +1,19 @@
 """Megatron distributed (torch_dist) checkpoints with the model's Qwen3.5 config beside the weights.
 
 Layout, as megatron.training's `--load` expects it:
-    DIR/latest_checkpointed_iteration.txt     the iteration number (written last: a checkpoint without it is incomplete)
-    DIR/iter_0000000/                         megatron-core dist_checkpointing (parallelism-agnostic shards)
+    DIR/latest_checkpointed_iteration.txt     the iteration number, or "release" (written last: a checkpoint without
+                                              it is incomplete)
+    DIR/iter_0000100/  or  DIR/release/       megatron-core dist_checkpointing (parallelism-agnostic shards)
     DIR/qwen35_config.json                    our Qwen35Config plus metadata (e.g. the source's expert layout)
+A "release" checkpoint holds weights only, as megatron's own converters write them: megatron.training starts it at
+iteration 0 and asks for no optimizer or RNG state (what a converted Hugging Face model is). Training writes iter_*.
 Any TP/PP/EP layout can load what any other saved: our modules' sharded_state_dict keeps that promise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,12 @@ from megatron_qwen35.config import Qwen35Config
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "qwen35_config.json"
+RELEASE = "release"  # the tracker's word (and the directory) for weights without a training state
 
 
-def iteration_dir(ckpt_dir: Path | str, iteration: int) -> Path:
-    return Path(ckpt_dir) / f"iter_{iteration:07d}"
+def iteration_dir(ckpt_dir: Path | str, iteration: int | str) -> Path:
+    """The directory of one checkpoint: iter_XXXXXXX, or release/ (megatron.training's names)."""
+    return Path(ckpt_dir) / (RELEASE if iteration == RELEASE else f"iter_{iteration:07d}")
 
 
 def _model_state(model) -> dict[str, Any]:
@@ -45,8 +51,11 @@ def _barrier() -> None:
 
 
 def write_config(ckpt_dir: Path | str, cfg: Qwen35Config, metadata: dict[str, Any] | None = None) -> None:
+    """qwen35_config.json, replaced in one step (a reader never sees half a file)."""
     path = Path(ckpt_dir) / CONFIG
-    path.write_text(json.dumps({"config": cfg.to_dict(), "metadata": metadata or {}}, indent=2) + "\n")
+    partial = path.with_name(f".{CONFIG}.{os.getpid()}")
+    partial.write_text(json.dumps({"config": cfg.to_dict(), "metadata": metadata or {}}, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
@@ -58,13 +67,16 @@ def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
     return Qwen35Config.from_dict(d["config"]), d.get("metadata", {})
 
 
-def latest_iteration(ckpt_dir: Path | str) -> int:
+def latest_iteration(ckpt_dir: Path | str) -> int | str:
+    """The newest complete checkpoint's iteration, or RELEASE."""
     tracker = Path(ckpt_dir) / TRACKER
     if not tracker.is_file():
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint: {TRACKER} is missing")
     text = tracker.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
     if not text.isdigit():
-        raise ValueError(f"{tracker} should hold an iteration number, found '{text}'")
+        raise ValueError(f"{tracker} should hold an iteration number or '{RELEASE}', found '{text}'")
     return int(text)
 
 

@@ -309,7 +309,7 @@ def qwen35_config_to_hf(cfg: Qwen35Config) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Megatron
+# Megatron: the architecture in Megatron's terms, written once
 # ---------------------------------------------------------------------------------------------------------------
 
 def linear_attention_pattern(cfg: Qwen35Config) -> list[int]:
@@ -317,79 +317,119 @@ def linear_attention_pattern(cfg: Qwen35Config) -> list[int]:
     return [1 if t == LINEAR_ATTENTION else 0 for t in cfg.layer_types]
 
 
-def qwen35_check_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
-    """Raise, naming each field and number, when a parallel layout cannot split this model's heads or experts."""
-    problems = []
-    for field in ("num_attention_heads", "linear_num_key_heads", "linear_num_value_heads",
-                  "vocab_size"):  # each TP rank holds whole heads / an equal slice of the vocabulary
-        value = getattr(cfg, field)
-        if value % tensor_parallel:
-            problems.append(f"{field}={value} is not divisible by tensor_parallel={tensor_parallel}")
-    groups = cfg.num_query_groups  # megatron splits KV groups over TP, or replicates each on TP / groups ranks
-    if groups % tensor_parallel and tensor_parallel % groups:
-        problems.append(f"num_query_groups={groups} neither divides nor is divisible by "
-                        f"tensor_parallel={tensor_parallel}")
-    if cfg.is_moe and cfg.num_experts % expert_parallel:
-        problems.append(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={expert_parallel}")
-    if problems:
-        raise ValueError(f"model '{cfg.name}' cannot be laid out at tensor_parallel={tensor_parallel}, "
-                         f"expert_parallel={expert_parallel}: " + "; ".join(problems))
+@dataclass(frozen=True)
+class MegatronField:
+    """One fact of the architecture as Megatron states it: the argument (`dest` of megatron.training's parser) and,
+    where it has one, the TransformerConfig field it becomes; `value(cfg)` is what Qwen3.5 needs there."""
+
+    dest: str
+    value: Any  # Callable[[Qwen35Config], Any]
+    config_field: str | None = ""  # "" = the same name as dest; None = not a TransformerConfig field (GPTModel's)
+    moe_only: bool = False  # checked for MoE models only (megatron ignores these flags for dense ones)
+
+    @property
+    def field(self) -> str | None:
+        return self.dest if self.config_field == "" else self.config_field
+
+
+def _fixed(value):
+    return lambda cfg: value
+
+
+_F = MegatronField
+# Every Megatron argument that changes the model's function or shape. training/flags.py renders them as flags,
+# refuses a parsed flag that differs, and qwen35_transformer_config / the provider's check read the config fields.
+# Training knobs (dropout, init, aux-loss weight and type, dispatcher, recompute, precision) are not here.
+MEGATRON_ARCHITECTURE: tuple[MegatronField, ...] = (
+    _F("num_layers", lambda c: c.num_layers),
+    _F("hidden_size", lambda c: c.hidden_size),
+    _F("num_attention_heads", lambda c: c.num_attention_heads),
+    _F("group_query_attention", _fixed(True), None),
+    _F("num_query_groups", lambda c: c.num_query_groups),
+    _F("kv_channels", lambda c: c.head_dim),  # 256, not hidden / heads
+    _F("ffn_hidden_size", lambda c: c.moe_ffn_hidden_size if c.is_moe else c.ffn_hidden_size),
+    _F("normalization", _fixed("RMSNorm")),
+    _F("layernorm_epsilon", lambda c: c.norm_epsilon),
+    _F("layernorm_zero_centered_gamma", _fixed(True)),  # Hugging Face's (1 + w) norms; w starts at zero
+    _F("qk_layernorm", _fixed(True)),
+    _F("attention_output_gate", _fixed(True)),  # q_proj's per-head [query | gate] half: out * sigmoid(gate)
+    _F("swiglu", _fixed(True), "gated_linear_unit"),  # with activation_func = silu
+    _F("add_bias_linear", _fixed(False)),
+    _F("add_qkv_bias", _fixed(False)),
+    _F("apply_residual_connection_post_layernorm", _fixed(False)),
+    _F("position_embedding_type", _fixed("rope"), None),
+    _F("rotary_percent", lambda c: c.partial_rotary_factor, None),  # rope on the first 64 of 256 dims
+    _F("rotary_base", lambda c: int(c.rope_theta), None),
+    _F("rotary_interleaved", _fixed(False)),  # rotate-half, as transformers (its "interleaved" is mRoPE's sections)
+    _F("rotary_seq_len_interpolation_factor", _fixed(None), None),
+    _F("use_rope_scaling", _fixed(False), None),
+    _F("no_rope_freq", _fixed(None)),
+    _F("window_size", _fixed(None)),
+    _F("qk_l2_norm", _fixed(False)),
+    _F("multi_latent_attention", _fixed(False)),
+    _F("max_position_embeddings", lambda c: c.max_position_embeddings, None),
+    _F("experimental_attention_variant", _fixed("gated_delta_net")),
+    _F("linear_attention_freq", linear_attention_pattern),
+    _F("linear_conv_kernel_dim", lambda c: c.linear_conv_kernel_dim),
+    _F("linear_key_head_dim", lambda c: c.linear_key_head_dim),
+    _F("linear_value_head_dim", lambda c: c.linear_value_head_dim),
+    _F("linear_num_key_heads", lambda c: c.linear_num_key_heads),
+    _F("linear_num_value_heads", lambda c: c.linear_num_value_heads),
+    _F("vocab_size", lambda c: c.vocab_size, None),
+    _F("make_vocab_size_divisible_by", _fixed(1), None),  # the checkpoint's vocabulary, unpadded
+    _F("untie_embeddings_and_output_weights", lambda c: not c.tie_word_embeddings, None),
+    _F("mtp_num_layers", lambda c: c.mtp_num_layers or None),
+    _F("num_experts", lambda c: c.num_experts, "num_moe_experts"),
+    _F("moe_router_topk", lambda c: c.moe_router_topk, moe_only=True),
+    _F("moe_ffn_hidden_size", lambda c: c.moe_ffn_hidden_size, moe_only=True),
+    _F("moe_shared_expert_intermediate_size", lambda c: c.moe_shared_expert_intermediate_size, moe_only=True),
+    _F("moe_shared_expert_gate", _fixed(True), moe_only=True),  # sigmoid(x @ w) scales the shared expert
+    _F("moe_layer_freq", _fixed(1), moe_only=True),  # every decoder layer is MoE
+    # softmax over the top-k logits == transformers' softmax over all, top-k, renormalise
+    _F("moe_router_pre_softmax", _fixed(False), moe_only=True),
+    _F("moe_router_score_function", _fixed("softmax"), moe_only=True),
+    _F("moe_router_topk_scaling_factor", _fixed(None), moe_only=True),
+    _F("moe_router_num_groups", _fixed(None), moe_only=True),
+    _F("moe_router_group_topk", _fixed(None), moe_only=True),
+    _F("moe_router_enable_expert_bias", _fixed(False), moe_only=True),  # transformers' router has no bias
+    _F("moe_latent_size", _fixed(None), moe_only=True),
+)
+
+
+def megatron_fields(cfg: Qwen35Config) -> tuple[MegatronField, ...]:
+    """The MEGATRON_ARCHITECTURE rows that apply to `cfg` (the MoE rows only to MoE models)."""
+    return tuple(f for f in MEGATRON_ARCHITECTURE if cfg.is_moe or not f.moe_only)
 
 
 def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
     """megatron-core's TransformerConfig for `cfg`; `overrides` set parallelism, precision, recompute, ...
 
-    CPU-safe defaults: fusions that need CUDA kernels are off unless CUDA is present; users override any field.
+    The architecture comes from MEGATRON_ARCHITECTURE; the rest are defaults for running it anywhere: fusions that
+    need CUDA kernels (or Transformer Engine, for rope) are on only where they can run; users override any field.
     """
     from megatron.core.transformer import TransformerConfig
 
+    from megatron_qwen35.runtime import transformer_engine_available
+
     cuda = torch.cuda.is_available()
-    kw: dict[str, Any] = dict(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.ffn_hidden_size if not cfg.is_moe else cfg.moe_ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_epsilon,
-        layernorm_zero_centered_gamma=True,  # HF's (1 + w) norms; w starts at zero
-        qk_layernorm=True,
-        attention_output_gate=True,  # q_proj's per-head [query | gate] half: out * sigmoid(gate)
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+    kw: dict[str, Any] = {f.field: f.value(cfg) for f in megatron_fields(cfg) if f.field is not None}
+    kw.update(
+        activation_func=F.silu,  # swiglu's activation (megatron.training sets it from --swiglu)
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        experimental_attention_variant="gated_delta_net",
-        linear_attention_freq=linear_attention_pattern(cfg),
-        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
-        linear_key_head_dim=cfg.linear_key_head_dim,
-        linear_value_head_dim=cfg.linear_value_head_dim,
-        linear_num_key_heads=cfg.linear_num_key_heads,
-        linear_num_value_heads=cfg.linear_num_value_heads,
-        mtp_num_layers=cfg.mtp_num_layers or None,
         bias_activation_fusion=cuda,
         masked_softmax_fusion=cuda,
         persist_layer_norm=cuda,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=cuda,
+        apply_rope_fusion=cuda and transformer_engine_available(),  # megatron's fused rope is TE's
         use_cpu_initialization=not cuda,
     )
     if cfg.is_moe:
         kw.update(
-            num_moe_experts=cfg.num_experts,
-            moe_router_topk=cfg.moe_router_topk,
-            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-            moe_shared_expert_gate=True,  # sigmoid(x @ w) scales the shared expert
-            moe_router_pre_softmax=False,  # softmax over the top-k logits == HF's softmax, top-k, renormalise
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=cfg.router_aux_loss_coef,
             moe_token_dispatcher_type="alltoall",
-            moe_layer_freq=1,
         )
     kw.update(overrides)
     if kw.get("pipeline_model_parallel_size", 1) > 1:  # megatron requires it; p2p carries params_dtype
@@ -398,3 +438,4 @@ def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
         kw.setdefault("overlap_p2p_comm", True)
         kw.setdefault("batch_p2p_comm", False)
     return TransformerConfig(**kw)
+

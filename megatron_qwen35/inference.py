@@ -14,7 +14,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_qwen35.checkpoint import load_checkpoint, read_config
-from megatron_qwen35.config import Qwen35Config, qwen35_check_layout, qwen35_transformer_config
+from megatron_qwen35.config import Qwen35Config, qwen35_transformer_config
+from megatron_qwen35.parallel_layout import check_parallel_layout
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.runtime import initialize_parallel
 
@@ -48,7 +49,7 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **conf
                      expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
                      sequence_parallel=False)
     overrides.update(config_overrides)
-    qwen35_check_layout(cfg, tensor_parallel=overrides["tensor_model_parallel_size"],
+    check_parallel_layout(cfg, tensor_parallel=overrides["tensor_model_parallel_size"],
                         expert_parallel=overrides["expert_model_parallel_size"])
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("load_model runs the whole model on each rank; use pipeline_parallel=1")

@@ -7,7 +7,7 @@ docs/parallelism.md lists the rules with the layouts that are proven by tests.
 
 from __future__ import annotations
 
-from megatron_qwen35.config import Qwen35Config, qwen35_check_layout
+from megatron_qwen35.config import Qwen35Config
 
 
 class ParallelLayoutError(ValueError):
@@ -19,11 +19,9 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
                           expert_tensor_parallel: int | None = None, context_parallel: int = 1,
                           batch_p2p_comm: bool | None = None, uneven_pipeline: bool = False,
                           seq_length: int | None = None) -> None:
-    """Raise ValueError naming the field, its value and the parallel size for each rule the layout breaks.
-
-    Heads, query groups, vocabulary and experts against TP / EP are `config.qwen35_check_layout`'s rules (checked
-    first); this adds the MLP widths against TP / expert-TP, layers against PP x VPP, VPP's p2p setting, the GDN heads
-    against CP and, when given, the training sequence length against CP."""
+    """Raise ValueError naming the field, its value and the parallel size for each rule the layout breaks: heads,
+    query groups and vocabulary against TP, experts against EP, the MLP widths against TP / expert-TP, layers against
+    PP x VPP, VPP's p2p setting, the GDN heads against CP and, when given, the training sequence length against CP."""
     tp, pp, ep, cp = tensor_parallel, pipeline_parallel, expert_parallel, context_parallel
     vpp = virtual_pipeline_parallel or 1
     etp = tp if expert_tensor_parallel is None else expert_tensor_parallel
@@ -33,14 +31,21 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
         if not isinstance(value, int) or value < 1:
             raise ParallelLayoutError(f"{flag} must be a positive integer, got {value!r}")
 
-    qwen35_check_layout(cfg, tensor_parallel=tp, expert_parallel=ep)
     problems = []
 
     def divisible(field: str, value: int | None, flag: str, size: int, what: str) -> None:
         if value is not None and size > 1 and value % size:
             problems.append(f"{field}={value} is not divisible by {flag}={size} ({what})")
 
+    for field in ("num_attention_heads", "linear_num_key_heads", "linear_num_value_heads"):
+        divisible(field, getattr(cfg, field), "tensor_parallel", tp, "each tensor-parallel rank holds whole heads")
+    divisible("vocab_size", cfg.vocab_size, "tensor_parallel", tp, "each rank holds an equal slice of the vocabulary")
+    groups = cfg.num_query_groups  # megatron splits KV groups over TP, or replicates each on TP / groups ranks
+    if groups % tp and tp % groups:
+        problems.append(f"num_query_groups={groups} neither divides nor is divisible by tensor_parallel={tp}")
     if cfg.is_moe:
+        divisible("num_experts", cfg.num_experts, "expert_parallel", ep, "each expert-parallel rank holds whole "
+                  "experts")
         divisible("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel", etp,
                   "each expert's MLP is split over expert-tensor-parallel ranks")
         divisible("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size, "tensor_parallel",

@@ -1,15 +1,13 @@
-"""The pretraining path: forward_step's loss, exact resume, and tokenized data round trip."""
+"""The pretraining path: forward_step's loss, exact resume through pretrain_qwen35.py, tokenized data round trip."""
 
-import os
-import re
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.pretrain_runs import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +23,8 @@ def test_forward_step_loss_equals_hand_computation(megatron_single_process, monk
     cfg = qwen35_preset("tiny-moe")  # with MTP: its loss rides on the graph, not in the returned LM loss
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
     monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(
-        create_attention_mask_in_dataloader=False, micro_batch_size=2, seq_length=12, mtp_num_layers=1))
+        create_attention_mask_in_dataloader=False, micro_batch_size=2, seq_length=12, mtp_num_layers=1,
+        padded_vocab_size=cfg.vocab_size))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
@@ -43,33 +42,20 @@ def test_forward_step_loss_equals_hand_computation(megatron_single_process, monk
     assert torch.allclose(report["lm loss"], torch.stack([hand, loss_mask.sum()]), rtol=1e-6, atol=0)
 
 
-def _train(tmp: Path, exit_at: int, save: Path | None, load: Path | None = None, *, launch: tuple = (),
-           extra: tuple = ()) -> dict[int, float]:
-    """Steps -> logged LM loss of a tiny-moe pretraining run; `launch` puts a launcher (torchrun) before the script."""
-    args = [*(launch or [sys.executable]), str(REPO / "pretrain_qwen35.py"), "--qwen35-preset", "tiny-moe",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "4", "--exit-interval", str(exit_at),
-            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
-            "--lr-decay-iters", "4", "--mock-data", "--tokenizer-type", "NullTokenizer", "--seed", "7",
-            "--log-interval", "1", "--eval-iters", "0", *extra]
-    if save is not None:
-        args += ["--save", str(save), "--save-interval", "2"]
-    if load is not None:
-        args += ["--load", str(load)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=tmp, timeout=600,
-                         env={**os.environ, "TORCHDYNAMO_DISABLE": "1"})
-    return {int(i): float(v) for i, v in re.findall(r"iteration\s+(\d+)/\s*\d+ \| lm loss ([0-9.]+)", out.stdout)}
-
-
 def test_resume_continues_exactly(tmp_path):
-    """Stopping after step 2 and resuming from the checkpoint gives steps 3 and 4 the uninterrupted losses;
-    the final training checkpoint exports to Hugging Face."""
-    straight = _train(tmp_path, 4, tmp_path / "straight")
-    _train(tmp_path, 2, tmp_path / "resumed")
-    resumed = _train(tmp_path, 4, tmp_path / "resumed", load=tmp_path / "resumed")
-    assert sorted(straight) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
-    assert straight[4] < straight[1]
+    """Stopping after step 2 (--exit-interval) and resuming from megatron.training's checkpoint (optimizer, scheduler,
+    data position) gives steps 3 and 4 the uninterrupted losses to the bit; the final training checkpoint exports to
+    Hugging Face."""
+    straight = pretrain(tmp_path, "--train-iters", "4", run_name="straight")
+    ckpt = ("--save", str(tmp_path / "resumed"), "--save-interval", "2", "--train-iters", "4")
+    first = pretrain(tmp_path, *ckpt, "--exit-interval", "2", run_name="first")
+    second = pretrain(tmp_path, *ckpt, "--load", str(tmp_path / "resumed"), run_name="second")
+    assert sorted(straight.losses) == [1, 2, 3, 4] and sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
+    for step in (1, 2):
+        assert first.losses[step] == straight.losses[step], step
     for step in (3, 4):
-        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+        assert second.losses[step] == straight.losses[step], (step, second.losses[step], straight.losses[step])
+        assert second.grad_norms[step] == straight.grad_norms[step]
 
     # A training checkpoint (optimizer state included) exports to Hugging Face names: the model's tensors only.
     from safetensors import safe_open
@@ -81,17 +67,6 @@ def test_resume_continues_exactly(tmp_path):
         names = set(f.keys())
     assert "model.embed_tokens.weight" in names and "mtp.fc.weight" in names
     assert not any("optimizer" in n or "exp_avg" in n for n in names)
-
-
-def test_context_parallel_run_logs_the_single_process_losses(tmp_path):
-    """pretrain_qwen35.py under torchrun at CP2 (the data split by get_batch, the loss summed over CP for the log)
-    logs the single process's losses at every step."""
-    single = _train(tmp_path, 3, None)
-    cp2 = _train(tmp_path, 3, None, launch=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
-                 extra=("--context-parallel-size", "2"))
-    assert sorted(single) == sorted(cp2) == [1, 2, 3]
-    for step in single:
-        assert abs(cp2[step] - single[step]) <= 1e-4, (step, cp2[step], single[step])  # logged with 4 decimals
 
 
 def test_preprocessed_tokens_decode_to_the_source_text(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen35.training.flags import add_qwen35_args, check_args_match, expand_argv
+from megatron_qwen35.training.flags import add_qwen35_args, check_args_match, qwen35_config_from_args
+from megatron_qwen35.training.launch import qwen35_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.sh") if p.stem not in ("common", "tiny"))
@@ -30,7 +31,7 @@ def parse_megatron_args(argv: list[str], monkeypatch):
     # The recipes are written for H100 nodes: validate as Megatron would there (it reads the GPU architecture).
     monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(sys, "argv", ["pretrain_qwen35.py"] + expand_argv(argv))
+    monkeypatch.setattr(sys, "argv", ["pretrain_qwen35.py"] + qwen35_argv(argv, without_cuda=False))
     probe = parse_args(extra_args_provider=add_qwen35_args)
     world = (probe.tensor_model_parallel_size * probe.pipeline_model_parallel_size
              * probe.context_parallel_size * max(probe.expert_model_parallel_size, 1))
@@ -51,12 +52,15 @@ def test_recipe_parses_and_builds_on_meta(name, monkeypatch, megatron_single_pro
     from megatron.training.arguments import core_transformer_config_from_args
 
     from megatron_qwen35.config import PRESETS
-    from megatron_qwen35.provider import qwen35_config_from_args, qwen35_gpt_model
+    from megatron_qwen35.provider import qwen35_gpt_model
 
     args = parse_megatron_args(recipe_args(name), monkeypatch)
     cfg = qwen35_config_from_args(args)
     assert cfg == PRESETS[name]
     check_args_match(args, cfg)
+    assert args.transformer_impl == "transformer_engine" and args.distributed_backend == "nccl"  # a GPU node's
+    assert not args.create_attention_mask_in_dataloader  # no s x s mask per sample (1 GiB at 32k)
+    assert not args.gradient_accumulation_fusion  # no APEX kernel here: megatron's output layer would raise
     args.apply_rope_fusion = False  # a Transformer Engine kernel choice; TE is absent here, the model is the same
     config = core_transformer_config_from_args(args)
     # Build one process's worth of the same model: parallel sizes to 1, the architecture untouched.
@@ -83,7 +87,7 @@ def test_flag_contradicting_the_architecture_is_named(monkeypatch):
     from megatron_qwen35.config import PRESETS
 
     args = parse_megatron_args(recipe_args("0.8b") + ["--num-query-groups", "4"], monkeypatch)
-    with pytest.raises(SystemExit, match="--num-query-groups=4 contradicts the Qwen3.5 architecture '0.8b'"):
+    with pytest.raises(SystemExit, match=r"contradict it: --num-query-groups 4 \(needs 2\)"):
         check_args_match(args, PRESETS["0.8b"])
 
 
@@ -103,7 +107,6 @@ def test_readme_long_context_layout_fits_and_a_wider_cp_is_named(monkeypatch, me
     from megatron.training.arguments import core_transformer_config_from_args
 
     from megatron_qwen35.parallel_layout import check_parallel_layout, check_transformer_config_layout
-    from megatron_qwen35.provider import qwen35_config_from_args
 
     args = parse_megatron_args(recipe_args("9b", CP="2", SEQ_LEN="32768"), monkeypatch)
     args.apply_rope_fusion = False  # a Transformer Engine kernel choice; TE is absent here

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_qwen35 import runtime
-from megatron_qwen35.runtime import cpu_patches
+from megatron_qwen35.runtime import cpu_patches, register
+from megatron_qwen35.runtime.patching import original
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-runtime tests")
 
@@ -22,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def cpu_runtime():
-    runtime.ensure_cpu_runtime()
+    runtime.apply_runtime_patches()
     yield
 
 
@@ -66,10 +67,11 @@ def test_noop_when_cuda_available():
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
         from megatron.core.models.common.language_module.language_module import LanguageModule
         orig_distopt_init, orig_setup = DistributedOptimizer.__init__, LanguageModule.setup_embeddings_and_output_layer
-        from megatron_qwen35.runtime import ensure_cpu_runtime, cpu_patches
-        ensure_cpu_runtime()
-        ensure_cpu_runtime()
-        assert cpu_patches.applied_patches() == [], cpu_patches.applied_patches()
+        from megatron_qwen35.runtime import apply_runtime_patches, register
+        apply_runtime_patches()
+        apply_runtime_patches()
+        upstream = [p.name for p in register.PATCHES if p.kind == register.UPSTREAM_BUG]
+        assert register.applied_patches() == upstream, register.applied_patches()
         assert torch.cuda.current_device is orig_current_device
         assert torch.cuda.synchronize is orig_sync
         assert mrandom.CudaRNGStatesTracker.fork is orig_fork
@@ -83,38 +85,35 @@ def test_noop_when_cuda_available():
     assert "UNPATCHED" in stdout
 
 
-def test_ensure_cpu_runtime_is_idempotent(cpu_runtime):
+def test_apply_runtime_patches_is_idempotent(cpu_runtime):
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import mappings
     from megatron.core.pipeline_parallel import schedules
 
     before = (
-        list(cpu_patches.applied_patches()),
+        list(register.applied_patches()),
         torch.cuda.current_device,
         mappings._gather_along_first_dim,
         tensor_parallel.model_parallel_cuda_manual_seed,
         schedules.torch,
     )
-    runtime.ensure_cpu_runtime()
-    cpu_patches.apply_all()
+    runtime.apply_runtime_patches()
+    register.apply_patches()
     after = (
-        list(cpu_patches.applied_patches()),
+        list(register.applied_patches()),
         torch.cuda.current_device,
         mappings._gather_along_first_dim,
         tensor_parallel.model_parallel_cuda_manual_seed,
         schedules.torch,
     )
     assert before == after
-    assert before[0] == [name for name, _, _ in cpu_patches.PATCHES]
+    assert before[0] == [p.name for p in register.PATCHES]
     # wrappers are not stacked on re-application
     assert not hasattr(mappings._gather_along_first_dim.__wrapped__, "__wrapped__")
     seed_fn = tensor_parallel.model_parallel_cuda_manual_seed
     assert not hasattr(seed_fn.__wrapped__, "__wrapped__")
 
 
-def test_patch_table_documents_every_patch():
-    for name, fn, why in cpu_patches.PATCHES:
-        assert callable(fn) and why and name
 
 
 # ----------------------------------------------------------------------------- devices
@@ -208,7 +207,7 @@ def test_cuda_literals_allocate_on_cpu(cpu_runtime):
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.utils import get_default_causal_mask
 
-    assert isinstance(schedules.torch, cpu_patches._CpuTorchProxy)
+    assert isinstance(schedules.torch, cpu_patches.CpuTorchProxy)
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert schedules.torch.Tensor is torch.Tensor  # everything else is the real torch
     mask = get_default_causal_mask(4)
@@ -262,8 +261,8 @@ def test_dynamo_disabled():
             calls.append(1)  # a Python side effect runs on every call only when not compiled
             return x + 1
 
-        from megatron_qwen35.runtime import ensure_cpu_runtime
-        ensure_cpu_runtime()
+        from megatron_qwen35.runtime import apply_runtime_patches
+        apply_runtime_patches()
         f(torch.ones(1)); f(torch.ones(1))
         print("CALLS", len(calls), torch._dynamo.config.disable)
         """,
@@ -353,7 +352,7 @@ def test_optimizer_modules_allocate_on_cpu(cpu_runtime):
     from megatron.core.optimizer import optimizer as optimizer_module
 
     for module in (optimizer_module, clip_grads, grad_scaler):
-        assert isinstance(module.torch, cpu_patches._CpuTorchProxy)
+        assert isinstance(module.torch, cpu_patches.CpuTorchProxy)
         assert module.torch.tensor([0], dtype=torch.int, device="cuda").device.type == "cpu"
     scaler = grad_scaler.DynamicGradScaler(initial_scale=2.0**8, min_scale=1.0, growth_factor=2.0,
                                            backoff_factor=0.5, growth_interval=2, hysteresis=1)
@@ -480,7 +479,7 @@ def test_pipeline_embedding_copy_skips_cuda_move(cpu_runtime):
 
     assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "__wrapped__")
     x = torch.ones(2)
-    with cpu_patches._tensor_cuda_is_identity():
+    with cpu_patches.tensor_cuda_is_identity():
         assert x.cuda() is x
     # restored on exit: the real method again, which fails without CUDA
     with pytest.raises((RuntimeError, AssertionError)):
@@ -493,4 +492,4 @@ def test_validate_args_reads_no_gpu_generation(cpu_runtime):
     from megatron.training import arguments
 
     assert arguments.get_device_arch_version() == 10
-    assert cpu_patches.original(arguments, "get_device_arch_version").__module__.startswith("megatron.training")
+    assert original(arguments, "get_device_arch_version").__module__.startswith("megatron.training")

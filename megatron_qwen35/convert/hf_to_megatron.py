@@ -22,7 +22,7 @@ import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-from megatron_qwen35.checkpoint import TRACKER, iteration_dir, write_config
+from megatron_qwen35.checkpoint import RELEASE, TRACKER, iteration_dir, write_config
 from megatron_qwen35.config import MULTIMODAL_MODEL_TYPES, Qwen35Config, qwen35_config_from_hf
 from megatron_qwen35.convert.io import (
     PlannedTensor,
@@ -314,7 +314,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
     total = source.reader.nbytes
     with output_directory(out_dir, overwrite=overwrite) as tmp:
         bar = Progress(total, f"HF -> Megatron {Path(hf_dir).name}", enabled=progress)
-        writer = TorchDistWriter(iteration_dir(tmp, 0))
+        writer = TorchDistWriter(iteration_dir(tmp, RELEASE))  # weights only: megatron.training fine-tunes from it
         try:
             for name, tensor, nbytes in _converted(source, rules, target):
                 layout.write(writer, name, tensor)
@@ -330,7 +330,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
             bar.update(source.reader.entries["lm_head.weight"].nbytes)
         bar.close()
         write_config(tmp, source.cfg, metadata)
-        (tmp / TRACKER).write_text("0\n")  # last: marks the checkpoint complete
+        (tmp / TRACKER).write_text(f"{RELEASE}\n")  # last: marks the checkpoint complete
     return Path(out_dir)
 
 

@@ -88,36 +88,4 @@ def batch_on_this_cp_rank(batch: dict, cp_group, seq_dim: int = 1) -> dict:
     return out
 
 
-
-
-def use_cp_global_mtp_token_counts() -> None:
-    """Make megatron's MTP loss weigh every token as the single process does under context parallelism.
-
-    megatron-core 0.19 divides each CP rank's MTP loss sum by that rank's own count of (rolled) target tokens, and
-    the counts differ by construction: the sequence's last position, which has no next token, sits on CP rank 0.
-    Each token then weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096; upstream:
-    NVIDIA/Megatron-LM#7498). `roll_tensor`'s count is the divisor both of the loss that is back-propagated and of
-    the logged value, which is then averaged over DP x CP; n / cp on every rank makes both exact. Only MTP's
-    module is changed, its rolls of ids and positions ignore the count, and without CP nothing changes.
-    Idempotent."""
-    from megatron.core.transformer import multi_token_prediction as mtp
-
-    if getattr(mtp.roll_tensor, "_qwen35_cp_mean_count", False):
-        return
-    megatron_roll = mtp.roll_tensor
-
-    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
-        rolled, count = megatron_roll(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
-                                      packed_seq_params=packed_seq_params)
-        if cp_group is not None and cp_group.size() > 1:
-            count = count.detach().to(torch.float64).clone()
-            torch.distributed.all_reduce(count, group=cp_group)
-            count = (count / cp_group.size()).to(rolled.dtype if rolled.is_floating_point() else torch.float32)
-        return rolled, count
-
-    roll_tensor._qwen35_cp_mean_count = True
-    mtp.roll_tensor = roll_tensor
-
-
-__all__ = ["load_balanced_positions", "natural_order_index", "document_ids", "batch_on_this_cp_rank",
-           "use_cp_global_mtp_token_counts"]
+__all__ = ["load_balanced_positions", "natural_order_index", "document_ids", "batch_on_this_cp_rank"]

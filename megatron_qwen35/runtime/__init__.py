@@ -1,11 +1,12 @@
-"""Runtime setup: device selection, torch.distributed + megatron model-parallel state, and the
-CPU adaptations that let megatron-core run without CUDA (gloo process groups).
+"""Runtime setup: the register of run-time patches, device selection, torch.distributed + megatron model-parallel state.
 
 Public API:
-    ensure_cpu_runtime()     apply the CPU patches (no-op when CUDA is available; idempotent)
-    initialize_parallel(...) torch.distributed + parallel_state + RNG tracker
+    apply_runtime_patches()  the register's patches: upstream-bug fixes everywhere, the no-CUDA adaptations of
+                             megatron-core and megatron.training where CUDA is absent (idempotent; register.py)
+    initialize_parallel(...) torch.distributed + parallel_state + RNG tracker (tests, load_model, converters)
     destroy_parallel()       tear down parallel_state (and the process group we created)
     compute_device()         cuda current device, else cpu
+    transformer_engine_available()  whether Transformer Engine imports here (GPU nodes with TE installed)
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_qwen35.runtime import cpu_patches
+from megatron_qwen35.runtime import cpu_patches, register
 
 __all__ = [
-    "ensure_cpu_runtime",
+    "apply_runtime_patches",
     "initialize_parallel",
     "destroy_parallel",
     "compute_device",
+    "transformer_engine_available",
     "cpu_patches",
+    "register",
 ]
 
 # The (layout, seed) that initialize_parallel last set up, or None.
@@ -32,14 +35,9 @@ _CURRENT_LAYOUT: Optional[Tuple] = None
 _OWNS_PROCESS_GROUP = False
 
 
-def ensure_cpu_runtime() -> None:
-    """Apply every CPU adaptation in ``cpu_patches.PATCHES``.
-
-    No-op when CUDA is available (megatron then runs as designed). Safe to call repeatedly.
-    """
-    if torch.cuda.is_available():
-        return
-    cpu_patches.apply_all()
+def apply_runtime_patches() -> list[str]:
+    """Apply the register's patches for this machine (see register.apply_patches); safe to call repeatedly."""
+    return register.apply_patches()
 
 
 def compute_device() -> torch.device:
@@ -47,6 +45,15 @@ def compute_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine imports on this machine (it raises its own error, not ImportError, without CUDA)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def _free_port() -> int:
@@ -101,8 +108,7 @@ def initialize_parallel(
     global _CURRENT_LAYOUT
     from megatron.core import parallel_state, tensor_parallel as mtp
 
-    if not torch.cuda.is_available():
-        ensure_cpu_runtime()
+    apply_runtime_patches()
     _init_process_group()
 
     layout = (

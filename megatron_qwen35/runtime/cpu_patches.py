@@ -1,46 +1,23 @@
-"""CPU adaptations for megatron-core 0.19.2 (all of them, in one place).
+"""megatron-core 0.19.2 on a machine without CUDA: the adaptations of its CUDA assumptions (megatron.training's are in
+training_patches.py; the table of all of them, with their kinds and fingerprints, is register.py).
 
-megatron-core assumes a CUDA device: it allocates on ``torch.cuda.current_device()``,
-keeps its RNG streams on the CUDA generator, writes ``device="cuda"`` literals, and
-uses CUDA streams/events. None of that exists on a CPU-only host, where each of
-those calls raises. The patches below redirect exactly those spots to the CPU.
-
-Rules:
-  * applied only when ``torch.cuda.is_available()`` is False (see ``ensure_cpu_runtime``);
-  * idempotent: applying twice is the same as applying once;
-  * each patch is a small named function, listed in ``PATCHES`` with a one-line reason;
-  * we monkeypatch attributes; site-packages is never edited.
-
-Originals are kept in ``_ORIGINALS`` so tests can check what was replaced.
+megatron-core allocates on ``torch.cuda.current_device()``, keeps its RNG streams on the CUDA generator, writes
+``device="cuda"`` literals, and uses CUDA streams/events. None of that exists on a CPU-only host, where each of those
+calls raises. The functions below redirect exactly those spots to the CPU; each is idempotent and replaces attributes
+through `patching.replace` (site-packages is never edited).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable
 
 import torch
 
+from megatron_qwen35.runtime.patching import original, replace as _replace
+
 _CPU = torch.device("cpu")
-
-# (owner object id, attribute) -> original value; filled by _replace().
-_ORIGINALS: Dict[Tuple[int, str], Any] = {}
-# Names of patches that have been applied in this process, in order.
-_APPLIED: List[str] = []
-
-
-def _replace(owner: Any, name: str, value: Any) -> None:
-    """Set ``owner.name = value``, remembering the original once (keeps re-application idempotent)."""
-    key = (id(owner), name)
-    if key not in _ORIGINALS:
-        _ORIGINALS[key] = getattr(owner, name, None)
-    setattr(owner, name, value)
-
-
-def original(owner: Any, name: str) -> Any:
-    """The value ``owner.name`` had before we patched it (or the current one if unpatched)."""
-    return _ORIGINALS.get((id(owner), name), getattr(owner, name, None))
 
 
 def _cpu_if_cuda(device: Any) -> Any:
@@ -54,16 +31,20 @@ def _cpu_if_cuda(device: Any) -> Any:
     return device
 
 
-class _CpuTorchProxy:
+class CpuTorchProxy:
     """Stand-in for the ``torch`` module inside one megatron module: factory functions given
-    ``device="cuda"`` allocate on the CPU instead; everything else is the real ``torch``."""
+    ``device="cuda"`` allocate on the CPU instead, ``torch.cuda`` is `cuda` when one is given (megatron.training's
+    modules get a CPU stand-in, training_patches.CPU_CUDA); everything else is the real ``torch``."""
 
     _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
 
-    def __init__(self, real_torch):
+    def __init__(self, real_torch, cuda=None):
         self._real = real_torch
+        self._cuda = cuda
 
     def __getattr__(self, name):
+        if name == "cuda" and self._cuda is not None:
+            return self._cuda
         attr = getattr(self._real, name)
         if name in self._FACTORIES:
 
@@ -231,8 +212,8 @@ def patch_cuda_literals() -> None:
     from megatron.core.transformer import utils as transformer_utils
 
     for module in (schedules, transformer_utils, state_dict_saver):
-        if not isinstance(module.torch, _CpuTorchProxy):
-            _replace(module, "torch", _CpuTorchProxy(torch))
+        if not isinstance(module.torch, CpuTorchProxy):
+            _replace(module, "torch", CpuTorchProxy(torch))
 
 
 # --------------------------------------------------------------------------------------
@@ -358,8 +339,8 @@ def patch_optimizer_cuda_literals() -> None:
     from megatron.core.optimizer import optimizer as optimizer_module
 
     for module in (optimizer_module, clip_grads, grad_scaler):
-        if not isinstance(module.torch, _CpuTorchProxy):
-            _replace(module, "torch", _CpuTorchProxy(torch))
+        if not isinstance(module.torch, CpuTorchProxy):
+            _replace(module, "torch", CpuTorchProxy(torch))
 
 
 def _cpu_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -508,7 +489,7 @@ def patch_distopt_torch_adam_step() -> None:
 
 
 @contextlib.contextmanager
-def _tensor_cuda_is_identity():
+def tensor_cuda_is_identity():
     """Within the block, ``tensor.cuda()`` returns the (CPU) tensor itself."""
     real_cuda = torch.Tensor.cuda
 
@@ -531,7 +512,7 @@ def patch_pipeline_embedding_copy() -> None:
     setup = LanguageModule.setup_embeddings_and_output_layer
     if not hasattr(setup, "__wrapped__"):
         def setup_embeddings_and_output_layer(self):
-            with _tensor_cuda_is_identity():
+            with tensor_cuda_is_identity():
                 return setup(self)
 
         setup_embeddings_and_output_layer.__wrapped__ = setup
@@ -581,55 +562,3 @@ def patch_training_device_arch() -> None:
     from megatron.training import arguments
 
     _replace(arguments, "get_device_arch_version", _no_stream_ordering_arch)
-
-
-# --------------------------------------------------------------------------------------
-# The table applied by ensure_cpu_runtime()
-# --------------------------------------------------------------------------------------
-
-PATCHES: List[Tuple[str, Callable[[], None], str]] = [
-    ("torch_cuda_current_device", patch_torch_cuda_current_device,
-     "torch.cuda.current_device() -> cpu for megatron's allocations"),
-    ("torch_cuda_synchronize", patch_torch_cuda_synchronize,
-     "torch.cuda.synchronize() -> no-op (p2p, dist_checkpointing, parallel_state)"),
-    ("torch_cuda_current_stream", patch_torch_cuda_current_stream,
-     "torch.cuda.current_stream() -> a stream whose waits are no-ops (DDP grad sync)"),
-    ("rng_tracker", patch_rng_tracker,
-     "CudaRNGStatesTracker / model_parallel_cuda_manual_seed on the CPU generator"),
-    ("cuda_literals", patch_cuda_literals,
-     "device='cuda' literals in schedules, transformer.utils, state_dict_saver -> cpu"),
-    ("moe_alltoall_dispatcher", patch_moe_alltoall_dispatcher,
-     "alltoall dispatcher: no CUDA stream, split sizes to numpy"),
-    ("uneven_first_dim_collectives", patch_uneven_first_dim_collectives,
-     "variable-size first-dim all-gather / reduce-scatter that gloo accepts"),
-    ("disable_dynamo", patch_disable_dynamo,
-     "jit_fuser is torch.compile: run eagerly"),
-    ("optimizer_cuda_literals", patch_optimizer_cuda_literals,
-     "device='cuda' literals in optimizer, clip_grads, grad_scaler -> cpu"),
-    ("grad_norm_fallback", patch_grad_norm_fallback,
-     "no-TE/no-apex l2-norm fallback returns its norm on the CPU"),
-    ("cuda_type_name_checks", patch_cuda_type_name_checks,
-     "optimizer type() checks for 'torch.cuda.FloatTensor' accept CPU tensors"),
-    ("distopt_torch_adam_step", patch_distopt_torch_adam_step,
-     "distributed optimizer over torch Adam: state_dict before step 1, unshared steps after load"),
-    ("pipeline_embedding_copy", patch_pipeline_embedding_copy,
-     "PP: the last stage's embedding copy is synced without weight.data.cuda()"),
-    ("training_device_arch", patch_training_device_arch,
-     "validate_args with TP/CP > 1: no GPU generation to read, no CUDA stream ordering to demand"),
-    ("rope_context_parallel_slice", patch_rope_context_parallel_slice,
-     "CP: this rank's rows of the rotary table without pinned memory or .cuda()"),
-]
-
-
-def apply_all() -> List[str]:
-    """Apply every patch in PATCHES once; returns the names applied (idempotent)."""
-    for name, fn, _why in PATCHES:
-        if name not in _APPLIED:
-            fn()
-            _APPLIED.append(name)
-    return list(_APPLIED)
-
-
-def applied_patches() -> List[str]:
-    """Names of patches applied in this process."""
-    return list(_APPLIED)

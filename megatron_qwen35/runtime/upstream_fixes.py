@@ -1,0 +1,92 @@
+"""Defects of megatron-core / megatron.training 0.19.2 that stop or skew a Qwen3.5 run on GPUs as much as on CPUs.
+
+Applied on every machine (register.py's UPSTREAM_BUG rows), each the smallest change that makes the upstream function
+do what it documents. Each goes when the pinned release fixes it; the register's fingerprint test names it then.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megatron_qwen35.runtime.patching import replace
+
+
+def _compile_helpers_unless_prebuilt(compile_helpers):
+    @functools.wraps(compile_helpers)
+    def compile_helpers_unless_prebuilt():
+        """megatron's dataset index helpers: use the compiled module the wheel ships; build only when it is absent."""
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            compile_helpers()
+
+    return compile_helpers_unless_prebuilt
+
+
+def fix_compile_helpers_in_wheel() -> None:
+    # initialize_megatron runs `make -C megatron/core/datasets` on rank 0; the pip wheel ships helpers_cpp compiled but
+    # no Makefile, so make fails and megatron calls sys.exit(1): every pip-installed run ends before step 1.
+    from megatron.core.datasets import utils
+
+    if not hasattr(utils.compile_helpers, "__wrapped__"):
+        replace(utils, "compile_helpers", _compile_helpers_unless_prebuilt(utils.compile_helpers))
+
+
+def _flops_with_mtp_layer_pattern(num_floating_point_operations):
+    @functools.wraps(num_floating_point_operations)
+    def num_floating_point_operations_with_mtp(args, *rest, **kwargs):
+        """megatron's FLOPs count, with the linear-attention pattern extended over the MTP layers (full attention)."""
+        pattern, mtp = args.linear_attention_freq, args.mtp_num_layers or 0
+        if not (isinstance(pattern, list) and mtp and len(pattern) == args.num_layers):
+            return num_floating_point_operations(args, *rest, **kwargs)
+        args.linear_attention_freq = pattern + [0] * mtp  # Qwen3.5's MTP layer is a full-attention layer
+        try:
+            return num_floating_point_operations(args, *rest, **kwargs)
+        finally:
+            args.linear_attention_freq = pattern
+
+    return num_floating_point_operations_with_mtp
+
+
+def fix_flops_count_with_mtp() -> None:
+    # transformer_flops counts num_layers + mtp_num_layers layers and asserts that a list --linear-attention-freq has
+    # that many entries, while argument validation and the model require num_layers entries: with MTP (every Qwen3.5
+    # preset) every run raises AssertionError when it first logs throughput.
+    from megatron.training import training
+
+    flops = training.num_floating_point_operations
+    if not hasattr(flops, "__wrapped__"):
+        replace(training, "num_floating_point_operations", _flops_with_mtp_layer_pattern(flops))
+
+
+def _roll_with_cp_mean_count(roll_tensor):
+    @functools.wraps(roll_tensor)
+    def roll_tensor_cp_mean_count(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        """megatron's MTP roll, whose token count becomes the CP group's mean count (n / cp on every rank)."""
+        rolled, count = roll_tensor(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
+                                    packed_seq_params=packed_seq_params)
+        if cp_group is not None and cp_group.size() > 1:
+            count = count.detach().to(torch.float64).clone()
+            torch.distributed.all_reduce(count, group=cp_group)
+            count = (count / cp_group.size()).to(rolled.dtype if rolled.is_floating_point() else torch.float32)
+        return rolled, count
+
+    return roll_tensor_cp_mean_count
+
+
+def fix_mtp_loss_under_context_parallelism() -> None:
+    # megatron divides each CP rank's MTP loss sum by that rank's own count of rolled target tokens, and the counts
+    # differ by construction (the sequence's last position, which has no next token, sits on CP rank 0): each token
+    # weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096). The count is the divisor of
+    # both the back-propagated and the logged MTP loss, later averaged over DP x CP, so n / cp on every rank makes both
+    # exact. Only the MTP module's binding changes; its rolls of ids and positions ignore the count; without CP (or
+    # with a CP group of one) nothing changes.
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    if not hasattr(mtp.roll_tensor, "__wrapped__"):
+        replace(mtp, "roll_tensor", _roll_with_cp_mean_count(mtp.roll_tensor))
+
+
+__all__ = ["fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp", "fix_mtp_loss_under_context_parallelism"]

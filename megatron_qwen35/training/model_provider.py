@@ -1,0 +1,26 @@
+"""megatron.training's `model_provider`: this rank's chunk of the Qwen3.5 model, from megatron.training's args."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_qwen35.provider import qwen35_gpt_model
+from megatron_qwen35.training.flags import check_args_match, qwen35_config_from_args
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                   config: TransformerConfig | None = None, pg_collection=None) -> GPTModel:
+    """pretrain_gpt's model_provider signature (megatron.training's get_model calls it once per virtual stage)."""
+    from megatron.training import get_args
+
+    args = get_args()
+    cfg = qwen35_config_from_args(args)
+    check_args_match(args, cfg)  # pretrain_qwen35.py checked already; a script of the user's may not have
+    if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        config = core_transformer_config_from_args(args)
+    backend = "local" if args.transformer_impl == "local" else None
+    return qwen35_gpt_model(cfg, config, backend=backend, pre_process=pre_process, post_process=post_process,
+                            vp_stage=vp_stage, seq_length=args.seq_length)

@@ -1,0 +1,143 @@
+"""pretrain_qwen35.py's launch: the flags it puts in front of the user's, the architecture written once (flags, the
+argument check and the provider's check read one table), and every refusal named before anything is built."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from megatron_qwen35.config import PRESETS, megatron_fields, qwen35_transformer_config
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+from megatron_qwen35.training import launch
+from megatron_qwen35.training.flags import add_qwen35_args, check_args_match, qwen35_config_from_args
+from tests.pretrain_runs import REPO, TINY_RUN, pretrain
+from tests.test_convert import make_hf_checkpoint
+
+
+def parse(argv: list[str]):
+    """megatron.training's parser on the command line pretrain_qwen35.py would hand it (no global state set)."""
+    from megatron.training.arguments import parse_args
+
+    saved, sys.argv = sys.argv, ["pretrain_qwen35.py", *launch.qwen35_argv(argv)]
+    try:
+        return parse_args(add_qwen35_args)
+    finally:
+        sys.argv = saved
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_architecture_flags_parse_back_to_the_table(preset):
+    """Each architecture row, rendered as flags and parsed by megatron's own parser, has the table's value."""
+    args = parse(["--qwen35-preset", preset])
+    cfg = PRESETS[preset]
+    for f in megatron_fields(cfg):
+        assert getattr(args, f.dest) == f.value(cfg), f.dest
+    check_args_match(args, cfg)
+    assert args.hidden_dropout == args.attention_dropout == 0.0  # Qwen3.5 trains without dropout
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--norm-epsilon", "1e-5"], "--norm-epsilon 1e-05 (needs 1e-06)"),
+    (["--moe-layer-freq", "2"], "--moe-layer-freq 2 (needs 1)"),
+    (["--rotary-interleaved"], "--rotary-interleaved True (needs False)"),
+    (["--moe-router-pre-softmax"], "--moe-router-pre-softmax True (needs False)"),
+    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function 'sigmoid' (needs 'softmax')"),
+    (["--mtp-num-layers", "2"], "--mtp-num-layers 2 (needs 1)"),
+    (["--num-layers", "8", "--window-size", "4,0"], "--num-layers 8 (needs 4); --window-size (4, 0) (needs None)"),
+    (["--make-vocab-size-divisible-by", "128"], "--make-vocab-size-divisible-by 128 (needs 1)"),
+    (["--reset-attention-mask"], "--reset-attention-mask would not separate documents"),
+])
+def test_a_flag_that_contradicts_the_architecture_is_refused_by_name(flags, named):
+    args = parse(["--qwen35-preset", "tiny-moe", *flags])
+    with pytest.raises(SystemExit, match=named.replace("(", r"\(").replace(")", r"\)")):
+        check_args_match(args, qwen35_config_from_args(args))
+
+
+def test_project_and_no_cuda_flags_come_first_and_the_users_last():
+    args = parse(["--qwen35-preset", "tiny", "--hidden-dropout", "0.1"])
+    assert not args.create_attention_mask_in_dataloader  # no s x s mask per sample; every layer is causal by type
+    assert (args.transformer_impl, args.distributed_backend, args.use_cpu_initialization) == ("local", "gloo", True)
+    assert not (args.apply_rope_fusion or args.masked_softmax_fusion or args.bias_swiglu_fusion)
+    assert args.hidden_dropout == 0.1  # a training knob: the user's later flag wins
+
+
+def test_gradient_accumulation_fusion_is_off_where_apex_cannot_fuse(monkeypatch):
+    """megatron's own output layer raises at build time with gradient accumulation fusion on and no APEX kernel."""
+    monkeypatch.setattr(launch, "gradient_accumulation_fusion_available", lambda: False)
+    assert "--no-gradient-accumulation-fusion" in launch.qwen35_argv(["--qwen35-preset", "tiny"])
+    monkeypatch.setattr(launch, "gradient_accumulation_fusion_available", lambda: True)
+    assert "--no-gradient-accumulation-fusion" not in launch.qwen35_argv(["--qwen35-preset", "tiny"])
+
+
+def test_rope_fusion_is_on_only_where_transformer_engine_runs_it(monkeypatch):
+    """On a CUDA machine without Transformer Engine, asking for megatron's fused rope makes TransformerConfig raise:
+    the converter, load_model and the GPU checks all build one."""
+    from megatron_qwen35 import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: False)
+    config = qwen35_transformer_config(PRESETS["tiny"], use_cpu_initialization=True)
+    assert config.apply_rope_fusion is False
+
+
+def test_refused_flag_stops_before_anything_is_built(tmp_path):
+    run = pretrain(tmp_path, "--train-iters", "1", "--norm-epsilon", "1e-5", "--save", str(tmp_path / "ckpt"),
+                   "--save-interval", "1", check=False)
+    assert "--norm-epsilon 1e-05 (needs 1e-06)" in run.stderr + run.stdout
+    assert not (tmp_path / "ckpt").exists() and not run.losses
+
+
+@pytest.fixture(scope="module")
+def converted_vl(tmp_path_factory):
+    """A converted tiny MoE vision-language checkpoint (text model + ViT tensors carried verbatim)."""
+    root = tmp_path_factory.mktemp("vl")
+    hf = make_hf_checkpoint(root / "hf", "tiny-moe", multimodal=True, mtp_layout="packed", how="packed")
+    return qwen35_hf_to_megatron(hf, root / "megatron", progress=False)
+
+
+def test_fine_tuning_keeps_the_conversion_record_and_the_vision_tower(converted_vl, tmp_path):
+    """--load a converted VL checkpoint, --save=DIR (one token) elsewhere: the new checkpoint's qwen35_config.json
+    carries the converter's record and the vision tensors, so the export after training writes them back."""
+    from megatron_qwen35.checkpoint import CONFIG
+    from megatron_qwen35.convert.io import SafetensorsCheckpoint
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+
+    tuned = tmp_path / "tuned"
+    pretrain(tmp_path, "--train-iters", "1", "--load", str(converted_vl), f"--save={tuned}", "--save-interval", "1")
+    source, saved = (json.loads((d / CONFIG).read_text()) for d in (converted_vl, tuned))
+    assert saved == source and saved["metadata"]["vision"]
+    qwen35_megatron_to_hf(tuned, tmp_path / "hf", progress=False)
+    names = set(SafetensorsCheckpoint(tmp_path / "hf"))
+    assert {n for n in names if n.startswith("model.visual.")} == {
+        n for n in SafetensorsCheckpoint(converted_vl.parent / "hf") if n.startswith("model.visual.")} != set()
+
+
+def test_load_of_another_model_is_refused_naming_the_fields(converted_vl, tmp_path):
+    run = pretrain(tmp_path, "--train-iters", "1", "--load", str(converted_vl), check=False,
+                   base=tuple("tiny" if a == "tiny-moe" else a for a in TINY_RUN))
+    message = run.stderr + run.stdout
+    assert f"--load {converted_vl} holds another model" in message
+    assert "num_experts: checkpoint 4, this run None" in message and not run.losses
+
+
+def test_a_checkpoint_that_differs_only_in_vocabulary_is_refused():
+    """megatron would load the embedding cut to the run's vocabulary and train on silently; what only names the
+    checkpoint or serves training (name, aux-loss weight, rope cache length, the carried ViT) is no difference."""
+    run = PRESETS["tiny-moe"]
+    assert launch.architecture_differences(run.replace(vocab_size=256), run) == {"vocab_size": (256, 512)}
+    assert launch.architecture_differences(run.replace(name="hf", router_aux_loss_coef=0.01,
+                                                       max_position_embeddings=64), run) == {}
+
+
+def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
+    """The tiny preset (512 tokens) on text tokenized with the real Qwen3.5 vocabulary."""
+    from megatron_qwen35.data.preprocess import tokenize_to_indexed
+
+    tokenize_to_indexed([REPO / "data" / "tiny_corpus.txt"], tmp_path / "corpus", workers=1)
+    base = tuple(a for a in TINY_RUN if a not in ("--mock-data",))
+    base = tuple("tiny" if a == "tiny-moe" else a for a in base)
+    run = pretrain(tmp_path, "--train-iters", "1", "--data-path", str(tmp_path / "corpus"), "--split", "100,0,0",
+                   base=base, check=False)
+    assert "outside the 512-token vocabulary of the model 'tiny'" in run.stderr + run.stdout
+    assert f"--data-path {tmp_path / 'corpus'}" in run.stderr + run.stdout

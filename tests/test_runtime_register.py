@@ -1,0 +1,115 @@
+"""The register of run-time patches: every row documented and tied to the upstream source it was written against
+(a version bump fails here, naming the patch to re-check), and each upstream-bug fix proven against the defect."""
+
+import importlib.metadata
+import subprocess
+import sys
+import warnings
+from argparse import Namespace
+
+import pytest
+
+from megatron_qwen35.runtime import register
+from megatron_qwen35.runtime.patching import fingerprint, original, resolve
+
+
+@pytest.mark.parametrize("patch", register.PATCHES, ids=lambda p: p.name)
+def test_patch_is_tied_to_the_upstream_source_it_replaces(patch):
+    """The replaced upstream objects hash to the fingerprint taken at WRITTEN_FOR: if this fails after an upgrade,
+    re-read `patch.replaces` in the new release, re-check the patch, and record the new fingerprint."""
+    assert patch.kind in (register.NO_CUDA, register.UPSTREAM_BUG)
+    assert patch.why and callable(patch.apply) and patch.replaces
+    assert fingerprint(patch.replaces) == patch.fingerprint, (
+        f"{patch.name}: {', '.join(patch.replaces)} changed upstream since megatron-core "
+        f"{register.WRITTEN_FOR['megatron-core']} / torch {register.WRITTEN_FOR['torch']}")
+
+
+def test_patch_names_are_unique_and_the_pinned_versions_are_installed():
+    names = [p.name for p in register.PATCHES]
+    assert len(names) == len(set(names))
+    assert register.version_mismatches() == {}
+    for package, version in register.WRITTEN_FOR.items():
+        assert importlib.metadata.version(package).split("+")[0] == version
+
+
+def test_other_versions_are_named_when_patches_are_applied(monkeypatch):
+    monkeypatch.setitem(register.WRITTEN_FOR, "megatron-core", "0.18.0")
+    monkeypatch.setattr(register, "_APPLIED", [])
+    monkeypatch.setattr(register, "PATCHES", ())  # nothing to apply: only the check runs
+    with pytest.warns(UserWarning, match=r"megatron-core 0\.19\.2 \(written for 0\.18\.0\)"):
+        register.apply_patches()
+
+
+def test_no_cuda_rows_are_applied_only_without_cuda():
+    """With CUDA, only the upstream-bug fixes apply (fresh interpreter: nothing patched yet)."""
+    code = ("import torch; torch.cuda.is_available = lambda: True\n"
+            "from megatron_qwen35.runtime import register\n"
+            "print(register.apply_patches())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"TORCHDYNAMO_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str([p.name for p in register.PATCHES if p.kind == register.UPSTREAM_BUG])
+
+
+def test_dataset_helpers_are_not_rebuilt_where_the_wheel_ships_them(monkeypatch):
+    """megatron's compile_helpers runs make, and the wheel has no Makefile: it exits the process. The fix uses the
+    compiled helpers and never calls make."""
+    import megatron.core.datasets.utils as dataset_utils
+
+    register.apply_patches()
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or Namespace(returncode=2))
+    with pytest.raises(SystemExit):
+        resolve("megatron.core.datasets.utils:compile_helpers")()  # the defect, as released
+    assert calls and calls[0][0][0] == "make"
+    calls.clear()
+    dataset_utils.compile_helpers()
+    assert calls == []
+
+
+def _flops_args():
+    """megatron.training's args for tiny-moe as pretrain_qwen35.py parses them (the FLOPs count reads these)."""
+    from megatron.training.arguments import parse_args
+
+    from megatron_qwen35.training.flags import add_qwen35_args
+    from megatron_qwen35.training.launch import qwen35_argv
+
+    saved = sys.argv
+    sys.argv = ["pretrain_qwen35.py", *qwen35_argv(["--qwen35-preset", "tiny-moe", "--seq-length", "32",
+                                                     "--micro-batch-size", "2"])]
+    try:
+        args = parse_args(add_qwen35_args)
+    finally:
+        sys.argv = saved
+    args.padded_vocab_size = args.vocab_size  # validate_args sets it (--make-vocab-size-divisible-by 1)
+    return args
+
+
+def test_flops_count_covers_the_mtp_layer():
+    """megatron's FLOPs count asserts on a layer-pattern list with MTP (every Qwen3.5 run, first log); the fix counts
+    the MTP layer as the full-attention layer it is and leaves the args as they were."""
+    from megatron.training import training
+
+    register.apply_patches()
+    args = _flops_args()
+    pattern = list(args.linear_attention_freq)
+    with pytest.raises(AssertionError, match="linear_attention_pattern"):
+        original(training, "num_floating_point_operations")(args, 4)
+    with_mtp = training.num_floating_point_operations(args, 4)
+    assert args.linear_attention_freq == pattern
+    args.mtp_num_layers = None
+    without_mtp = training.num_floating_point_operations(args, 4)
+    assert with_mtp > without_mtp > 0
+
+
+def test_mtp_count_fix_changes_nothing_without_context_parallelism():
+    import torch
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    register.apply_patches()
+    x = torch.arange(12.0).view(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = mtp.roll_tensor(x, shifts=-1, dims=-1)
+        theirs = original(mtp, "roll_tensor")(x, shifts=-1, dims=-1)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(torch.as_tensor(ours[1]), torch.as_tensor(theirs[1]))
