@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
 from megatron_qwen35.layers.norms import Qwen35FusedInputRMSNorm, Qwen35RMSNorm
+from megatron_qwen35.runtime import transformer_engine_available
 
 GDN, ATTENTION = "gdn", "attention"
 BACKENDS = ("te", "local")
