@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -125,7 +124,7 @@ def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None
     loaded = dist_checkpointing.load(_full_state(model, optimizer, is_loading=True), str(source))
     chunks = model if isinstance(model, (list, tuple)) else [model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
+    for chunk, key in zip(chunks, keys, strict=True):
         chunk.load_state_dict(loaded.pop(key), strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded.pop("optimizer"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ class Qwen35Config:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
-    def replace(self, **changes) -> "Qwen35Config":
+    def replace(self, **changes) -> Qwen35Config:
         """A copy with some fields changed; layer_types is re-derived when num_layers changes and none is given."""
         if "num_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = None
@@ -120,7 +120,7 @@ class Qwen35Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Qwen35Config":
+    def from_dict(cls, d: dict[str, Any]) -> Qwen35Config:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

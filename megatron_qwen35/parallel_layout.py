@@ -57,7 +57,8 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
                   "the MLP is split over tensor-parallel ranks")
     if pp * vpp > 1 and not uneven_pipeline and cfg.num_layers % (pp * vpp):
         problems.append(f"num_layers={cfg.num_layers} is not divisible by pipeline_parallel x "
-                        f"virtual_pipeline_parallel={pp} x {vpp} (every pipeline chunk holds the same number of layers)")
+                        f"virtual_pipeline_parallel={pp} x {vpp} "
+                        "(every pipeline chunk holds the same number of layers)")
     if vpp > 1 and pp == 1:
         problems.append(f"virtual_pipeline_parallel={vpp} needs pipeline_parallel > 1")
     if vpp > 1 and pp == 2 and batch_p2p_comm:

@@ -11,8 +11,8 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.config import Qwen35Config, megatron_fields
 from megatron_qwen35.layers.rotary import qwen35_position_embedding_kwargs
-from megatron_qwen35.runtime import apply_runtime_patches
 from megatron_qwen35.parallel_layout import check_transformer_config_layout
+from megatron_qwen35.runtime import apply_runtime_patches
 from megatron_qwen35.specs.layer_specs import default_backend, qwen35_block_spec, qwen35_mtp_block_spec
 
 

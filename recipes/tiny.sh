@@ -22,11 +22,13 @@ TRAIN_ARGS=(--qwen35-preset tiny-demo
   --weight-decay 0.01 --clip-grad 1.0 --seed 1234 --train-iters "$ITERS"
   --data-path "$OUT/data/corpus" --split 100,0,0 --tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044
   --save "$OUT/checkpoint" --load "$OUT/checkpoint" --save-interval "$HALF" --log-interval 5 --eval-iters 0
-  --ckpt-format torch_dist)
+  --ckpt-format torch_dist --tensorboard-dir "$OUT/tensorboard" --tensorboard-log-interval 1)
 # First half, then a separate process resumes from the saved checkpoint (optimizer, scheduler and data position).
-"$PYTHON" "$REPO/pretrain_qwen35.py" "${TRAIN_ARGS[@]}" --exit-interval "$HALF" | tee "$OUT/train.log"
-"$PYTHON" "$REPO/pretrain_qwen35.py" "${TRAIN_ARGS[@]}" | tee -a "$OUT/train.log"
+# megatron.training's whole log goes to train.log; the terminal shows its step lines.
+show_steps() { tee -a "$OUT/train.log" | { grep --line-buffered -E "^ \[.*iteration +[0-9]+/|error|Error" || true; }; }
+"$PYTHON" "$REPO/pretrain_qwen35.py" "${TRAIN_ARGS[@]}" --exit-interval "$HALF" 2>&1 | show_steps
+"$PYTHON" "$REPO/pretrain_qwen35.py" "${TRAIN_ARGS[@]}" 2>&1 | show_steps
 
 "$PYTHON" "$REPO/tools/convert/megatron_to_hf.py" --megatron-dir "$OUT/checkpoint" --out-dir "$OUT/hf"
-"$PYTHON" -m megatron_qwen35.demo --train-log "$OUT/train.log" --checkpoint "$OUT/checkpoint" \
+"$PYTHON" -m megatron_qwen35.demo --tensorboard "$OUT/tensorboard" --resumed-at "$HALF" --checkpoint "$OUT/checkpoint" \
   --hf-export "$OUT/hf" --png "$OUT/loss.png"

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_qwen35.demo import tensorboard_scalars as scalars
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A few steps of tiny-moe (GDN, gated attention, MoE with shared expert, MTP) on megatron's mock data.
@@ -35,19 +37,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
-    """{step: value} of one TensorBoard scalar (the latest value where a step was logged twice)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(tensorboard_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
 
 
 def _run(command: list[str], workdir: Path, tensorboard: Path, env: dict, check: bool, timeout: int) -> Run:

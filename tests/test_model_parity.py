@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from megatron_qwen35.hf_reference import reference_model
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import load_hf_state_dict
+from megatron_qwen35.hf_reference import reference_model
 from megatron_qwen35.provider import qwen35_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -45,7 +45,7 @@ def test_every_layer_output_matches_transformers(preset):
         _ours_logits(ours, ids)
         hf(input_ids=ids)
     assert len(got) == len(want) == cfg.num_layers
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         err = (a - b).abs().max().item()
         assert err <= LOGIT_TOL * max(1.0, b.abs().max().item()), f"layer {i} ({cfg.layer_types[i]}): max abs {err}"
 

@@ -50,7 +50,8 @@ def test_resume_continues_exactly(tmp_path):
     ckpt = ("--save", str(tmp_path / "resumed"), "--save-interval", "2", "--train-iters", "4")
     first = pretrain(tmp_path, *ckpt, "--exit-interval", "2", run_name="first")
     second = pretrain(tmp_path, *ckpt, "--load", str(tmp_path / "resumed"), run_name="second")
-    assert sorted(straight.losses) == [1, 2, 3, 4] and sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
+    assert sorted(straight.losses) == [1, 2, 3, 4]
+    assert sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
     for step in (1, 2):
         assert first.losses[step] == straight.losses[step], step
     for step in (3, 4):

@@ -87,8 +87,8 @@ def test_noop_when_cuda_available():
 
 def test_apply_runtime_patches_is_idempotent(cpu_runtime):
     from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel import mappings
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import mappings
 
     before = (
         list(register.applied_patches()),
@@ -166,7 +166,7 @@ def test_rng_tracker_fork_is_deterministic_and_isolated(parallel_1, caplog):
 
     with caplog.at_level(logging.WARNING):
         first, second = draws(), draws()
-    for x, y in zip(first, second):
+    for x, y in zip(first, second, strict=True):
         assert torch.equal(x, y)
     a, b, c, default = first
     assert not torch.equal(a, b) and not torch.equal(a, c)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm

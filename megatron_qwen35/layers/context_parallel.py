@@ -10,6 +10,7 @@ sequences and must run them in natural order) and the local core attention (whic
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import pairwise
 
 import torch
 
@@ -35,7 +36,7 @@ def load_balanced_positions(total: int, cp_size: int, cu_seqlens: torch.Tensor |
 
 @lru_cache(maxsize=64)  # every GDN and attention layer asks again for the same micro-batch
 def _positions(bounds: tuple[int, ...], cp_size: int) -> torch.Tensor:
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    lengths = [end - start for start, end in pairwise(bounds)]
     if any(n % (2 * cp_size) for n in lengths):
         what = "sequence length" if len(bounds) == 2 and bounds[0] == 0 else "packed sequence lengths (padded)"
         raise ValueError(f"context_parallel={cp_size} splits every sequence into 2 x {cp_size} equal chunks, but the "
@@ -44,7 +45,7 @@ def _positions(bounds: tuple[int, ...], cp_size: int) -> torch.Tensor:
     rows = []
     for rank in range(cp_size):
         parts = []
-        for start, n in zip(bounds[:-1], lengths):
+        for start, n in zip(bounds[:-1], lengths, strict=True):
             chunk = n // (2 * cp_size)
             for c in (rank, 2 * cp_size - 1 - rank):
                 parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))

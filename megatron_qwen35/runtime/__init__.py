@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional, Tuple
 
 import torch
 
@@ -30,7 +29,7 @@ __all__ = [
 ]
 
 # The (layout, seed) that initialize_parallel last set up, or None.
-_CURRENT_LAYOUT: Optional[Tuple] = None
+_CURRENT_LAYOUT: tuple | None = None
 # True when initialize_parallel created the default process group (so destroy_parallel owns it).
 _OWNS_PROCESS_GROUP = False
 
@@ -94,9 +93,9 @@ def initialize_parallel(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
-    virtual_pipeline_parallel: Optional[int] = None,
+    virtual_pipeline_parallel: int | None = None,
     expert_parallel: int = 1,
-    expert_tensor_parallel: Optional[int] = None,
+    expert_tensor_parallel: int | None = None,
     context_parallel: int = 1,
     seed: int = 1234,
 ) -> None:
@@ -106,7 +105,8 @@ def initialize_parallel(
     Other layout: destroys and re-creates the model-parallel state (the process group stays).
     """
     global _CURRENT_LAYOUT
-    from megatron.core import parallel_state, tensor_parallel as mtp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mtp
 
     apply_runtime_patches()
     _init_process_group()

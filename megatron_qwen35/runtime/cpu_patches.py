@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from megatron_qwen35.runtime.patching import original, replace as _replace
+from megatron_qwen35.runtime.patching import replace as _replace
 
 _CPU = torch.device("cpu")
 
@@ -133,10 +134,10 @@ def _cpu_tracker_add(self, name, seed):
     """CudaRNGStatesTracker.add, drawing the named state from the CPU generator."""
     self._is_initialized = True
     if seed in self.seeds_:
-        raise Exception("seed {} already exists".format(seed))
+        raise Exception(f"seed {seed} already exists")
     self.seeds_.add(seed)
     if name in self.states_:
-        raise Exception("cuda rng state {} already exists".format(name))
+        raise Exception(f"cuda rng state {name} already exists")
     orig_rng_state = torch.get_rng_state()
     torch.manual_seed(seed)
     self.states_[name] = torch.get_rng_state()
@@ -148,7 +149,7 @@ def _cpu_tracker_fork(self, name="model-parallel-rng"):
     """CudaRNGStatesTracker.fork on the CPU generator. Same bookkeeping as upstream, minus the
     'CPU RNG state changed within GPU RNG context' warning, which on CPU fires on every fork."""
     if name not in self.states_:
-        raise Exception("cuda rng state {} is not added".format(name))
+        raise Exception(f"cuda rng state {name} is not added")
     orig_state = torch.get_rng_state()
     orig_state_name = self._current_state_name
     if orig_state_name != "default-rng":
@@ -272,7 +273,7 @@ def _make_uneven_gather(orig: Callable) -> Callable:
         gathered = input_.new_empty((longest * len(sizes),) + tuple(input_.shape[1:]))
         torch.distributed.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
         chunks = gathered.split(longest, dim=0)
-        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)], dim=0)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes, strict=True)], dim=0)
 
     _gather_along_first_dim.__wrapped__ = orig
     return _gather_along_first_dim

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -69,8 +69,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("disable_dynamo", NO_CUDA, ("megatron.core.jit",),
           "jit_fuser is torch.compile: compiling on CPU costs ~7 s a function and changes no number",
           cpu_patches.patch_disable_dynamo, "0de81ea1c3a8"),
-    Patch("optimizer_cuda_literals", NO_CUDA, ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
-                                               "megatron.core.optimizer.grad_scaler"),
+    Patch("optimizer_cuda_literals", NO_CUDA,
+          ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+           "megatron.core.optimizer.grad_scaler"),
           "device='cuda' literals in the optimizers, clip_grads and the grad scaler -> CPU",
           cpu_patches.patch_optimizer_cuda_literals, "a837a823b598"),
     Patch("grad_norm_fallback", NO_CUDA, ("megatron.core.utils:local_multi_tensor_l2_norm",),

@@ -121,5 +121,5 @@ def patch_get_model_cuda_move() -> None:
         replace(training, "get_model", get_model_on_cpu)
 
 
-__all__ = ["CPU_CUDA", "MODULES_WITH_CUDA_CALLS", "patch_training_torch_on_cpu", "patch_initialize_megatron_without_cuda",
-           "patch_skip_jit_warmup", "patch_get_model_cuda_move"]
+__all__ = ["CPU_CUDA", "MODULES_WITH_CUDA_CALLS", "patch_training_torch_on_cpu",
+           "patch_initialize_megatron_without_cuda", "patch_skip_jit_warmup", "patch_get_model_cuda_move"]

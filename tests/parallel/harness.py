@@ -21,7 +21,8 @@ import queue as queue_mod
 import socket
 import time
 import traceback
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -78,7 +79,7 @@ def _child(fn: Callable, rank: int, world_size: int, args, kwargs, results) -> N
             pass
 
 
-def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, **kwargs) -> List:
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, **kwargs) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes and return
     the per-rank results (index = rank). Raises the first failing rank's exception (with the
     child traceback as its cause), or TimeoutError if the ranks do not finish within ``timeout``."""
@@ -117,7 +118,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, 
             else:
                 os.environ[k] = v
 
-    outputs: List[Any] = [None] * world_size
+    outputs: list[Any] = [None] * world_size
     done = set()
     failure = None  # (rank, tb, payload)
     deadline = time.monotonic() + timeout

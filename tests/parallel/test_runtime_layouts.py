@@ -162,7 +162,7 @@ def _pp2_worker(rank, world_size):
     initialize_parallel()
     _reseed()
     full = _gpt(_config(), share_embeddings_and_output_weights=False)
-    ref_losses = [full(t, p, None, labels=l).mean() for t, p, l in microbatches]
+    ref_losses = [full(t, p, None, labels=y).mean() for t, p, y in microbatches]
     ref_loss = torch.stack(ref_losses).mean()
     ref_loss.backward()
     full_state = _state(full)

@@ -20,11 +20,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
     from megatron_qwen35.convert.cli import run_conversion
+    from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 
-    return run_conversion(lambda: qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                                                        progress=not args.no_progress))
+    return run_conversion(lambda: qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype,
+                                                        overwrite=args.overwrite, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

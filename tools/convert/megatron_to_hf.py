@@ -19,11 +19,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
     from megatron_qwen35.convert.cli import run_conversion
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 
+    shard_bytes = int(args.max_shard_gb * 1024**3)
     return run_conversion(lambda: qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
-                                                        max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress))
+                                                        max_shard_bytes=shard_bytes, progress=not args.no_progress))
 
 
 if __name__ == "__main__":
