@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch.compile (megatron's jit_fuser) costs ~7 s per first call on CPU and changes no result.
 export TORCHDYNAMO_DISABLE ?= 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 demo: setup
 	bash recipes/tiny.sh

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 INPUT_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)  # bad input, already named in the message
 

@@ -15,8 +15,9 @@ import functools
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -189,7 +190,7 @@ def hf_shapes(rules: list[NamedRule], layout: MegatronLayout, cfg: Qwen35Config)
     out = {}
     for rule in rules:
         metas = [torch.empty(layout.shape(n), device="meta") for n in rule.megatron]
-        out.update({n: tuple(t.shape) for n, t in zip(rule.hf, rule.transform.to_hf(metas, cfg))})
+        out.update({n: tuple(t.shape) for n, t in zip(rule.hf, rule.transform.to_hf(metas, cfg), strict=True)})
     return out
 
 
@@ -277,10 +278,11 @@ def _converted(source: HFSource, rules: list[NamedRule], target: torch.dtype | N
         outputs = rule.transform.to_megatron([t.to(work) for t in inputs], cfg)
         if rule.transform is PLUS_ONE:  # the one rule that does arithmetic: prove it comes back exactly
             back = rule.transform.to_hf(outputs, cfg)
-            for n, x, y in zip(rule.hf, inputs, back):
+            for n, x, y in zip(rule.hf, inputs, back, strict=True):
                 if not torch.equal(y.to(x.dtype), x):
-                    warnings.warn(f"'{n}': (w - 1) + 1 != w in {work}; the export will differ in the last bit")
-        for i, (name, tensor) in enumerate(zip(rule.megatron, outputs)):
+                    warnings.warn(f"'{n}': (w - 1) + 1 != w in {work}; the export will differ in the last bit",
+                                  stacklevel=2)
+        for i, (name, tensor) in enumerate(zip(rule.megatron, outputs, strict=True)):
             yield name, tensor, nbytes if i == 0 else 0
         del inputs, outputs
 

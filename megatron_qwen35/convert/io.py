@@ -25,9 +25,10 @@ import struct
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -389,7 +390,7 @@ class TorchDistWriter:
         """`chunk` is the block of global tensor `key` starting at `offsets` (its rank == the global rank)."""
         if chunk.dim() != len(global_shape) or len(offsets) != len(global_shape):
             raise ValueError(f"chunk of '{key}' has rank {chunk.dim()}, global shape {list(global_shape)}")
-        if any(o + s > g for o, s, g in zip(offsets, chunk.shape, global_shape)):
+        if any(o + s > g for o, s, g in zip(offsets, chunk.shape, global_shape, strict=True)):
             raise ValueError(f"chunk of '{key}' at {list(offsets)} size {list(chunk.shape)} overflows "
                              f"{list(global_shape)}")
         md = self._tensors.get(key)
@@ -529,17 +530,17 @@ class TorchDistReader:
         out = torch.empty(shape, dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
-            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
-            hi = [min(o + s, c + cs) for o, s, c, cs in zip(offsets, shape, chunk.offsets, chunk.sizes)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
+            hi = [min(o + s, c + cs) for o, s, c, cs in zip(offsets, shape, chunk.offsets, chunk.sizes, strict=True)]
+            if any(h <= low for low, h in zip(lo, hi, strict=True)):
                 continue
             data = self._load_record(MetadataIndex(key, chunk.offsets), f"tensor '{key}'")
             src, dst = data, out
-            for d, (l, h) in enumerate(zip(lo, hi)):
-                src = src.narrow(d, l - chunk.offsets[d], h - l)
-                dst = dst.narrow(d, l - offsets[d], h - l)
+            for d, (low, h) in enumerate(zip(lo, hi, strict=True)):
+                src = src.narrow(d, low - chunk.offsets[d], h - low)
+                dst = dst.narrow(d, low - offsets[d], h - low)
             dst.copy_(src)
-            covered += math.prod(h - l for l, h in zip(lo, hi))
+            covered += math.prod(h - low for low, h in zip(lo, hi, strict=True))
             del data
         if covered != math.prod(shape):
             raise CheckpointFileError(f"{self.directory}: chunks of '{key}' cover {covered} of {math.prod(shape)} "

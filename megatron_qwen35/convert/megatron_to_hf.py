@@ -117,7 +117,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
                     inputs = [layout.read(reader, n) for n in rule.megatron]
                     work = compute_in(rule, dtypes[rule.hf[0]]) if rule.transform is PLUS_ONE else None
                     outputs = rule.transform.to_hf([t.to(work) for t in inputs] if work else inputs, cfg)
-                    for name, tensor in zip(rule.hf, outputs):
+                    for name, tensor in zip(rule.hf, outputs, strict=True):
                         tensor = tensor.to(dtypes[name])
                         writer.write(name, tensor)
                         bar.update(tensor.numel() * tensor.element_size())

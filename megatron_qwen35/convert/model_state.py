@@ -7,7 +7,7 @@ table sees one naming whichever backend built the model.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer

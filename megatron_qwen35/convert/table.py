@@ -7,8 +7,8 @@ MoE rows extend the dense rows through the MLP choice; MTP reuses the attention-
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -75,7 +75,8 @@ MOE_RULES = [
     _r("{mg}mlp.shared_experts.gate_weight", "{hf}mlp.shared_expert_gate.weight"),
 ]
 
-_MG_FC1, _MG_FC2 = "{mg}mlp.experts.local_experts.{E}.linear_fc1.weight", "{mg}mlp.experts.local_experts.{E}.linear_fc2.weight"
+_MG_FC1 = "{mg}mlp.experts.local_experts.{E}.linear_fc1.weight"
+_MG_FC2 = "{mg}mlp.experts.local_experts.{E}.linear_fc2.weight"
 EXPERT_RULES = {
     "packed": [
         _r(_MG_FC1, "{hf}mlp.experts.gate_up_proj", PACKED_EXPERTS),
@@ -119,9 +120,8 @@ def _expand_rules(rules: list[Rule], mg: str, hf: str, num_experts: int | None) 
     for rule in rules:
         if rule.transform is IDENTITY and any("{E}" in p for p in rule.megatron):  # one tensor per expert each side
             for e in range(num_experts):
-                per_expert = lambda ps: tuple(p.replace("{E}", str(e)) for p in ps)  # noqa: E731
-                out.append(NamedRule(_names(per_expert(rule.megatron), mg, hf, None),
-                                     _names(per_expert(rule.hf), mg, hf, None), IDENTITY))
+                mg_e, hf_e = (tuple(p.replace("{E}", str(e)) for p in ps) for ps in (rule.megatron, rule.hf))
+                out.append(NamedRule(_names(mg_e, mg, hf, None), _names(hf_e, mg, hf, None), IDENTITY))
         else:
             out.append(NamedRule(_names(rule.megatron, mg, hf, num_experts), _names(rule.hf, mg, hf, num_experts),
                                  rule.transform))
@@ -159,24 +159,26 @@ def qwen35_rules(cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX, expert
     return rules
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: Qwen35Config, **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: Qwen35Config,
+                   **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, tensor) for every rule, reading HF tensors by name (a lazy mapping streams)."""
     for rule in qwen35_rules(cfg, **rule_options):
         missing = [n for n in rule.hf if n not in hf]
         if missing:
             raise KeyError(f"Hugging Face checkpoint lacks tensor '{missing[0]}'")
         out = rule.transform.to_megatron([hf[n] for n in rule.hf], cfg)
-        yield from zip(rule.megatron, out)
+        yield from zip(rule.megatron, out, strict=True)
 
 
-def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: Qwen35Config, **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
+def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: Qwen35Config,
+                   **rule_options) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) for every rule, reading Megatron tensors by name."""
     for rule in qwen35_rules(cfg, **rule_options):
         missing = [n for n in rule.megatron if n not in mg]
         if missing:
             raise KeyError(f"Megatron checkpoint lacks tensor '{missing[0]}'")
         out = rule.transform.to_hf([mg[n] for n in rule.megatron], cfg)
-        yield from zip(rule.hf, out)
+        yield from zip(rule.hf, out, strict=True)
 
 
 def check_names(available: set[str], expected: set[str], *, side: str) -> None:

@@ -7,8 +7,8 @@ Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
