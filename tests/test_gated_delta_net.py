@@ -68,5 +68,5 @@ def test_output_norm_recompute_changes_nothing():
         out, _ = layer(xi, None)
         out.square().sum().backward()
         grads.append((out.detach(), xi.grad, layer.in_proj.weight.grad))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)

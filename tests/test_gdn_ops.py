@@ -7,7 +7,6 @@ decay or a leaked state changes results at the 1e-2 level).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,7 +129,7 @@ def test_chunked_gradients_match_recurrent_reference():
     kwargs = dict(initial_state=h0, output_final_state=True)
     ours = grads_of(lambda: chunk_gated_delta_rule(*inputs, **kwargs), tensors)
     ref = grads_of(lambda: recurrent_gated_delta_rule(*inputs, **kwargs), tensors)
-    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], ours, ref):
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], ours, ref, strict=True):
         assert_close(a, b, atol=1e-4, what=f"grad {name}")
 
 
@@ -166,8 +165,8 @@ def test_packed_sequences_equal_separate_runs():
         q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens
     )
     assert state.shape == (len(LENGTHS), 4, 16, 24)
-    docs = zip(*(split_docs(x) for x in (q, k, v, g, beta)))
-    for d, (doc, doc_out) in enumerate(zip(docs, split_docs(out))):
+    docs = zip(*(split_docs(x) for x in (q, k, v, g, beta)), strict=True)
+    for d, (doc, doc_out) in enumerate(zip(docs, split_docs(out), strict=True)):
         ref, ref_state = chunk_gated_delta_rule(*doc, initial_state=h0[d : d + 1], output_final_state=True)
         assert_close(doc_out, ref)
         assert_close(state[d : d + 1], ref_state)
@@ -197,13 +196,13 @@ def test_packed_gradients_equal_separate_runs():
 
     def separate():
         outs, states = [], []
-        for d, doc in enumerate(zip(*(split_docs(x) for x in inputs))):
+        for d, doc in enumerate(zip(*(split_docs(x) for x in inputs), strict=True)):
             o, s = chunk_gated_delta_rule(*doc, initial_state=h0[d : d + 1], output_final_state=True)
             outs.append(o)
             states.append(s)
         return torch.cat(outs, dim=1), torch.cat(states)
 
-    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], packed, grads_of(separate, tensors)):
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], packed, grads_of(separate, tensors), strict=True):
         assert_close(a, b, atol=1e-4, what=f"grad {name}")  # same reason as in the recurrent gradient test
 
 
@@ -259,7 +258,7 @@ def test_packed_causal_conv1d_equals_separate_documents():
     grad_out = torch.randn(packed.shape, generator=gen)
     packed_grads = torch.autograd.grad(packed, (x, weight), grad_out)
     separate_grads = torch.autograd.grad(separate, (x, weight), grad_out)
-    for a, b in zip(packed_grads, separate_grads):
+    for a, b in zip(packed_grads, separate_grads, strict=True):
         assert_close(a, b)
 
 

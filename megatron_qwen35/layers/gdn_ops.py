@@ -1,16 +1,19 @@
 """Gated DeltaNet math: the gated delta rule and the short causal convolution.
 
 Shape legend (used in the shape comments below):
-    b batch, t tokens, h heads, dk key dim, dv value dim, c channels, k conv kernel,
+    b batch, t tokens, h value heads, hk key heads, dk key dim, dv value dim, c channels, k conv kernel,
     n documents (== b without cu_seqlens), nc chunks, C chunk size (64), tp padded tokens.
 
-Layout is FLA's batch-first one: q, k [b, t, h, dk]; v [b, t, h, dv]; g, beta [b, t, h].
-q, k and v share the head count h (the caller repeats key heads for grouped value heads).
+Layout is FLA's batch-first one: q, k [b, t, hk, dk]; v [b, t, h, dv]; g, beta [b, t, h].
+Grouped value heads: hk divides h, and value head i reads key head i // (h // hk) (what
+`repeat_interleave(h // hk, dim=2)` of q and k would give). FLA reads the shared key heads in place; the torch
+path l2-normalises them at hk heads and repeats them while laying them out chunk-major (one copy, no extra pass).
 
-Two backends behind one API:
-  * CUDA tensors (and `fla` importable): FLA's Triton kernels.
-  * anything else: a pure-PyTorch chunked implementation, differentiable with autograd, computed in
-    float32 and written to be fast on CPU (see `_torch_chunk_gated_delta_rule`).
+Two backends behind one API, chosen by `_fla_kernel`:
+  * where Triton can run FLA's kernels (CUDA tensors, or any tensor while Triton's interpreter is enabled by
+    runtime.triton_interpreter) and `fla` imports: FLA's Triton kernels;
+  * anything else, and always with deterministic=True: a pure-PyTorch chunked implementation, differentiable
+    with autograd, computed in float32 and written to be fast on CPU (see `_torch_chunk_gated_delta_rule`).
 
 The recurrence (per head, state S of shape [dk, dv]), exactly as transformers'
 `torch_recurrent_gated_delta_rule` in models/qwen3_5/modeling_qwen3_5.py:
@@ -25,11 +28,14 @@ The recurrence (per head, state S of shape [dk, dv]), exactly as transformers'
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from megatron_qwen35.runtime import triton_interpreter
 
 CHUNK_SIZE = 64
 
@@ -42,8 +48,21 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# FLA backend (CUDA only, imported lazily so that CPU-only environments never touch Triton)
+# FLA backend (imported lazily, only where Triton can run it, so that CPU runs never touch Triton)
 # ----------------------------------------------------------------------------------------------
+
+
+def _fla_kernel(load_kernel, x: torch.Tensor, deterministic: bool):
+    """The FLA kernel `load_kernel()` returns, where Triton can run it on x; None means the torch path.
+
+    Triton runs CUDA tensors, and any tensor while its interpreter is enabled (CPU tests of FLA's kernels).
+    deterministic (megatron's config.deterministic_mode) keeps the torch path, as megatron's own GDN does: FLA's
+    autotuner picks block sizes (chunk_o's BK, BV) by timing, and with them the summation order, so the last bits
+    can differ from run to run.
+    """
+    if deterministic or not (x.is_cuda or triton_interpreter.triton_interpreter_enabled()):
+        return None
+    return load_kernel()
 
 
 @functools.cache
@@ -84,9 +103,9 @@ def _doc_lengths(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[int
     if batch != 1:
         raise ValueError(f"cu_seqlens requires batch size 1, got {batch}")
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    if bounds[0] != 0 or bounds[-1] != seq_len or any(a > b for a, b in zip(bounds, bounds[1:])):
+    if bounds[0] != 0 or bounds[-1] != seq_len or any(a > b for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must rise from 0 to t={seq_len}, got {bounds}")
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -94,8 +113,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _value_heads_per_key_head(q: torch.Tensor, v: torch.Tensor) -> int:
+    """h // hk for q [b, t, hk, dk] and v [b, t, h, dv]; hk must divide h."""
+    hk, h = q.shape[2], v.shape[2]
+    if h % hk:
+        raise ValueError(f"the value heads ({h}) must be a multiple of the key heads ({hk})")
+    return h // hk
+
+
 def _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
-    """Cast up to float32, optionally l2-normalise q/k, and fold the scale into q."""
+    """Cast up to float32, optionally l2-normalise q/k, and fold the scale into q (at hk heads)."""
     dtype = _compute_dtype(v)
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
     if scale is None:
@@ -154,10 +181,12 @@ def recurrent_gated_delta_rule(
 
     Same arguments and results as `chunk_gated_delta_rule`.
     """
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t, h, dv = v.shape
+    dk = q.shape[-1]
+    group = _value_heads_per_key_head(q, v)
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
+    q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)  # [b, t, h, dk]: plain, for tests
 
     if cu_seqlens is None:
         state = _initial_state_rows(initial_state, b, h, dk, dv, v)
@@ -168,7 +197,7 @@ def recurrent_gated_delta_rule(
         # Run every document on its own: that is the definition of "state resets at boundaries".
         pieces = [x.split(lengths, dim=1) for x in (q, k, v, g, beta)]
         outs, finals = [], []
-        for d, doc in enumerate(zip(*pieces)):
+        for d, doc in enumerate(zip(*pieces, strict=True)):
             o_d, s_d = _recurrent_scan(*doc, states[d : d + 1])
             outs.append(o_d)
             finals.append(s_d)
@@ -199,13 +228,13 @@ class _ChunkLayout:
     scatter_index: torch.Tensor | None = None
 
     @classmethod
-    def for_batch(cls, t: int, chunk_size: int) -> "_ChunkLayout":
+    def for_batch(cls, t: int, chunk_size: int) -> _ChunkLayout:
         """One document per batch row: pad each row at its end."""
         nc = -(-t // chunk_size)
         return cls(chunk_size, nc * chunk_size, [(0, nc)])
 
     @classmethod
-    def for_packed(cls, lengths: list[int], chunk_size: int, device) -> "_ChunkLayout":
+    def for_packed(cls, lengths: list[int], chunk_size: int, device) -> _ChunkLayout:
         """Documents packed in one row: pad every document separately (loops over documents, not tokens)."""
         total = sum(lengths)
         gather, scatter, doc_chunks = [], [], []
@@ -226,10 +255,11 @@ class _ChunkLayout:
             scatter_index=torch.cat(scatter).to(device),
         )
 
-    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, t, h, ...] -> chunk-major [nc, b*h, C, ...] (padded, contiguous).
+    def to_chunks(self, x: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """[b, t, hx, ...] -> chunk-major [nc, b*hx*group, C, ...] (padded, contiguous).
 
-        Batch and heads are merged so that every per-chunk product below is a plain 3-D bmm.
+        Batch and heads are merged so that every per-chunk product below is a plain 3-D bmm. group > 1 repeats
+        every head group times (key heads of grouped value heads) in the reshape's copy, not in a pass of its own.
         """
         if self.gather_index is None:
             pad = self.padded_len - x.shape[1]
@@ -238,11 +268,13 @@ class _ChunkLayout:
         else:
             zero_row = x.new_zeros((x.shape[0], 1) + x.shape[2:])
             x = torch.cat([x, zero_row], dim=1).index_select(1, self.gather_index)  # [b, tp, h, ...]
-        b, tp, h = x.shape[:3]
+        b, tp, hx = x.shape[:3]
         rest = x.shape[3:]
-        x = x.reshape(b, tp // self.chunk_size, self.chunk_size, h, *rest)  # [b, nc, C, h, ...]
-        x = x.permute(1, 0, 3, 2, *range(4, x.dim()))  # [nc, b, h, C, ...]
-        return x.reshape(tp // self.chunk_size, b * h, self.chunk_size, *rest)  # [nc, b*h, C, ...] (copies)
+        nc, c = tp // self.chunk_size, self.chunk_size
+        x = x.reshape(b, nc, c, hx, 1, *rest)  # [b, nc, C, hx, 1, ...]
+        x = x.permute(1, 0, 3, 4, 2, *range(5, x.dim()))  # [nc, b, hx, 1, C, ...]
+        x = x.expand(nc, b, hx, group, c, *rest)  # a view: head i of the result is head i // group of x
+        return x.reshape(nc, b * hx * group, c, *rest)  # [nc, b*hx*group, C, ...] (copies)
 
     def from_chunks(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """Chunk-major [nc, b*h, C, d] -> [b, t, h, d] (padding dropped)."""
@@ -396,10 +428,11 @@ def _torch_chunk_gated_delta_rule(
     chunk, keeping the chunk loop to two bmms (forward and backward), and computing the output as one
     batched matmul pair after the loop.
     """
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t, h, dv = v.shape
+    dk = q.shape[-1]
+    group = _value_heads_per_key_head(q, v)
     out_dtype = v.dtype
-    q, k, v, g, beta = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
+    q, k, v, g, beta = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)  # q, k still at hk heads
 
     if cu_seqlens is None:
         layout = _ChunkLayout.for_batch(t, chunk_size)
@@ -410,7 +443,8 @@ def _torch_chunk_gated_delta_rule(
         init = _initial_state_rows(initial_state, len(lengths), h, dk, dv, v)  # [n, h, dk, dv], b == 1
 
     # g and beta get a trailing singleton to share to_chunks with q/k/v: [b, t, h, 1] -> [nc, bh, C]
-    qc, kc, vc = (layout.to_chunks(x) for x in (q, k, v))
+    qc, kc = (layout.to_chunks(x, group) for x in (q, k))  # [nc, bh, C, dk]: repeated for grouped value heads
+    vc = layout.to_chunks(v)
     gc, betac = (layout.to_chunks(x.unsqueeze(-1)).squeeze(-1) for x in (g, beta))
 
     u, w, attn, q_decay, k_decay, chunk_decay = _intra_chunk_terms(qc, kc, vc, gc, betac)
@@ -443,27 +477,27 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = True,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over a whole sequence.
 
-    q, k [b, t, h, dk]; v [b, t, h, dv]; g [b, t, h] (log decay, <= 0); beta [b, t, h].
+    q, k [b, t, hk, dk]; v [b, t, h, dv]; g [b, t, h] (log decay, <= 0); beta [b, t, h]; hk divides h.
     scale: query scale, default dk ** -0.5 (applied after the optional l2norm).
     initial_state / final state: [n, h, dk, dv] float32, n = b, or the number of documents with
     cu_seqlens ([n + 1] cumulative lengths, b == 1; the state restarts at every document).
     Returns o [b, t, h, dv] in v.dtype and the final state (None unless output_final_state).
-    CUDA tensors use FLA's kernels when available; everything else the float32 PyTorch path.
+    FLA's kernels where Triton runs them (unless deterministic); else the float32 PyTorch path.
     """
-    if q.is_cuda:
-        fla_chunk = _fla_chunk_gated_delta_rule()
-        if fla_chunk is not None:
-            return fla_chunk(
-                q, k, v, g, beta,
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                use_qk_l2norm_in_kernel=use_qk_l2norm,
-                cu_seqlens=cu_seqlens,
-            )
+    fla_chunk = _fla_kernel(_fla_chunk_gated_delta_rule, q, deterministic)
+    if fla_chunk is not None:
+        return fla_chunk(  # takes hk < h as it is: value head i reads key head i // (h // hk)
+            q, k, v, g, beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+            cu_seqlens=cu_seqlens,
+        )
     return _torch_chunk_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm
     )
@@ -507,16 +541,16 @@ def causal_conv1d(
     *,
     cu_seqlens: torch.Tensor | None = None,
     activation: str | None = "silu",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Depthwise causal convolution without bias.
 
     x [b, t, c]; weight [c, k]; y[:, i, c] = act(sum_j weight[c, j] * x[:, i - (k-1) + j, c]), with zeros
     before the start of the sequence, or of each document when cu_seqlens ([n + 1], b == 1) is given.
-    Returns y [b, t, c] in x.dtype. CUDA tensors use FLA's Triton conv when available.
+    Returns y [b, t, c] in x.dtype. FLA's Triton conv where Triton runs it (unless deterministic).
     """
-    if x.is_cuda:
-        fla_conv = _fla_causal_conv1d()
-        if fla_conv is not None:
-            y, _ = fla_conv(x, weight, bias=None, activation=activation, cu_seqlens=cu_seqlens)
-            return y
+    fla_conv = _fla_kernel(_fla_causal_conv1d, x, deterministic)
+    if fla_conv is not None:
+        y, _ = fla_conv(x, weight, bias=None, activation=activation, cu_seqlens=cu_seqlens)
+        return y
     return _torch_causal_conv1d(x, weight, cu_seqlens, activation)
