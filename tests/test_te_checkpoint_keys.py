@@ -101,7 +101,7 @@ def _te_field_slots(submodules, module, path):
         spec = getattr(submodules, field.name)
         if field.name == "layer_specs":
             assert len(spec) == len(module.layers), path
-            for i, (layer_spec, layer) in enumerate(zip(spec, module.layers)):
+            for i, (layer_spec, layer) in enumerate(zip(spec, module.layers, strict=True)):
                 yield from _te_slots(layer_spec, layer, f"{path}.layers.{i}")
             continue
         name = RENAMED.get(field.name, field.name)

@@ -171,6 +171,11 @@ class MegatronLayout:
         loaded = dict_list_map_outplace(lambda sh: self._read_one(reader, sh), built)
         return self.entries[name].merge_fn(loaded)
 
+    def stored_dtype(self, reader: TorchDistReader, name: str) -> torch.dtype:
+        """The dtype a torch_dist checkpoint holds table tensor `name` in (that of its first section)."""
+        first = self._flat_sharded_tensors(name, torch.empty(self.shape(name), device="meta"))[0]
+        return reader.tensors[first.key].properties.dtype
+
     @staticmethod
     def _read_one(reader: TorchDistReader, sh: ShardedTensor) -> torch.Tensor:
         shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)

@@ -11,11 +11,8 @@ experts per expert, no lm_head when tied, in the checkpoint's dominant dtype.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, read_config
 from megatron_qwen35.config import qwen35_config_to_hf
@@ -69,15 +66,12 @@ def _plan(rules: list[NamedRule], layout: MegatronLayout, reader: TorchDistReade
           vision: SafetensorsCheckpoint | None) -> list[PlannedTensor]:
     """Every output tensor's name, dtype and shape, in writing order."""
     shapes = hf_shapes(rules, layout, cfg)
-    if "source_dtype" in metadata:
-        default = dtype_from_name(metadata["source_dtype"])
-    else:  # no record of a source: the checkpoint's dominant dtype
-        by_bytes: Counter = Counter()
-        for md in reader.tensors.values():
-            by_bytes[md.properties.dtype] += md.size.numel() * torch.empty((), dtype=md.properties.dtype).element_size()
-        default = by_bytes.most_common(1)[0][0]
     special = {n: dtype_from_name(d) for n, d in (metadata.get("hf_dtypes") or {}).items()}
-    plan = [PlannedTensor(n, special.get(n, default), shapes[n]) for r in rules for n in r.hf]
+    if "source_dtype" in metadata:  # the converted source's dtypes, name by name
+        default = dtype_from_name(metadata["source_dtype"])
+        plan = [PlannedTensor(n, special.get(n, default), shapes[n]) for r in rules for n in r.hf]
+    else:  # no record of a source (trained here): each tensor as the checkpoint holds it (A_log, GDN norm fp32)
+        plan = [PlannedTensor(n, layout.stored_dtype(reader, r.megatron[0]), shapes[n]) for r in rules for n in r.hf]
     if metadata.get("tied_lm_head_in_source"):  # right after the embedding (the table's first rule), its copy
         plan.insert(1, PlannedTensor("lm_head.weight", special.get("lm_head.weight", plan[0].dtype), plan[0].shape))
     if vision is not None:

@@ -34,16 +34,35 @@ from megatron.core.ssm.gated_delta_net.common import (
 from megatron_qwen35.layers import gdn_ops
 from megatron_qwen35.layers.context_parallel import load_balanced_positions, natural_order_index
 
+# Parameters that stay fp32 whatever the model's precision: the released checkpoints store them so (serving engines
+# assert an fp32 A_log) and the decay exp(A_log) * softplus(a + dt_bias) is computed in fp32 anyway.
+FP32_PARAMETERS = ("A_log", "out_norm.weight")
+
 
 class Qwen35GatedDeltaNet(GatedDeltaNet):
-    """megatron-core's GatedDeltaNet parameters and checkpoint layout, with a device-agnostic forward."""
+    """megatron-core's GatedDeltaNet parameters and checkpoint layout, with a device-agnostic forward and the
+    FP32_PARAMETERS kept in fp32 under --bf16 / --fp16 (their parameters, gradients, optimizer state, checkpoints)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.conv_bias:
             raise ValueError("Qwen3.5's Gated DeltaNet conv has no bias; conv_bias=True is not supported")
+        for name in FP32_PARAMETERS:  # megatron builds them in params_dtype; their initial values are exact in fp32
+            param = self.get_parameter(name)
+            param.data = param.data.float()
         if self.tp_size > 1:
             _sum_grad_over_group(self.out_norm.weight, self.pg_collection.tp)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply, except that a cast to a 16-bit float (megatron's Float16Module calls module.bfloat16())
+        leaves the FP32_PARAMETERS in fp32; moves to another device still apply to them."""
+        fp32 = {name: self.get_parameter(name).data for name in FP32_PARAMETERS}
+        super()._apply(fn, recurse)
+        for name, data in fp32.items():
+            param = self.get_parameter(name)
+            if data.dtype == torch.float32 and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = data.to(param.device)
+        return self
 
     def _setup_variant_attrs(self):
         super()._setup_variant_attrs()
@@ -75,22 +94,20 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         conv_weight = get_parameter_local_cp(self.conv1d.weight.squeeze(1), dim=0, cp_group=cp,
                                              split_sections=[self.qk_dim_local_tp, self.qk_dim_local_tp,
                                                              self.v_dim_local_tp])  # this rank's heads' channels
-        qkv = gdn_ops.causal_conv1d(qkv, conv_weight, cu_seqlens=cu_seqlens, activation="silu")
+        qkv = gdn_ops.causal_conv1d(qkv, conv_weight, cu_seqlens=cu_seqlens, activation="silu",
+                                    deterministic=self.config.deterministic_mode)
         query, key, value = torch.split(qkv, [qk_dim, qk_dim, v_dim], -1)
         query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
         key = key.reshape(batch, seq_len, -1, self.key_head_dim)
         value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
-        group = self.num_value_heads // self.num_key_heads
-        if group > 1:  # each key head serves `group` consecutive value heads
-            query = query.repeat_interleave(group, dim=2)
-            key = key.repeat_interleave(group, dim=2)
 
         a_log = get_parameter_local_cp(self.A_log, dim=0, cp_group=cp)
         dt_bias = get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp)
         g = -a_log.float().exp() * F.softplus(alpha.float() + dt_bias.float())  # fp32: bf16 decay underflows
         beta = beta.sigmoid()
         core, _ = self.gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens,
-                                        use_qk_l2norm=self.use_qk_l2norm)  # [b, s, h, dv]
+                                        use_qk_l2norm=self.use_qk_l2norm,
+                                        deterministic=self.config.deterministic_mode)  # [b, s, h, dv]
 
         gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
         norm = partial(self._gated_norm, batch=batch, seq_len=seq_len, cp_positions=cp_positions)
@@ -140,4 +157,4 @@ def _sum_grad_over_group(param: torch.nn.Parameter, group) -> None:
 
     param.register_hook(hook)
     # Sequence parallelism must not sum it a second time in finalize_model_grads.
-    setattr(param, "sequence_parallel", False)
+    param.sequence_parallel = False

@@ -14,9 +14,8 @@ linear's own).
 from typing import Any
 
 import torch
-from torch import nn
-
 from megatron.core.transformer import TransformerConfig
+from torch import nn
 
 
 class Qwen35RMSNorm(nn.Module):
@@ -34,7 +33,7 @@ class Qwen35RMSNorm(nn.Module):
         init = torch.zeros if self.zero_centered_gamma else torch.ones
         self.weight = nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         # Megatron sums the grads of params marked sequence_parallel over TP (each rank saw part of the sequence).
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -127,6 +127,17 @@ PATCHES: tuple[Patch, ...] = (
           ("megatron.core.transformer.multi_token_prediction:roll_tensor",),
           "under CP each rank divides its MTP loss by its own token count, which differ across ranks",
           upstream_fixes.fix_mtp_loss_under_context_parallelism, "576f3fcb1c36", "NVIDIA/Megatron-LM#7498"),
+    Patch("distributed_optimizer_with_fp32_params", UPSTREAM_BUG,
+          ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups",),
+          "the distributed optimizer's checkpoint index counts a group's params in model order, its inner optimizer "
+          "puts fp32 params first: a bf16 model with fp32 params (A_log, GDN norm) cannot save or resume",
+          upstream_fixes.fix_distributed_optimizer_with_fp32_params, "3fce9be2b6d1"),
+    Patch("float16_optimizer_with_fp32_params", UPSTREAM_BUG,
+          ("megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.sharded_state_dict",
+           "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.load_state_dict"),
+          "the bf16 optimizer maps checkpoint param ids over its float16 params only: a bf16 model with fp32 params "
+          "cannot save or resume",
+          upstream_fixes.fix_float16_optimizer_with_fp32_params, "0739fff7fa6d"),
 )
 
 _APPLIED: list[str] = []

@@ -6,6 +6,7 @@ do what it documents. Each goes when the pinned release fixes it; the register's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -89,4 +90,72 @@ def fix_mtp_loss_under_context_parallelism() -> None:
         replace(mtp, "roll_tensor", _roll_with_cp_mean_count(mtp.roll_tensor))
 
 
-__all__ = ["fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp", "fix_mtp_loss_under_context_parallelism"]
+def _main_params_in_model_order(build):
+    @functools.wraps(build)
+    def build_in_model_order(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        """megatron's main-param groups, each inner-optimizer group's params in the order the checkpoint index of
+        every model param (`model_param_group_index_map`) assumes: the group's model params' order."""
+        groups = build.__func__(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        model_f16, model_f32, _, shard_f32, shard_f32_from_f16 = groups
+        if not config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            for g, group_range in enumerate(opt_group_ranges):
+                main = dict(zip(map(id, model_f32[g]), shard_f32[g], strict=True))
+                main.update(zip(map(id, model_f16[g]), shard_f32_from_f16[g], strict=True))
+                group_range["orig_group"]["params"] = [main[id(p)] for p in group_range["params"]]
+        return groups
+
+    build_in_model_order.in_model_order = True
+    return classmethod(build_in_model_order)
+
+
+def fix_distributed_optimizer_with_fp32_params() -> None:
+    # The distributed optimizer puts a group's fp32 params first in its inner optimizer group, while the index its
+    # checkpoints use (model_param_group_index_map) counts the group's params in model order: a bf16 model with any
+    # fp32 parameter (Qwen3.5's A_log, GDN norm) saves and loads other params' Adam state in their place, or asserts.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+    if not getattr(build.__func__, "in_model_order", False):  # (a classmethod always has __wrapped__)
+        replace(DistributedOptimizer, "_build_model_and_main_param_groups", _main_params_in_model_order(build))
+
+
+@contextlib.contextmanager
+def _every_param_as_a_main_param(optimizer):
+    """Within the block, the fp16/bf16 optimizer's (float16 model param, fp32 main param) lists hold every param of
+    each group in the inner optimizer's order, an fp32 model param being its own main param."""
+    saved = optimizer.float16_groups, optimizer.fp32_from_float16_groups
+    model_of = {id(main): model for models, mains in zip(*saved, strict=True)
+                for model, main in zip(models, mains, strict=True)}
+    mains = [list(group["params"]) for group in optimizer.optimizer.param_groups]
+    optimizer.float16_groups = [[model_of.get(id(p), p) for p in group] for group in mains]
+    optimizer.fp32_from_float16_groups = mains
+    try:
+        yield
+    finally:
+        optimizer.float16_groups, optimizer.fp32_from_float16_groups = saved
+
+
+def _with_every_param_as_a_main_param(method):
+    @functools.wraps(method)
+    def with_every_param(self, *args, **kwargs):
+        with _every_param_as_a_main_param(self):
+            return method(self, *args, **kwargs)
+
+    return with_every_param
+
+
+def fix_float16_optimizer_with_fp32_params() -> None:
+    # The (non-distributed) fp16/bf16 optimizer maps its checkpoint's param ids to model params by enumerating the
+    # float16 params only, while the ids count every param of the inner optimizer: with any fp32 parameter in a bf16
+    # model the optimizer state goes to the wrong params ("Optimizer shape ... does not match model shape").
+    # Presenting each fp32 param as its own main param makes both lists count every param, in the ids' order.
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for name in ("sharded_state_dict", "load_state_dict"):
+        method = Float16OptimizerWithFloat16Params.__dict__[name]
+        if not hasattr(method, "__wrapped__"):
+            replace(Float16OptimizerWithFloat16Params, name, _with_every_param_as_a_main_param(method))
+
+
+__all__ = ["fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp", "fix_mtp_loss_under_context_parallelism",
+           "fix_distributed_optimizer_with_fp32_params", "fix_float16_optimizer_with_fp32_params"]
