@@ -3,10 +3,12 @@ single process, in loss and in every full gradient.
 
 How each layout runs is what training runs: megatron DDP (grad_reduce_in_fp32) around each model chunk,
 `get_forward_backward_func()` (1F1B for PP, interleaved for VPP, no pipelining otherwise) over 4 micro-batches of
-one sequence, pretrain_qwen35's loss function (loss sum and token count), and `finalize_model_grads`. The data is
-split over the data-parallel ranks the way a sampler would (each DP rank takes its contiguous share of the 4
-micro-batches) and over context-parallel ranks as megatron's get_batch does (`batch_on_this_cp_rank`: rank r holds
-chunks r and 2CP-1-r of every sequence). The reference is the same code at world size 1.
+one sequence, pretrain_qwen35's own `forward_step` (its get_batch reads on TP rank 0, broadcasts over TP, and
+splits over CP: rank r holds chunks r and 2CP-1-r of every sequence; its loss function returns loss sum and token
+count), and `finalize_model_grads`. The data is split over the data-parallel ranks the way a sampler would (each DP
+rank takes its contiguous share of the 4 micro-batches). The reference is the same code at world size 1.
+tests/parallel/test_pretrain_layouts.py runs the whole of megatron.training at these layouts; this matrix compares
+every gradient tensor, which the training log cannot show.
 
 Weights reach every layout through the checkpoint the single process saved (save/load_checkpoint reshard), and
 gradients come back the same way: each rank copies its reduced `main_grad` shards into the parameters and saves a
@@ -19,7 +21,7 @@ To fit two shared CPU cores, all 2-rank layouts run one after the other inside a
 import os
 import time
 import traceback
-from functools import partial
+from argparse import Namespace
 
 import pytest
 import torch
@@ -27,9 +29,8 @@ import torch
 from megatron_qwen35.checkpoint import load_checkpoint, read_config, save_checkpoint
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import megatron_named_tensors
-from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
 from megatron_qwen35.provider import qwen35_gpt_model
-from megatron_qwen35.training.steps import loss_func
+from megatron_qwen35.training.steps import forward_step
 from tests.parallel.harness import run_distributed
 
 PRESET = "tiny-moe"
@@ -88,17 +89,20 @@ def _data():
     return [(ids[i:i + 1, :-1].contiguous(), pos, ids[i:i + 1, 1:].contiguous()) for i in range(MICRO_BATCHES)]
 
 
-def _forward_step(data_iterator, model):
-    """pretrain_qwen35's forward step on this rank's share of a micro-batch: (loss sum, token count) to the schedule."""
-    from megatron.core import parallel_state as ps
+def _micro_batches():
+    """The global batch as the data loader yields it: MICRO_BATCHES dicts of one sequence."""
+    return [dict(tokens=tokens, position_ids=positions, labels=labels,
+                 loss_mask=torch.ones_like(labels, dtype=torch.float)) for tokens, positions, labels in _data()]
 
-    tokens, positions, labels = next(data_iterator)
-    batch = batch_on_this_cp_rank(dict(tokens=tokens, position_ids=positions, labels=labels,
-                                       loss_mask=torch.ones_like(labels, dtype=torch.float)),
-                                  ps.get_context_parallel_group())  # this CP rank's chunks of the sequence
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                      loss_mask=batch["loss_mask"])  # MTP and MoE aux losses ride on the graph
-    return per_token, partial(loss_func, batch["loss_mask"])
+
+def _set_training_args(cfg) -> None:
+    """The megatron.training args forward_step / get_batch read (this process runs no megatron.training)."""
+    from megatron.training import global_vars
+
+    global_vars._GLOBAL_ARGS = Namespace(
+        create_attention_mask_in_dataloader=False, micro_batch_size=1, seq_length=SEQ,
+        mtp_num_layers=cfg.mtp_num_layers or None, padded_vocab_size=cfg.vocab_size, data_path=None,
+        qwen35_preset=PRESET, hf_config=None)
 
 
 def _transformer_config(cfg, lay):
@@ -148,13 +152,14 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = MICRO_BATCHES // dp
-    mine = _data()[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    mine = _micro_batches()[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    _set_training_args(cfg)
     iterators = [iter(list(mine)) for _ in model]
     for m in model:
         m.zero_grad_buffer()
         m.train(not forward_only)
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
+        forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1, forward_only=forward_only)
     loss = None
     if losses:  # each micro-batch reports [loss sum, tokens]: this rank's mean over its tokens
