@@ -52,7 +52,9 @@ class Qwen35Config:
     head_dim: int = 256  # attention head dim (kv_channels); not hidden/heads
     partial_rotary_factor: float = 0.25  # rope on the first 64 of 256 dims
     rope_theta: float = 1e7
-    mrope_section: tuple[int, ...] = (11, 11, 10)  # interleaved t/h/w frequency split (vision); text sees one position
+    # interleaved t/h/w frequency split (vision), transformers' default when a config has none; any split is valid:
+    # for text (one position for t, h and w) it changes nothing, and transformers' sections slice what exists
+    mrope_section: tuple[int, ...] = (11, 11, 10)
     norm_epsilon: float = 1e-6
     linear_num_key_heads: int = 16
     linear_key_head_dim: int = 128
@@ -93,9 +95,6 @@ class Qwen35Config:
         if self.linear_num_value_heads % self.linear_num_key_heads:
             problems.append(f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
                             f"linear_num_key_heads {self.linear_num_key_heads}")
-        if int(self.head_dim * self.partial_rotary_factor) != 2 * sum(self.mrope_section):
-            problems.append(f"mrope_section {list(self.mrope_section)} does not cover the rotary dims "
-                            f"{int(self.head_dim * self.partial_rotary_factor)} (head_dim x partial_rotary_factor)")
         if problems:
             raise ValueError(f"inconsistent Qwen3.5 config '{self.name}': " + "; ".join(problems))
 

@@ -72,3 +72,30 @@ def test_a_missed_norm_offset_would_show():
         a = _ours_logits(ours, ids)
         b = hf(input_ids=ids).logits
     assert (a - b).abs().max().item() > 100 * LOGIT_TOL
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_config_transformers_writes_without_mrope_section_is_accepted_and_exact(moe):
+    """transformers' own text configs carry no mrope_section unless given one (its model then uses [11, 11, 10], which
+    does not sum to these heads' rotary dims): a config the reference runs is a config we run, to the same logits."""
+    from megatron_qwen35.config import qwen35_config_from_hf
+    from megatron_qwen35.hf_reference import modeling, randomize_
+
+    m = modeling(moe)
+    config_cls = m.Qwen3_5MoeTextConfig if moe else m.Qwen3_5TextConfig
+    size = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48) \
+        if moe else dict(intermediate_size=128)
+    hf_config = config_cls(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                           linear_key_head_dim=16, linear_value_head_dim=16, **size)
+    written = hf_config.to_dict()
+    assert "mrope_section" not in (written.get("rope_parameters") or {})
+    cfg = qwen35_config_from_hf(written).replace(mtp_num_layers=0)
+    torch.manual_seed(0)
+    hf = randomize_((m.Qwen3_5MoeForCausalLM if moe else m.Qwen3_5ForCausalLM)(hf_config).float().eval(), 0)
+    ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
+    load_hf_state_dict(ours, cfg, hf.state_dict(), include_mtp=False)
+    ids = _tokens(cfg)
+    with torch.no_grad():
+        a, b = _ours_logits(ours, ids), hf(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= LOGIT_TOL and torch.equal(a.argmax(-1), b.argmax(-1))
