@@ -376,3 +376,42 @@ def test_command_lines_convert_and_report_errors(source, tmp_path, capsys):
     assert_same_hf_checkpoint(source, tmp_path / "out")
     assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(source, tmp_path, where):
+    """--out-dir equal to --hf-dir (or a directory holding it) with --overwrite deleted the input: refused, and the
+    input is untouched to the byte."""
+    before = _tree_bytes(source)
+    out = source if where == "same" else source.parent
+    with pytest.raises(ValueError, match=f"would replace the input {source}"):
+        qwen35_hf_to_megatron(source, out, overwrite=True, progress=False)
+    assert _tree_bytes(source) == before
+    qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    with pytest.raises(ValueError, match="would replace the input"):
+        qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "mg", overwrite=True, progress=False)
+    assert (tmp_path / "mg" / CONFIG).is_file()
+
+
+def test_a_killed_runs_temporary_directory_is_removed_by_the_next_run(source, tmp_path, capsys):
+    stale = tmp_path / ".mg.tmp-999999999-abcd"  # no such pid
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"x" * 1000)
+    qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mg.")]
+
+
+def test_outputs_honour_the_umask(source, tmp_path):
+    old = os.umask(0o022)
+    try:
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+        qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "exported", progress=False)
+    finally:
+        os.umask(old)
+    for out in (tmp_path / "mg", tmp_path / "exported"):
+        assert out.stat().st_mode & 0o777 == 0o755, oct(out.stat().st_mode)

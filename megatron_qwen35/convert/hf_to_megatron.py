@@ -319,7 +319,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
         "vision": VISION_DIR if source.vision else None,
     }
     total = source.reader.nbytes
-    with output_directory(out_dir, overwrite=overwrite) as tmp:
+    with output_directory(out_dir, overwrite=overwrite, inputs=[hf_dir]) as tmp:
         bar = Progress(total, f"HF -> Megatron {Path(hf_dir).name}", enabled=progress)
         writer = TorchDistWriter(iteration_dir(tmp, RELEASE))  # weights only: megatron.training fine-tunes from it
         try:

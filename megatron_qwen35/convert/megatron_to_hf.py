@@ -102,7 +102,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
     plan = _plan(rules, layout, reader, cfg, metadata, vision)
     dtypes = {p.name: p.dtype for p in plan}
     try:
-        with output_directory(out_dir, overwrite=overwrite) as tmp:
+        with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:
             writer = SafetensorsShardWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
             try:
                 bar = Progress(sum(p.nbytes for p in plan), f"Megatron -> HF {megatron_dir.name}",
