@@ -415,3 +415,24 @@ def test_outputs_honour_the_umask(source, tmp_path):
         os.umask(old)
     for out in (tmp_path / "mg", tmp_path / "exported"):
         assert out.stat().st_mode & 0o777 == 0o755, oct(out.stat().st_mode)
+
+
+def test_a_stored_head_that_differs_from_a_tied_embedding_is_used_as_transformers_does(tmp_path):
+    """config.json says tie_word_embeddings, the files hold a distinct lm_head.weight: transformers runs the stored
+    head (untied), so the converted model does too; the round trip gives back the source's files."""
+    from megatron_qwen35.inference import load_model
+
+    src = make_hf_checkpoint(tmp_path / "hf", "tiny", how="packed")
+    reader = SafetensorsCheckpoint(src)
+    tensors = {k: reader[k] for k in reader}
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = torch.randn_like(embedding) * embedding.std()  # the embedding's scale, not a copy
+    write_safetensors(src / "model.safetensors", tensors)
+    qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _transformers_model(src, False)(input_ids=ids).logits.float()
+    got = load_model(tmp_path / "mg")(ids)
+    assert (got - want).abs().max().item() <= LOGIT_TOL and torch.equal(got.argmax(-1), want.argmax(-1))
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    assert_same_hf_checkpoint(src, tmp_path / "out")

@@ -245,7 +245,13 @@ def inspect_hf_checkpoint(hf_dir: Path | str) -> HFSource:
     if cfg.is_moe:
         expert_layout = {"decoder": _expert_layout(names, f"{prefix}layers.0."),
                          "mtp": _expert_layout(names, "mtp.layers.0.")}
-    tied_head = cfg.tie_word_embeddings and "lm_head.weight" in names  # some tied checkpoints store it anyway
+    tied_head = False  # some tied checkpoints store the head anyway
+    if cfg.tie_word_embeddings and "lm_head.weight" in names:
+        # transformers loads a stored head even where config.json ties it: a copy of the embedding keeps the model
+        # tied, a different head runs untied (as transformers runs it; config.json itself is carried verbatim)
+        tied_head = torch.equal(reader["lm_head.weight"], reader[f"{prefix}embed_tokens.weight"])
+        if not tied_head:
+            cfg = cfg.replace(tie_word_embeddings=False)
     return HFSource(cfg, reader, prefix, expert_layout, mtp_in_source, vision, tied_head, texts)
 
 
