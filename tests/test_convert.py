@@ -436,3 +436,23 @@ def test_a_stored_head_that_differs_from_a_tied_embedding_is_used_as_transformer
     assert (got - want).abs().max().item() <= LOGIT_TOL and torch.equal(got.argmax(-1), want.argmax(-1))
     qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
     assert_same_hf_checkpoint(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("bug", ["drops", "repeats"])
+def test_a_table_bug_cannot_finish_an_incomplete_checkpoint(source, tmp_path, monkeypatch, bug):
+    """The import writer checks that every tensor of the model was written exactly once before the output appears."""
+    from megatron_qwen35.convert import hf_to_megatron
+
+    converted = hf_to_megatron._converted
+
+    def faulty(*args, **kwargs):
+        for i, item in enumerate(converted(*args, **kwargs)):
+            if bug == "repeats" or i != 3:
+                yield item
+            if bug == "repeats" and i == 3:
+                yield item
+
+    monkeypatch.setattr(hf_to_megatron, "_converted", faulty)
+    with pytest.raises(ValueError, match="was not written|is written twice"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    _assert_nothing_left(tmp_path / "mg")

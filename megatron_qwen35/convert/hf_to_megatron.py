@@ -333,7 +333,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
                 layout.write(writer, name, tensor)
                 bar.update(nbytes, tensors=1 if nbytes else 0)
             layout.write_objects(writer, iteration=0)
-            writer.finish()
+            writer.finish(expected=layout.checkpoint_shapes())  # every tensor of the model, each once, or no output
         except BaseException:
             writer.abort()  # let the write-behind thread stop before the temporary directory goes
             raise

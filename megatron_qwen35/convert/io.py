@@ -401,6 +401,8 @@ class TorchDistWriter:
         elif md.size != torch.Size(global_shape) or md.properties.dtype != chunk.dtype:
             raise ValueError(f"chunks of '{key}' disagree: {md.size} {md.properties.dtype} vs "
                              f"{list(global_shape)} {chunk.dtype}")
+        elif any(tuple(c.offsets) == tuple(offsets) for c in md.chunks):
+            raise ValueError(f"the chunk of '{key}' at {list(offsets)} is written twice")
         md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
 
         def save(f):
@@ -422,15 +424,32 @@ class TorchDistWriter:
             self._behind.close()
         self._data.close()
 
-    def finish(self) -> None:
+    def finish(self, expected: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Write the metadata that makes the checkpoint readable; with `expected` ({key: global shape}), first check
+        that exactly those tensors were written, each covered once by its chunks."""
         self._behind.close()
         self._data.close()
+        if expected is not None:
+            self._check_complete(expected)
         metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects}, storage_data=self._storage,
                             storage_meta=StorageMeta(checkpoint_id=str(self.directory), save_id=str(uuid.uuid4())))
         metadata.version = "1.0.0"  # torch's CURRENT_DCP_VERSION for this layout
         with open(self.directory / DCP_METADATA, "wb") as f:
             pickle.dump(metadata, f)
         (self.directory / "metadata.json").write_text(json.dumps(MEGATRON_FORMAT))
+
+    def _check_complete(self, expected: Mapping[str, Sequence[int]]) -> None:
+        problems = [f"'{k}' was not written" for k in expected if k not in self._tensors]
+        problems += [f"'{k}' is not a tensor of this model" for k in self._tensors if k not in expected]
+        for key, md in self._tensors.items():
+            if key in expected and md.size != torch.Size(expected[key]):
+                problems.append(f"'{key}' has shape {list(md.size)}, the model's is {list(expected[key])}")
+            elif sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
+                problems.append(f"the chunks of '{key}' cover {sum(math.prod(c.sizes) for c in md.chunks)} of "
+                                f"{math.prod(md.size)} elements")
+        if problems:
+            raise ValueError(f"{self.directory}: incomplete checkpoint, not finished: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
 _DCP_CLASSES = {
