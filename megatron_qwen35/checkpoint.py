@@ -60,6 +60,8 @@ def write_config(ckpt_dir: Path | str, cfg: Qwen35Config, metadata: dict[str, An
 def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
     """The model config and metadata stored with a checkpoint written by this project."""
     path = Path(ckpt_dir) / CONFIG
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron_qwen35 checkpoint: {CONFIG} is missing")
     d = json.loads(path.read_text())

@@ -456,3 +456,12 @@ def test_a_table_bug_cannot_finish_an_incomplete_checkpoint(source, tmp_path, mo
     with pytest.raises(ValueError, match="was not written|is written twice"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     _assert_nothing_left(tmp_path / "mg")
+
+
+def test_a_missing_input_directory_is_named_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+        qwen35_hf_to_megatron(tmp_path / "nope", tmp_path / "mg", progress=False)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint directory {tmp_path / 'nope'} does not exist"):
+        qwen35_megatron_to_hf(tmp_path / "nope", tmp_path / "hf", progress=False)
+    _assert_nothing_left(tmp_path / "mg")
+    _assert_nothing_left(tmp_path / "hf")

@@ -1,5 +1,8 @@
 """The pretraining path: forward_step's loss, exact resume through pretrain_qwen35.py, tokenized data round trip."""
 
+import contextlib
+import io
+import runpy
 from argparse import Namespace
 from pathlib import Path
 
@@ -97,3 +100,22 @@ def test_preprocess_names_a_missing_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         tokenize_to_indexed([tmp_path / "nope.jsonl"], tmp_path / "out")
     assert not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": "fine"}\n{"text": "broken\n', "docs.jsonl:2: not valid JSON"),
+    (b'{"text": "fine"}\n{"text": 42}\n', "docs.jsonl:2: 'text' is a JSON int, not a string"),
+    (b'{"text": "fine"}\n["a list"]\n', "docs.jsonl:2: a JSON list, not an object"),
+    (b'{"body": "no text field"}\n', "docs.jsonl:1: has no 'text' field"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "docs.jsonl:2: not UTF-8 text (byte 13 of the line"),
+])
+def test_preprocess_names_the_file_and_line_of_bad_input(tmp_path, content, message):
+    """One `error:` line naming file and line (after the progress bar), exit code 2, no output files."""
+    (tmp_path / "docs.jsonl").write_bytes(content)
+    main = runpy.run_path(str(REPO / "tools" / "data" / "preprocess.py"), run_name="cli")["main"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(tmp_path / "out" / "corpus")])
+    last = err.getvalue().strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and message in last, err.getvalue()
+    assert not list(tmp_path.rglob("corpus*"))

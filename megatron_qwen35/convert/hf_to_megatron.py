@@ -224,6 +224,8 @@ class HFSource:
 def inspect_hf_checkpoint(hf_dir: Path | str) -> HFSource:
     """Read config.json and every safetensors header; decide prefix, expert layouts, MTP and vision."""
     hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} does not exist" if not hf_dir.exists() else f"{hf_dir} is not a directory")
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json")

@@ -21,28 +21,47 @@ from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
 _TOKENIZER: Qwen35Tokenizer | None = None
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is named with its number and byte offset."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
+
+
+def _json_text(path: Path, n: int, line: str, json_key: str) -> str:
+    """The `json_key` string of one jsonl line, or a ValueError naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object with a '{json_key}' field")
+    if json_key not in obj:
+        raise ValueError(f"{path}:{n}: has no '{json_key}' field (it has {sorted(obj)[:5]})")
+    if not isinstance(obj[json_key], str):
+        raise ValueError(f"{path}:{n}: '{json_key}' is a JSON {type(obj[json_key]).__name__}, not a string")
+    return obj[json_key]
+
+
 def iter_documents(path: Path, json_key: str = "text") -> Iterator[str]:
     """Documents of a .jsonl file (one object per line) or of a plain text file (paragraphs)."""
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                if json_key not in obj:
-                    raise KeyError(f"{path}:{n} has no '{json_key}' field")
-                yield obj[json_key]
+        for n, line in _lines(path):
+            if line.strip():
+                yield _json_text(path, n, line, json_key)
     else:
         paragraph: list[str] = []
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph).rstrip("\n")
-                    paragraph = []
+        for _, line in _lines(path):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).rstrip("\n")
+                paragraph = []
         if paragraph:
             yield "".join(paragraph).rstrip("\n")
 
