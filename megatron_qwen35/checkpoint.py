@@ -113,6 +113,33 @@ def save_checkpoint(model, cfg: Qwen35Config, ckpt_dir: Path | str, *, iteration
     return target
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file is missing, truncated or malformed; the message names the file (and tensor)."""
+
+
+def check_checkpoint_files(source: Path | str) -> None:
+    """Name a missing or cut-off data file and the first tensor it loses, before dist_checkpointing would fail deep
+    inside torch naming neither (a copy interrupted, a full disk during save). Reads only metadata and file sizes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    source = Path(source)
+    try:
+        metadata = FileSystemReader(str(source)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a missing or corrupt .metadata
+        raise CheckpointFileError(f"{source}: its .metadata cannot be read ({type(e).__name__}: {e})") from None
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        path = source / info.relative_path
+        if info.relative_path not in sizes:
+            sizes[info.relative_path] = path.stat().st_size if path.is_file() else -1
+        size = sizes[info.relative_path]
+        if size < 0:
+            raise CheckpointFileError(f"{path} is missing (it holds '{index.fqn}')")
+        if info.offset + info.length > size:
+            raise CheckpointFileError(f"{path} is cut off at {size} bytes: '{index.fqn}' needs bytes "
+                                       f"{info.offset}-{info.offset + info.length}")
+
+
 def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None, optimizer=None,
                     strict: bool = True) -> dict[str, Any]:
     """Load weights (and optimizer state) saved at any parallel layout into this rank's shards.
@@ -123,6 +150,7 @@ def load_checkpoint(model, ckpt_dir: Path | str, *, iteration: int | None = None
     source = iteration_dir(ckpt_dir, iteration)
     if not source.is_dir():
         raise FileNotFoundError(f"checkpoint directory {source} is missing")
+    check_checkpoint_files(source)
     loaded = dist_checkpointing.load(_full_state(model, optimizer, is_loading=True), str(source))
     chunks = model if isinstance(model, (list, tuple)) else [model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

@@ -465,3 +465,51 @@ def test_a_missing_input_directory_is_named_as_missing(tmp_path):
         qwen35_megatron_to_hf(tmp_path / "nope", tmp_path / "hf", progress=False)
     _assert_nothing_left(tmp_path / "mg")
     _assert_nothing_left(tmp_path / "hf")
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the write-behind thread: one `error:` line, exit code 2, no output and no temporary directory."""
+    import errno
+
+    from megatron_qwen35.convert import io as convert_io
+
+    real_save = torch.save
+    calls = []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(convert_io.torch, "save", save_until_full)
+    to_mg = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")["main"]
+    assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: No space left on device") and "free space and run again" in err[-1]
+    _assert_nothing_left(tmp_path / "mg")
+
+
+def test_nan_or_inf_in_a_weight_is_carried_with_a_warning_naming_it(source, tmp_path):
+    """transformers loads such a file, so the conversion does too; the tensor is named in a warning both ways."""
+    def poison(t):
+        t["model.layers.1.linear_attn.dt_bias"][0] = float("nan")
+
+    _rewrite(source, poison)
+    with pytest.warns(UserWarning, match="tensor 'model.layers.1.linear_attn.dt_bias' holds 1 NaN / Inf"):
+        qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    with pytest.warns(UserWarning, match=r"tensor 'decoder.layers.1.self_attention.dt_bias' holds 1 NaN / Inf"):
+        qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    assert_same_hf_checkpoint(source, tmp_path / "out")  # bit for bit, the NaN included
+
+
+def test_load_model_names_the_cut_off_file_and_tensor(source, tmp_path):
+    """A checkpoint whose data file was cut off (an interrupted copy): one error naming the file and a tensor it
+    loses, instead of a long traceback from inside torch."""
+    from megatron_qwen35.inference import load_model
+
+    qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    data = tmp_path / "mg" / "release" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CheckpointFileError, match=rf"{data} is cut off at \d+ bytes: '[\w.]+' needs bytes"):
+        load_model(tmp_path / "mg")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -14,6 +15,12 @@ def run_conversion(convert: Callable[[], object]) -> int:
         out = convert()
     except INPUT_ERRORS as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the input: a full disk, a read-only or vanished directory
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "; free space and run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"error: {e.strerror or e}{where} while converting; the output directory was not created{hint}",
+              file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

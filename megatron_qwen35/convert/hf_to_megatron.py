@@ -33,6 +33,7 @@ from megatron_qwen35.convert.io import (
     TorchDistReader,
     TorchDistWriter,
     output_directory,
+    warn_if_not_finite,
 )
 from megatron_qwen35.convert.table import (
     MULTIMODAL_PREFIX,
@@ -286,6 +287,7 @@ def _converted(source: HFSource, rules: list[NamedRule], target: torch.dtype | N
     cfg = source.cfg
     for rule in rules:
         inputs = [source.reader[n] for n in rule.hf]
+        warn_if_not_finite(rule.hf, inputs, source.reader.directory)
         nbytes = sum(t.numel() * t.element_size() for t in inputs)
         work = compute_in(rule, target or functools.reduce(torch.promote_types, [t.dtype for t in inputs]))
         outputs = rule.transform.to_megatron([t.to(work) for t in inputs], cfg)

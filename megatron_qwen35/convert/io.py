@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from megatron_qwen35.checkpoint import CheckpointFileError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
@@ -53,10 +56,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file is missing, truncated or malformed; the message names the file (and tensor)."""
 
 
 class WriteBehind:
@@ -569,6 +568,16 @@ class TorchDistReader:
 
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
+
+
+def warn_if_not_finite(names: Sequence[str], tensors: Sequence[torch.Tensor], where: Path | str) -> None:
+    """NaN / Inf in a weight is carried as it is (transformers loads such files too), with a warning naming it: a
+    diverged run or a corrupt file should not pass unnoticed, nor stop a conversion the reference would accept."""
+    for name, tensor in zip(names, tensors, strict=True):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            warnings.warn(f"{where}: tensor '{name}' holds {bad} NaN / Inf value(s) of {tensor.numel()}; carried "
+                          "as they are", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

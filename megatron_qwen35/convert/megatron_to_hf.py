@@ -32,6 +32,7 @@ from megatron_qwen35.convert.io import (
     SafetensorsShardWriter,
     TorchDistReader,
     output_directory,
+    warn_if_not_finite,
 )
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, NamedRule, check_names
 from megatron_qwen35.convert.transforms import PLUS_ONE
@@ -109,6 +110,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
                                enabled=progress)
                 for rule in rules:
                     inputs = [layout.read(reader, n) for n in rule.megatron]
+                    warn_if_not_finite(rule.megatron, inputs, reader.directory)
                     work = compute_in(rule, dtypes[rule.hf[0]]) if rule.transform is PLUS_ONE else None
                     outputs = rule.transform.to_hf([t.to(work) for t in inputs] if work else inputs, cfg)
                     for name, tensor in zip(rule.hf, outputs, strict=True):
