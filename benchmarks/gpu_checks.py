@@ -24,7 +24,6 @@ ends with `ratio X`) and a summary; exits 1 if any check fails or raises.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 DRY_RUN = "--dry-run" in sys.argv[1:]  # decided before torch and triton are imported: both read the environment
 if DRY_RUN:
@@ -384,20 +384,6 @@ def checkpoint_names(model) -> dict[str, torch.nn.Parameter]:
     return names
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def check_te_vs_local() -> None:
     from megatron_qwen35.runtime import transformer_engine_available
 
@@ -409,7 +395,7 @@ def check_te_vs_local() -> None:
         return
     # Both models take the torch GDN path (FLA's TF32 dots would round the backends' tiny differences unevenly);
     # megatron refuses TE attention under deterministic_mode unless TE is told to pick deterministic algorithms.
-    with _environment(NVTE_ALLOW_NONDETERMINISTIC_ALGO="0"):
+    with mock.patch.dict(os.environ, NVTE_ALLOW_NONDETERMINISTIC_ALGO="0"):
         for preset in ("tiny", "tiny-moe"):  # tiny: fused pre-MLP norm; tiny-moe: TE linears in the experts
             cfg = _preset(preset)
             source = _reference(cfg, seed=2)
