@@ -22,15 +22,15 @@ from megatron_qwen35.runtime import compute_device
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
-def stage_needs_data(vp_stage: int | None = None) -> bool:
-    """Whether this (virtual) pipeline stage reads the micro-batch: the first (tokens), the last (labels) and any
-    stage that holds MTP layers (they roll the tokens and labels themselves)."""
+def _stage_roles(vp_stage: int | None) -> tuple[bool, bool, bool]:
+    """(first stage, last stage, holds MTP layers) for this (virtual) pipeline stage: the ones that read data (tokens;
+    labels; MTP rolls tokens and labels itself)."""
     from megatron.training import get_args
 
     mtp = get_args().mtp_num_layers
-    return (mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-            or mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-            or bool(mtp) and mtp_on_this_rank(mtp_num_layers=mtp, ignore_virtual=False, vp_stage=vp_stage))
+    return (mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            bool(mtp) and mtp_on_this_rank(mtp_num_layers=mtp, ignore_virtual=False, vp_stage=vp_stage))
 
 
 def _check_token_ids(batch: dict, vocab_size: int) -> None:
@@ -55,15 +55,14 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     from megatron.training import get_args
 
     args = get_args()
-    if not stage_needs_data(vp_stage):
+    first, last, mtp_here = _stage_roles(vp_stage)
+    if not (first or last or mtp_here):
         return {k: None for k in BATCH_KEYS}
     batch = None
     if mpu.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
         batch = next(data_iterator)
         _check_token_ids(batch, args.padded_vocab_size)
         batch = {k: (v.to(compute_device(), non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     batch = get_batch_on_this_tp_rank(
         batch, has_cu_seqlens=False, is_hybrid_cp=False,
         create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
@@ -71,8 +70,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         broadcast_group=mpu.get_tensor_model_parallel_group(), cp_size=mpu.get_context_parallel_world_size(),
         tp_rank=mpu.get_tensor_model_parallel_rank(), micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        mtp_on_this_rank=bool(args.mtp_num_layers) and mtp_on_this_rank(mtp_num_layers=args.mtp_num_layers,
-                                                                        ignore_virtual=False, vp_stage=vp_stage),
+        mtp_on_this_rank=mtp_here,
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
         is_pipeline_first_stage=first, is_pipeline_last_stage=last)
     batch.setdefault("cu_seqlens", None)  # ordinary (not packed) pretraining batches
