@@ -10,25 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen35.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+from megatron_qwen35.checkpoint import CONFIG, CheckpointFileError, load_checkpoint, save_checkpoint
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
-from megatron_qwen35.convert.hf_to_megatron import (
-    MegatronLayout,
-    conversion_rules,
-    hf_shapes,
-    qwen35_hf_to_megatron,
-)
-from megatron_qwen35.convert.io import (
-    INDEX_NAME,
-    CheckpointFileError,
-    SafetensorsCheckpoint,
-    TorchDistReader,
-    TorchDistWriter,
-    write_safetensors,
-)
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 from megatron_qwen35.convert.model_state import load_hf_state_dict, megatron_named_tensors
-from megatron_qwen35.convert.table import MULTIMODAL_PREFIX, TEXT_ONLY_PREFIX
+from megatron_qwen35.convert.safetensors_files import INDEX_NAME, SafetensorsCheckpoint, write_safetensors
+from megatron_qwen35.convert.table import MULTIMODAL_PREFIX, TEXT_ONLY_PREFIX, HFLayout, hf_shapes
+from megatron_qwen35.convert.torch_dist import TorchDistReader, TorchDistWriter
 from megatron_qwen35.hf_reference import modeling, reference_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -45,9 +35,8 @@ KL_TOL = 1e-6
 def _mtp_tensors(cfg, *, hf_prefix, layout, seed=5):
     """Random `mtp.*` tensors with the names and shapes the table gives for cfg's MTP layer."""
     cfg = cfg.replace(mtp_num_layers=1)
-    rules = [r for r in conversion_rules(cfg, hf_prefix=hf_prefix, expert_layout={"decoder": layout, "mtp": layout})
-             if r.megatron[0].startswith("mtp.")]
-    shapes = hf_shapes(rules, MegatronLayout(cfg), cfg)
+    rules = [r for r in HFLayout(hf_prefix, layout, layout).rules(cfg) if r.megatron[0].startswith("mtp.")]
+    shapes = hf_shapes(rules, MegatronLayout(cfg).shape, cfg)
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=g) * 0.1 + (1.0 if n.endswith("linear_attn.norm.weight") else 0.0)
             for n, s in shapes.items()}
@@ -124,7 +113,7 @@ def test_round_trip_is_bitwise_identical(case, tmp_path):
     preset, options = CASES[case]
     src = make_hf_checkpoint(tmp_path / "hf", preset, **options)
     qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
-    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_bytes=64 * 1024)
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_size=64 * 1024)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1  # really sharded, with an index
     assert_same_hf_checkpoint(src, tmp_path / "out")
     _, meta = json.loads((tmp_path / "mg" / CONFIG).read_text()).values()
@@ -133,14 +122,19 @@ def test_round_trip_is_bitwise_identical(case, tmp_path):
         assert (tmp_path / "mg" / meta["vision"]).is_dir()
 
 
-def test_bf16_norm_offsets_are_stored_in_fp32(tmp_path):
-    """(w - 1) of a bf16 GDN norm weight keeps its low bits only in fp32; every other tensor keeps bf16."""
+def test_bf16_source_keeps_the_models_fp32_parameters_in_fp32(tmp_path):
+    """An all-bf16 source: A_log and the GDN output norm are stored fp32, as the model keeps them under bf16 (and
+    (w - 1) of the norm keeps its low bits only in fp32); every other tensor stays bf16; the export gives bf16 back."""
     src = make_hf_checkpoint(tmp_path / "hf", "tiny", dtype=torch.bfloat16)
     qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
     reader = TorchDistReader(tmp_path / "mg" / "release")
     dtypes = {k: reader.dtype(k) for k in reader.tensors}
-    assert {k for k, d in dtypes.items() if d == torch.float32} == {k for k in dtypes if k.endswith("out_norm.weight")}
-    assert all(d == torch.bfloat16 for k, d in dtypes.items() if not k.endswith("out_norm.weight"))
+    fp32 = {k for k in dtypes if k.endswith(("self_attention.A_log", "self_attention.out_norm.weight"))}
+    assert len(fp32) == 2 * sum(t == "linear_attention" for t in qwen35_preset("tiny").layer_types)
+    assert {k for k, d in dtypes.items() if d == torch.float32} == fp32
+    assert all(d == torch.bfloat16 for k, d in dtypes.items() if k not in fp32)
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    assert_same_hf_checkpoint(src, tmp_path / "out")
 
 
 def test_dtype_flag_casts_and_export_restores_the_source_dtype(tmp_path):
@@ -216,7 +210,7 @@ def test_export_loads_in_transformers(how, tmp_path):
     """transformers' from_pretrained reads the export into exactly the weights it reads from the source."""
     src = make_hf_checkpoint(tmp_path / "hf", "tiny-moe", how=how)
     qwen35_hf_to_megatron(src, tmp_path / "mg", progress=False)
-    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_bytes=64 * 1024)
+    qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, max_shard_size=64 * 1024)
     want = _transformers_model(src, True).state_dict()
     got = _transformers_model(tmp_path / "out", True).state_dict()
     assert set(got) == set(want)
@@ -441,18 +435,16 @@ def test_a_stored_head_that_differs_from_a_tied_embedding_is_used_as_transformer
 @pytest.mark.parametrize("bug", ["drops", "repeats"])
 def test_a_table_bug_cannot_finish_an_incomplete_checkpoint(source, tmp_path, monkeypatch, bug):
     """The import writer checks that every tensor of the model was written exactly once before the output appears."""
-    from megatron_qwen35.convert import hf_to_megatron
+    write = MegatronLayout.write
+    victim = "decoder.layers.1.self_attention.dt_bias"
 
-    converted = hf_to_megatron._converted
+    def faulty(self, writer, name, tensor, **kwargs):
+        if name != victim or bug == "repeats":
+            write(self, writer, name, tensor, **kwargs)
+        if name == victim and bug == "repeats":
+            write(self, writer, name, tensor, **kwargs)
 
-    def faulty(*args, **kwargs):
-        for i, item in enumerate(converted(*args, **kwargs)):
-            if bug == "repeats" or i != 3:
-                yield item
-            if bug == "repeats" and i == 3:
-                yield item
-
-    monkeypatch.setattr(hf_to_megatron, "_converted", faulty)
+    monkeypatch.setattr(MegatronLayout, "write", faulty)
     with pytest.raises(ValueError, match="was not written|is written twice"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     _assert_nothing_left(tmp_path / "mg")
@@ -468,10 +460,10 @@ def test_a_missing_input_directory_is_named_as_missing(tmp_path):
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_nothing(source, tmp_path, capsys, monkeypatch):
-    """ENOSPC in the write-behind thread: one `error:` line, exit code 2, no output and no temporary directory."""
+    """ENOSPC in a conversion lane: one `error:` line, exit code 2, no output and no temporary directory."""
     import errno
 
-    from megatron_qwen35.convert import io as convert_io
+    from megatron_qwen35.convert import torch_dist
 
     real_save = torch.save
     calls = []
@@ -482,7 +474,7 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(source, tmp_path, caps
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(convert_io.torch, "save", save_until_full)
+    monkeypatch.setattr(torch_dist.torch, "save", save_until_full)
     to_mg = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")["main"]
     assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

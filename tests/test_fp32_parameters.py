@@ -82,8 +82,9 @@ def test_bf16_training_keeps_them_fp32_resumes_exactly_and_exports_them(tmp_path
     losses; the saved A_log / GDN norm weights are fp32 (the rest bf16); the Hugging Face export writes them fp32 as
     the releases do."""
     from megatron_qwen35.checkpoint import iteration_dir, latest_iteration
-    from megatron_qwen35.convert.io import SafetensorsCheckpoint, TorchDistReader
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from megatron_qwen35.convert.safetensors_files import SafetensorsCheckpoint
+    from megatron_qwen35.convert.torch_dist import TorchDistReader
 
     ckpt = tmp_path / "ckpt"
     flags = ("--bf16", "--use-distributed-optimizer", "--train-iters", "4")

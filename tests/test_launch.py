@@ -100,8 +100,8 @@ def test_fine_tuning_keeps_the_conversion_record_and_the_vision_tower(converted_
     """--load a converted VL checkpoint, --save=DIR (one token) elsewhere: the new checkpoint's qwen35_config.json
     carries the converter's record and the vision tensors, so the export after training writes them back."""
     from megatron_qwen35.checkpoint import CONFIG
-    from megatron_qwen35.convert.io import SafetensorsCheckpoint
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from megatron_qwen35.convert.safetensors_files import SafetensorsCheckpoint
 
     tuned = tmp_path / "tuned"
     pretrain(tmp_path, "--train-iters", "1", "--load", str(converted_vl), f"--save={tuned}", "--save-interval", "1")

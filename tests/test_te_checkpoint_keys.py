@@ -25,7 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, save_checkpoint
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
-from megatron_qwen35.convert.io import TorchDistReader
+from megatron_qwen35.convert.torch_dist import TorchDistReader
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.specs.layer_specs import qwen35_block_spec, qwen35_mtp_block_spec
 from tests.test_convert import make_hf_checkpoint

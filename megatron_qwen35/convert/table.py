@@ -1,18 +1,28 @@
-"""THE mapping between Hugging Face and Megatron names: one list of rules, read in both directions.
+"""THE mapping between Hugging Face and Megatron names: one list of rules, read in both directions, and every
+choice a Hugging Face checkpoint makes about its names (`HFLayout`).
 
 Megatron names are the checkpoint names of megatron-core's `sharded_state_dict` (Transformer Engine spelling, which
 the local backend maps onto). `{mg}` / `{hf}` stand for a layer's prefix on each side, `{E}` expands over experts.
 MoE rows extend the dense rows through the MLP choice; MTP reuses the attention-layer rows under its own prefixes.
+
+What varies between Hugging Face checkpoints of one model, and is decided here only:
+- the prefix: `model.` (text-only Qwen3_5ForCausalLM) or `model.language_model.` (the released VL wrapper, whose
+  `model.visual.*` tensors have no Megatron counterpart and travel verbatim);
+- the expert storage, separately for decoder and MTP layers: packed 3-D (`mlp.experts.gate_up_proj`, what the
+  transformers module holds and the Qwen3.5 MoE releases store in the decoder) or per expert 2-D (what
+  `save_pretrained` writes, and the Qwen3.5 releases' MTP layer);
+- a head stored although config.json ties it (a copy of the embedding; a different head unties the model, as
+  transformers then runs it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from megatron_qwen35.config import FULL_ATTENTION, Qwen35Config
+from megatron_qwen35.config import FULL_ATTENTION, MULTIMODAL_MODEL_TYPES, Qwen35Config
 from megatron_qwen35.convert.transforms import (
     GATE_UP,
     GATED_QKV,
@@ -26,6 +36,8 @@ from megatron_qwen35.convert.transforms import (
 
 TEXT_ONLY_PREFIX = "model."  # Qwen3_5ForCausalLM checkpoints
 MULTIMODAL_PREFIX = "model.language_model."  # Qwen3_5ForConditionalGeneration checkpoints
+VISION_PREFIX = "model.visual."  # the VL wrapper's vision tower: carried verbatim, not converted
+LM_HEAD = "lm_head.weight"
 EXPERT_LAYOUTS = ("packed", "per_expert")  # transformers' module holds packed; save_pretrained writes per expert
 
 
@@ -157,6 +169,54 @@ def qwen35_rules(cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX, expert
             rules += _expand_rules(_layer_rules(cfg, FULL_ATTENTION, expert_layout), f"{mg}mtp_model_layer.",
                                    f"{hf}layers.{j}.", cfg.num_experts)
     return rules
+
+
+def embedding_name(hf_prefix: str) -> str:
+    return f"{hf_prefix}embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """How one Hugging Face checkpoint names the model's tensors. The default is what transformers'
+    `save_pretrained` writes for Qwen3_5(Moe)ForCausalLM: text-only names, experts per expert, no tied head."""
+
+    prefix: str = TEXT_ONLY_PREFIX
+    decoder_experts: str = "per_expert"
+    mtp_experts: str = "per_expert"
+    stored_tied_head: bool = False  # lm_head.weight stored beside a tied embedding (a copy of it)
+
+    def rules(self, cfg: Qwen35Config) -> list[NamedRule]:
+        """The table's rules for this model under these names; decoder and MTP may store experts differently."""
+        rules = qwen35_rules(cfg, hf_prefix=self.prefix, expert_layout=self.decoder_experts, include_mtp=False)
+        if cfg.mtp_num_layers:
+            rules += [r for r in qwen35_rules(cfg, hf_prefix=self.prefix, expert_layout=self.mtp_experts)
+                      if r.megatron[0].startswith("mtp.")]
+        return rules
+
+    @property
+    def embedding(self) -> str:
+        return embedding_name(self.prefix)
+
+    @classmethod
+    def of(cls, hf_config: Mapping, names: Collection[str], *, stored_tied_head: bool = False) -> HFLayout:
+        """The layout of a checkpoint with this config.json and these tensor names. A missing tensor is not
+        decided here: the name check that follows names it."""
+        prefix = MULTIMODAL_PREFIX if hf_config.get("model_type") in MULTIMODAL_MODEL_TYPES else TEXT_ONLY_PREFIX
+
+        def experts(layer_prefix: str) -> str:
+            return "packed" if f"{layer_prefix}mlp.experts.gate_up_proj" in names else "per_expert"
+
+        return cls(prefix, experts(f"{prefix}layers.0."), experts("mtp.layers.0."), stored_tied_head)
+
+
+def hf_shapes(rules: list[NamedRule], megatron_shape: Callable[[str], tuple[int, ...]],
+              cfg: Qwen35Config) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face shape of every tensor: each rule's to_hf run on meta tensors of the Megatron shapes."""
+    out = {}
+    for rule in rules:
+        metas = [torch.empty(megatron_shape(n), device="meta") for n in rule.megatron]
+        out.update({n: tuple(t.shape) for n, t in zip(rule.hf, rule.transform.to_hf(metas, cfg), strict=True)})
+    return out
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: Qwen35Config,

@@ -1,7 +1,8 @@
 """Reshaping rules between Hugging Face and Megatron tensors, each a named pair of functions kept side by side.
 
 Every transform maps a list of Hugging Face tensors to a list of Megatron tensors and back; `to_hf(to_megatron(x))
-== x` bit for bit (tests/test_convert_table.py). Sizes come from the model config, never from guesses.
+== x` bit for bit (the round-trip tests in tests/test_convert.py). Sizes come from the model config, never from
+guesses. Most transforms only move bytes; one does arithmetic, and carries its own dtype policy (`work_dtype`).
 Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, I expert width.
 """
 
@@ -22,6 +23,14 @@ class Transform:
     name: str
     to_megatron: Callable[[Tensors, Qwen35Config], Tensors]
     to_hf: Callable[[Tensors, Qwen35Config], Tensors]
+    arithmetic: bool = False  # computes new values (rather than moving bytes)
+
+    def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype to run this transform in for data of `dtype`: arithmetic on 16-bit data runs in fp32, because
+        (w - 1) in bf16 drops the low bits of w and w would come back different."""
+        if self.arithmetic and dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return dtype
 
 
 IDENTITY = Transform("identity", lambda t, cfg: list(t), lambda t, cfg: list(t))
@@ -37,7 +46,7 @@ def _plus_one(t: Tensors, cfg) -> Tensors:
     return [t[0] + 1]
 
 
-PLUS_ONE = Transform("plus_one", to_megatron=_minus_one, to_hf=_plus_one)
+PLUS_ONE = Transform("plus_one", to_megatron=_minus_one, to_hf=_plus_one, arithmetic=True)
 
 
 def _concat(t: Tensors, cfg) -> Tensors:

@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", required=True, help="the Megatron checkpoint directory to create")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="weight dtype (default: the checkpoint's own, tensor by tensor)")
+    parser.add_argument("--threads", type=int, default=None, help="tensors converted at once (default: by CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -23,8 +24,10 @@ def main(argv=None) -> int:
     from megatron_qwen35.convert.cli import run_conversion
     from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 
+    lanes = {"lanes": args.threads} if args.threads else {}
     return run_conversion(lambda: qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype,
-                                                        overwrite=args.overwrite, progress=not args.no_progress))
+                                                        overwrite=args.overwrite, progress=not args.no_progress,
+                                                        **lanes))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megatron-dir", required=True, help="checkpoint written by training or hf_to_megatron.py")
     parser.add_argument("--out-dir", required=True, help="the Hugging Face directory to create")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
+    parser.add_argument("--max-shard-size", default=None,
+                        help="largest safetensors shard, in bytes or like '5GB' (default: the converted source's own "
+                             "files, or transformers' default for a checkpoint trained from scratch)")
+    parser.add_argument("--threads", type=int, default=None, help="tensors converted at once (default: by CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -22,9 +25,10 @@ def main(argv=None) -> int:
     from megatron_qwen35.convert.cli import run_conversion
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 
-    shard_bytes = int(args.max_shard_gb * 1024**3)
+    size = int(args.max_shard_size) if (args.max_shard_size or "").isdigit() else args.max_shard_size
+    lanes = {"lanes": args.threads} if args.threads else {}
     return run_conversion(lambda: qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
-                                                        max_shard_bytes=shard_bytes, progress=not args.no_progress))
+                                                        max_shard_size=size, progress=not args.no_progress, **lanes))
 
 
 if __name__ == "__main__":

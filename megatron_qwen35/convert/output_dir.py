@@ -1,0 +1,73 @@
+"""Where a conversion writes: a temporary sibling directory, renamed into place only when everything is written.
+
+A failed or interrupted run never leaves anything that looks like a checkpoint, nor touches its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary siblings of `out_dir` that a killed run left behind (its pid is in the name and no longer alive on
+    this machine) are removed, each reported on stderr; any other is reported and kept."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = stale.name[len(f".{out_dir.name}.tmp-"):].split("-")[0]
+        alive = True
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # another user's live process
+                pass
+        if alive:
+            print(f"note: {stale} may belong to a conversion still running; left in place", file=sys.stderr)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"note: removed {stale}, left by a conversion that was killed (pid {pid})", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Sequence[Path | str] = ()
+                     ) -> Iterator[Path]:
+    """A temporary directory beside `out_dir`, renamed to `out_dir` only when the block succeeds.
+
+    A failed or interrupted run leaves no directory at `out_dir` (a killed process leaves a `.NAME.tmp-PID-*`
+    sibling, which the next run removes). `out_dir` equal to or containing one of `inputs` is refused even with
+    `overwrite` (replacing it would delete the input). The result has the permissions the umask gives a new
+    directory (a temporary directory is created 0700).
+    """
+    out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise ValueError(f"output {out_dir} would replace the input {source}; choose another output directory")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -1,0 +1,300 @@
+"""megatron-core's torch_dist checkpoint files, written chunk by chunk and read region by region.
+
+Why not megatron's or torch's own functions:
+- `megatron.core.dist_checkpointing.save` and `torch.distributed.checkpoint.save` take the whole state dict in memory;
+  a 397B model does not fit. `TorchDistWriter` appends one chunk at a time, from several threads, each into its own
+  data file.
+- megatron's `load` hands back whole tensors of a sharded state dict built from a model; the exporter needs one
+  expert's slice of a fused group or one section of a fused projection. `TorchDistReader` reads just the records
+  that cover a region.
+
+The format mirrors what a one-rank `dist_checkpointing.save` writes with megatron-core 0.19.2 on torch 2.13
+(tests/test_convert.py compares the two on the same model):
+- data files `__0_{i}.distcp`: one `torch.save` record per tensor chunk (a tensor owning exactly its bytes, as DCP's
+  FileSystemWriter clones views) and `torch.save([obj])` bytes per ShardedObject;
+- `.metadata`: a pickled `torch.distributed.checkpoint.metadata.Metadata` with version "1.0.0" (torch's
+  CURRENT_DCP_VERSION) whose `storage_data` gives each record's file, offset and length;
+- `metadata.json`: megatron's `{"sharded_backend": "torch_dist", "sharded_backend_version": 1}`.
+Nothing here unpickles arbitrary objects: records go through `torch.load(weights_only=True)` and `.metadata` through
+an allow-list of torch's checkpoint-metadata classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from megatron_qwen35.checkpoint import CheckpointFileError
+
+DCP_METADATA = ".metadata"
+DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION in torch 2.13
+MEGATRON_FORMAT = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}  # megatron-core 0.19.2
+
+
+def data_file_name(i: int) -> str:
+    return f"__0_{i}.distcp"  # rank 0's i-th file, as DCP names them
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """torch.save writes a tensor's whole storage: give views (expert slices, fused sections) a storage of their
+    own bytes. A contiguous view is re-wrapped without copying; anything else is copied."""
+    t = t.detach()
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous() and not t.storage_offset():
+        return t
+    if not t.is_contiguous() or t.numel() == 0:
+        return t.clone(memory_format=torch.contiguous_format)
+    raw = t.reshape(-1).view(torch.uint8).numpy()  # the view's bytes, shared
+    return torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype).reshape(t.shape)
+
+
+@contextlib.contextmanager
+def _no_crc32():
+    """torch.save without per-record CRC32 (a quarter of its time); torch.load reads such records the same.
+    The option is process-wide, so it is switched once around a whole write, not per record."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+class TorchDistWriter:
+    """A torch_dist checkpoint written one chunk at a time into `files` data files. Writes to different files may
+    run on different threads at once (each file has its own lock); `finish()` writes the metadata that makes the
+    checkpoint readable, after checking it is complete."""
+
+    def __init__(self, directory: Path | str, *, files: int = 1):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._data = [open(self.directory / data_file_name(i), "wb") for i in range(files)]
+        self._file_locks = [threading.Lock() for _ in range(files)]
+        self._lock = threading.Lock()  # the metadata below
+        self._tensors: dict[str, TensorStorageMetadata] = {}
+        self._objects: dict[str, BytesStorageMetadata] = {}
+        self._storage: dict[MetadataIndex, _StorageInfo] = {}
+        self._crc = _no_crc32()
+        self._crc.__enter__()
+
+    def _append(self, file: int, index: MetadataIndex, write) -> None:
+        with self._file_locks[file]:
+            f = self._data[file]
+            start = f.tell()
+            write(f)
+            info = _StorageInfo(data_file_name(file), start, f.tell() - start)
+        with self._lock:
+            self._storage[index] = info
+
+    def write_chunk(self, key: str, chunk: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[int],
+                    file: int = 0) -> None:
+        """`chunk` is the block of global tensor `key` starting at `offsets` (its rank == the global rank)."""
+        if chunk.dim() != len(global_shape) or len(offsets) != len(global_shape):
+            raise ValueError(f"chunk of '{key}' has rank {chunk.dim()}, global shape {list(global_shape)}")
+        if any(o + s > g for o, s, g in zip(offsets, chunk.shape, global_shape, strict=True)):
+            raise ValueError(f"chunk of '{key}' at {list(offsets)} size {list(chunk.shape)} overflows "
+                             f"{list(global_shape)}")
+        with self._lock:
+            md = self._tensors.get(key)
+            if md is None:
+                md = self._tensors[key] = TensorStorageMetadata(
+                    TensorProperties.create_from_tensor(chunk), torch.Size(global_shape), [])
+            elif md.size != torch.Size(global_shape) or md.properties.dtype != chunk.dtype:
+                raise ValueError(f"chunks of '{key}' disagree: {md.size} {md.properties.dtype} vs "
+                                 f"{list(global_shape)} {chunk.dtype}")
+            elif any(tuple(c.offsets) == tuple(offsets) for c in md.chunks):
+                raise ValueError(f"the chunk of '{key}' at {list(offsets)} is written twice")
+            md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
+        data = _own_storage(chunk)
+        self._append(file, MetadataIndex(key, torch.Size(offsets)), lambda f: torch.save(data, f))
+
+    def write_object(self, unique_key: str, obj: Any) -> None:
+        """A megatron ShardedObject (`key/shard_<offset>_<shape>`), serialised as megatron does: torch.save([obj])."""
+        raw = io.BytesIO()
+        torch.save([obj], raw)
+        with self._lock:
+            self._objects[unique_key] = BytesStorageMetadata()
+        self._append(0, MetadataIndex(unique_key), lambda f: f.write(raw.getbuffer()))
+
+    def _close_files(self) -> None:
+        for f in self._data:
+            f.close()
+        if self._crc is not None:
+            self._crc.__exit__(None, None, None)
+            self._crc = None
+
+    def abort(self) -> None:
+        """Close the files after an error elsewhere; removing them is the caller's cleanup."""
+        self._close_files()
+
+    def finish(self, expected: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Write the metadata that makes the checkpoint readable; with `expected` ({key: global shape}), first check
+        that exactly those tensors were written, each covered once by its chunks."""
+        self._close_files()
+        if expected is not None:
+            self._check_complete(expected)
+        metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects}, storage_data=self._storage,
+                            storage_meta=StorageMeta(checkpoint_id=str(self.directory), save_id=str(uuid.uuid4())))
+        metadata.version = DCP_VERSION
+        with open(self.directory / DCP_METADATA, "wb") as f:
+            pickle.dump(metadata, f)
+        (self.directory / "metadata.json").write_text(json.dumps(MEGATRON_FORMAT))
+
+    def _check_complete(self, expected: Mapping[str, Sequence[int]]) -> None:
+        problems = [f"'{k}' was not written" for k in expected if k not in self._tensors]
+        problems += [f"'{k}' is not a tensor of this model" for k in self._tensors if k not in expected]
+        for key, md in self._tensors.items():
+            if key in expected and md.size != torch.Size(expected[key]):
+                problems.append(f"'{key}' has shape {list(md.size)}, the model's is {list(expected[key])}")
+            elif sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
+                problems.append(f"the chunks of '{key}' cover {sum(math.prod(c.sizes) for c in md.chunks)} of "
+                                f"{math.prod(md.size)} elements")
+        if problems:
+            raise ValueError(f"{self.directory}: incomplete checkpoint, not finished: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    ("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType",
+                                                          "TensorWriteData")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: load only torch's checkpoint-metadata classes and dtypes from it."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class _FileRegion(io.RawIOBase):
+    """A read-only, seekable window [start, start + length) of a file descriptor (one torch.save record). Reads
+    are positional (os.pread), so several threads may read regions of one file at once."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + pos))
+        return self._pos
+
+    def readinto(self, b):
+        n = min(len(b), self._length - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(b)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+class TorchDistReader:
+    """Reads regions of the tensors in a torch_dist checkpoint directory (`iter_XXXXXXX`); safe to use from
+    several threads at once."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        path = self.directory / DCP_METADATA
+        if not path.is_file():
+            raise CheckpointFileError(f"{self.directory} is not a torch_dist checkpoint: {DCP_METADATA} is missing")
+        with open(path, "rb") as f:
+            try:
+                self.metadata: Metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise CheckpointFileError(f"{path}: unreadable checkpoint metadata ({e})") from None
+        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                        if isinstance(v, TensorStorageMetadata)}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, relative_path: str) -> int:
+        with self._lock:
+            if relative_path not in self._fds:
+                path = self.directory / relative_path
+                if not path.is_file():
+                    raise CheckpointFileError(f"{self.directory}: data file {relative_path} is missing")
+                self._fds[relative_path] = os.open(path, os.O_RDONLY)
+            return self._fds[relative_path]
+
+    def _load_record(self, index: MetadataIndex, what: str) -> torch.Tensor:
+        info = self.metadata.storage_data[index]
+        region = _FileRegion(self._fd(info.relative_path), info.offset, info.length)
+        try:
+            return torch.load(region, map_location="cpu", weights_only=True)
+        except Exception as e:  # a cut-off data file or flipped bytes: name what was being read
+            raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} ({e})") from None
+
+    def read(self, key: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The block of global tensor `key` at `offsets` of size `shape` (default: the whole tensor)."""
+        if key not in self.tensors:
+            raise KeyError(f"Megatron checkpoint {self.directory} lacks tensor '{key}'")
+        md = self.tensors[key]
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
+        shape = tuple(shape) if shape is not None else tuple(md.size)
+        whole = [c for c in md.chunks if tuple(c.offsets) == offsets and tuple(c.sizes) == shape]
+        if whole:  # the usual case: the region is one stored chunk, returned as loaded (no second copy)
+            return self._load_record(MetadataIndex(key, whole[0].offsets), f"tensor '{key}'").reshape(shape)
+        out = torch.empty(shape, dtype=md.properties.dtype)
+        covered = 0
+        for chunk in md.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
+            hi = [min(o + s, c + cs) for o, s, c, cs in zip(offsets, shape, chunk.offsets, chunk.sizes, strict=True)]
+            if any(h <= low for low, h in zip(lo, hi, strict=True)):
+                continue
+            data = self._load_record(MetadataIndex(key, chunk.offsets), f"tensor '{key}'")
+            src, dst = data, out
+            for d, (low, h) in enumerate(zip(lo, hi, strict=True)):
+                src = src.narrow(d, low - chunk.offsets[d], h - low)
+                dst = dst.narrow(d, low - offsets[d], h - low)
+            dst.copy_(src)
+            covered += math.prod(h - low for low, h in zip(lo, hi, strict=True))
+            del data
+        if covered != math.prod(shape):
+            raise CheckpointFileError(f"{self.directory}: chunks of '{key}' cover {covered} of {math.prod(shape)} "
+                                      f"elements of the region at {list(offsets)} size {list(shape)}")
+        return out
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
