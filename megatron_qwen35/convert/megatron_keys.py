@@ -24,6 +24,17 @@ from megatron_qwen35.convert.torch_dist import TorchDistReader, TorchDistWriter
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _tile_in_order(views: list[ShardedTensor], whole: torch.Tensor) -> bool:
+    """Do the sections' tensors lie in `whole` one after another, contiguous, covering it exactly?"""
+    base, itemsize, at = whole.data_ptr(), whole.element_size(), 0
+    for sh in views:
+        t = sh.data
+        if not t.is_contiguous() or t.dtype != whole.dtype or t.data_ptr() != base + at * itemsize:
+            return False
+        at += t.numel()
+    return at == whole.numel()
+
+
 class MegatronLayout:
     """For each table name, what the TP=1 model's `sharded_state_dict` holds (a ShardedTensor, or a factory that
     splits the tensor into named sections), plus its ShardedObjects. Built on the meta device: no weights."""
@@ -104,10 +115,21 @@ class MegatronLayout:
         writer.write_object(common.unique_key, {"checkpoint_version": 3.0, "iteration": iteration})
 
     def read(self, reader: TorchDistReader, name: str) -> torch.Tensor:
-        """Table tensor `name` from a torch_dist checkpoint (reading only its own chunks)."""
-        built = self._sharded_tensors(name, self._meta(name))
+        """Table tensor `name` from a torch_dist checkpoint, reading only its own chunks.
+
+        A factory's sections are read straight into their views of the result when they tile it in order (the GLU
+        halves and the GDN in_proj sections, which megatron merges by concatenation), so no merge copy is made;
+        any other factory goes through its own merge_fn."""
+        sections = self._flat_sharded_tensors(name, self._meta(name))
+        out = torch.empty(self.shape(name), dtype=reader.dtype(sections[0].key))
+        built = self._sharded_tensors(name, out)
         if isinstance(built, ShardedTensor):
-            return self._read_one(reader, built)
+            return self._read_one(reader, built, into=out)
+        views = list(nested_values(built))
+        if _tile_in_order(views, out):
+            for sh in views:
+                self._read_one(reader, sh, into=sh.data)
+            return out
         loaded = dict_list_map_outplace(lambda sh: self._read_one(reader, sh), built)
         return self.entries[name].merge_fn(loaded)
 
@@ -116,9 +138,10 @@ class MegatronLayout:
         return reader.dtype(self._flat_sharded_tensors(name, self._meta(name))[0].key)
 
     @staticmethod
-    def _read_one(reader: TorchDistReader, sh: ShardedTensor) -> torch.Tensor:
+    def _read_one(reader: TorchDistReader, sh: ShardedTensor, into: torch.Tensor | None = None) -> torch.Tensor:
         shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-        return reader.read(sh.key, sh.global_offset, shape).reshape(sh.local_shape)
+        out = into.view(shape) if into is not None else None
+        return reader.read(sh.key, sh.global_offset, shape, out=out).reshape(sh.local_shape)
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         """{checkpoint key: global shape} of every tensor this model saves."""

@@ -6,7 +6,8 @@ Why not megatron's or torch's own functions:
   data file.
 - megatron's `load` hands back whole tensors of a sharded state dict built from a model; the exporter needs one
   expert's slice of a fused group or one section of a fused projection. `TorchDistReader` reads just the records
-  that cover a region.
+  that cover a region, and reads a record's bytes straight into the caller's tensor (one copy, no unpickling of
+  data: `torch.load(map_location="meta")` gives the record's dtype, shape and strides, `zipfile` its data offset).
 
 The format mirrors what a one-rank `dist_checkpointing.save` writes with megatron-core 0.19.2 on torch 2.13
 (tests/test_convert.py compares the two on the same model):
@@ -27,8 +28,10 @@ import json
 import math
 import os
 import pickle
+import struct
 import threading
 import uuid
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,17 +269,60 @@ class TorchDistReader:
         except Exception as e:  # a cut-off data file or flipped bytes: name what was being read
             raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} ({e})") from None
 
-    def read(self, key: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """The block of global tensor `key` at `offsets` of size `shape` (default: the whole tensor)."""
+    def _record_data(self, index: MetadataIndex, what: str) -> tuple[int, int, torch.Tensor] | None:
+        """(fd, absolute offset of the data, the record's tensor on the meta device) when the record is one
+        contiguous tensor owning its storage, stored uncompressed (what DCP and TorchDistWriter write); else None."""
+        info = self.metadata.storage_data[index]
+        fd = self._fd(info.relative_path)
+        try:
+            meta = torch.load(_FileRegion(fd, info.offset, info.length), map_location="meta", weights_only=True)
+            members = [m for m in zipfile.ZipFile(_FileRegion(fd, info.offset, info.length)).infolist()
+                       if m.filename.split("/")[-2:-1] == ["data"]]
+        except Exception as e:  # noqa: BLE001 - a cut-off data file or flipped bytes: name what was being read
+            raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} ({e})") from None
+        nbytes = meta.numel() * meta.element_size()
+        if (not isinstance(meta, torch.Tensor) or len(members) != 1 or not meta.is_contiguous()
+                or meta.storage_offset() or meta.untyped_storage().nbytes() != nbytes
+                or members[0].compress_type != zipfile.ZIP_STORED or members[0].file_size != nbytes):
+            return None
+        local = os.pread(fd, 30, info.offset + members[0].header_offset)  # the member's local header
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        return fd, info.offset + members[0].header_offset + 30 + name_len + extra_len, meta
+
+    def _read_record_into(self, index: MetadataIndex, out: torch.Tensor, what: str) -> None:
+        """Fill `out` (contiguous, the record's dtype and shape) with the record's data."""
+        found = self._record_data(index, what)
+        if found is None or found[2].dtype != out.dtype or found[2].shape != out.shape:
+            out.copy_(self._load_record(index, what))
+            return
+        fd, offset, _ = found
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                info = self.metadata.storage_data[index]
+                raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} (the file "
+                                          f"ends {len(view) - done} bytes early)")
+            done += n
+
+    def read(self, key: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None,
+             *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The block of global tensor `key` at `offsets` of size `shape` (default: the whole tensor), into `out`
+        when given (a contiguous tensor of that shape and the stored dtype)."""
         if key not in self.tensors:
             raise KeyError(f"Megatron checkpoint {self.directory} lacks tensor '{key}'")
         md = self.tensors[key]
         offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
         shape = tuple(shape) if shape is not None else tuple(md.size)
+        if out is None:
+            out = torch.empty(shape, dtype=md.properties.dtype)
+        if tuple(out.shape) != shape or out.dtype != md.properties.dtype or not out.is_contiguous():
+            raise ValueError(f"cannot read '{key}' {list(shape)} {md.properties.dtype} into {list(out.shape)} "
+                             f"{out.dtype}")
         whole = [c for c in md.chunks if tuple(c.offsets) == offsets and tuple(c.sizes) == shape]
-        if whole:  # the usual case: the region is one stored chunk, returned as loaded (no second copy)
-            return self._load_record(MetadataIndex(key, whole[0].offsets), f"tensor '{key}'").reshape(shape)
-        out = torch.empty(shape, dtype=md.properties.dtype)
+        if whole:  # the usual case: the region is one stored chunk, read straight into `out`
+            self._read_record_into(MetadataIndex(key, whole[0].offsets), out, f"tensor '{key}'")
+            return out
         covered = 0
         for chunk in md.chunks:
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
