@@ -1,6 +1,7 @@
 """Hugging Face <-> Megatron checkpoint conversion: exact round trips, parity with transformers, the torch_dist
 layout megatron itself writes, and a clear error (with nothing left behind) for each kind of bad input."""
 
+import contextlib
 import json
 import os
 import runpy
@@ -278,6 +279,18 @@ def _rewrite(source: Path, change):
     write_safetensors(source / "model.safetensors", tensors)
 
 
+@contextlib.contextmanager
+def _untouched(*inputs: Path):
+    """The block leaves every file under `inputs` as it was, to the byte (and adds or removes none)."""
+    before = [_tree_bytes(p) for p in inputs]
+    yield
+    assert [_tree_bytes(p) for p in inputs] == before
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def _assert_nothing_left(out: Path):
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
@@ -285,34 +298,35 @@ def _assert_nothing_left(out: Path):
 
 def test_missing_tensor_is_named(source, tmp_path):
     _rewrite(source, lambda t: t.pop("model.layers.2.linear_attn.dt_bias"))
-    with pytest.raises(KeyError, match="model.layers.2.linear_attn.dt_bias"):
+    with _untouched(source), pytest.raises(KeyError, match="model.layers.2.linear_attn.dt_bias"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     _assert_nothing_left(tmp_path / "mg")
 
 
 def test_unexpected_tensor_is_named(source, tmp_path):
     _rewrite(source, lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
-    with pytest.raises(KeyError, match="unexpected tensor 'model.layers.0.mlp.extra.weight'"):
+    with _untouched(source), pytest.raises(KeyError, match="unexpected tensor 'model.layers.0.mlp.extra.weight'"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
 
 
 def test_wrong_shape_is_named(source, tmp_path):
     _rewrite(source, lambda t: t.update({"model.layers.3.self_attn.o_proj.weight": torch.zeros(64, 100)}))
-    with pytest.raises(ValueError, match=r"'model.layers.3.self_attn.o_proj.weight'.*\[64, 100\].*\[64, 128\]"):
+    want = r"'model.layers.3.self_attn.o_proj.weight'.*\[64, 100\].*\[64, 128\]"
+    with _untouched(source), pytest.raises(ValueError, match=want):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
 
 
 def test_unknown_model_type_is_named(source, tmp_path):
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+    with _untouched(source), pytest.raises(ValueError, match="unknown model_type 'llama'"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
 
 
 def test_truncated_safetensors_is_named(source, tmp_path):
     f = source / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
-    with pytest.raises(CheckpointFileError, match=r"model.safetensors: truncated.*'"):
+    with _untouched(source), pytest.raises(CheckpointFileError, match=r"model.safetensors: truncated.*'"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
 
 
@@ -321,7 +335,8 @@ def test_corrupt_safetensors_header_is_named(source, tmp_path):
     with open(f, "r+b") as h:
         h.seek(8)
         h.write(b"\xff\xfe{{{{")
-    with pytest.raises(CheckpointFileError, match="model.safetensors: corrupt safetensors header"):
+    want = "model.safetensors: corrupt safetensors header"
+    with _untouched(source), pytest.raises(CheckpointFileError, match=want):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
 
 
@@ -329,7 +344,7 @@ def test_existing_output_needs_overwrite(source, tmp_path):
     out = tmp_path / "mg"
     out.mkdir()
     (out / "keep").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with _untouched(source), pytest.raises(FileExistsError, match="--overwrite"):
         qwen35_hf_to_megatron(source, out, progress=False)
     assert (out / "keep").is_file()
     qwen35_hf_to_megatron(source, out, overwrite=True, progress=False)
@@ -348,7 +363,7 @@ def test_failure_while_writing_leaves_nothing(source, tmp_path, monkeypatch):
         return original(self, *a, **k)
 
     monkeypatch.setattr(TorchDistWriter, "write_chunk", failing)
-    with pytest.raises(OSError, match="No space"):
+    with _untouched(source), pytest.raises(OSError, match="No space"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     _assert_nothing_left(tmp_path / "mg")
 
@@ -357,7 +372,7 @@ def test_truncated_megatron_data_is_named_on_export(source, tmp_path):
     qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     data = tmp_path / "mg" / "release" / "__0_0.distcp"
     os.truncate(data, data.stat().st_size // 2)
-    with pytest.raises(CheckpointFileError, match="__0_0.distcp: cannot read tensor"):
+    with _untouched(tmp_path / "mg"), pytest.raises(CheckpointFileError, match="__0_0.distcp: cannot read tensor"):
         qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
     _assert_nothing_left(tmp_path / "out")
 
@@ -368,27 +383,21 @@ def test_command_lines_convert_and_report_errors(source, tmp_path, capsys):
     assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 0
     assert to_hf(["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 0
     assert_same_hf_checkpoint(source, tmp_path / "out")
-    assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
+    with _untouched(source, tmp_path / "mg"):
+        assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("where", ["same", "parent"])
 def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(source, tmp_path, where):
     """--out-dir equal to --hf-dir (or a directory holding it) with --overwrite deleted the input: refused, and the
     input is untouched to the byte."""
-    before = _tree_bytes(source)
     out = source if where == "same" else source.parent
-    with pytest.raises(ValueError, match=f"would replace the input {source}"):
+    with _untouched(source), pytest.raises(ValueError, match=f"would replace the input {source}"):
         qwen35_hf_to_megatron(source, out, overwrite=True, progress=False)
-    assert _tree_bytes(source) == before
     qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
-    with pytest.raises(ValueError, match="would replace the input"):
+    with _untouched(tmp_path / "mg"), pytest.raises(ValueError, match="would replace the input"):
         qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "mg", overwrite=True, progress=False)
-    assert (tmp_path / "mg" / CONFIG).is_file()
 
 
 def test_a_killed_runs_temporary_directory_is_removed_by_the_next_run(source, tmp_path, capsys):
@@ -445,7 +454,7 @@ def test_a_table_bug_cannot_finish_an_incomplete_checkpoint(source, tmp_path, mo
             write(self, writer, name, tensor, **kwargs)
 
     monkeypatch.setattr(MegatronLayout, "write", faulty)
-    with pytest.raises(ValueError, match="was not written|is written twice"):
+    with _untouched(source), pytest.raises(ValueError, match="was not written|is written twice"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     _assert_nothing_left(tmp_path / "mg")
 
@@ -476,10 +485,35 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(source, tmp_path, caps
 
     monkeypatch.setattr(torch_dist.torch, "save", save_until_full)
     to_mg = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")["main"]
-    assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
+    with _untouched(source):
+        assert to_mg(["--hf-dir", str(source), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: No space left on device") and "free space and run again" in err[-1]
     _assert_nothing_left(tmp_path / "mg")
+
+
+def test_a_full_disk_during_export_is_one_error_line_and_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the export writes its shards: one `error:` line, exit code 2, no output, the checkpoint intact."""
+    import errno
+
+    from megatron_qwen35.convert import safetensors_files
+
+    qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite_until_full(fd, data, offset):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(safetensors_files.os, "pwrite", pwrite_until_full)
+    to_hf = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
+    with _untouched(tmp_path / "mg"):
+        assert to_hf(["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: No space left on device") and "free space and run again" in err[-1]
+    _assert_nothing_left(tmp_path / "out")
 
 
 def test_nan_or_inf_in_a_weight_is_carried_with_a_warning_naming_it(source, tmp_path):
@@ -488,9 +522,10 @@ def test_nan_or_inf_in_a_weight_is_carried_with_a_warning_naming_it(source, tmp_
         t["model.layers.1.linear_attn.dt_bias"][0] = float("nan")
 
     _rewrite(source, poison)
-    with pytest.warns(UserWarning, match="tensor 'model.layers.1.linear_attn.dt_bias' holds 1 NaN / Inf"):
+    with _untouched(source), pytest.warns(UserWarning, match="'model.layers.1.linear_attn.dt_bias' holds 1 NaN"):
         qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
-    with pytest.warns(UserWarning, match=r"tensor 'decoder.layers.1.self_attention.dt_bias' holds 1 NaN / Inf"):
+    want = r"tensor 'decoder.layers.1.self_attention.dt_bias' holds 1 NaN / Inf"
+    with _untouched(tmp_path / "mg"), pytest.warns(UserWarning, match=want):
         qwen35_megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
     assert_same_hf_checkpoint(source, tmp_path / "out")  # bit for bit, the NaN included
 
@@ -503,5 +538,6 @@ def test_load_model_names_the_cut_off_file_and_tensor(source, tmp_path):
     qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
     data = tmp_path / "mg" / "release" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    with pytest.raises(CheckpointFileError, match=rf"{data} is cut off at \d+ bytes: '[\w.]+' needs bytes"):
+    want = rf"{data} is cut off at \d+ bytes: '[\w.]+' needs bytes"
+    with _untouched(tmp_path / "mg"), pytest.raises(CheckpointFileError, match=want):
         load_model(tmp_path / "mg")
