@@ -45,6 +45,8 @@ def _fla_kernels_only() -> None:
 
     gdn_ops._torch_chunk_gated_delta_rule = refuse
     gdn_ops._torch_causal_conv1d = refuse
+    gdn_ops._torch_causal_conv1d_with_state = refuse
+    gdn_ops._torch_recurrent_steps = refuse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +190,55 @@ def test_torch_path_grouped_value_heads_mean_repeat_interleave():
         _assert_close(a, b, name)
     for name, grad, repeated_grad in zip(["q", "k"], grouped[2:4], repeated[2:4], strict=True):
         _assert_close(grad, repeated_grad.unflatten(2, (2, 3)).sum(3), f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation: a prompt, then one token at a time from the saved conv and recurrent states
+# ------------------------------------------------------------------------------------------------
+
+
+def _generation_inputs():
+    """x [b, t, c] for the conv (c = 2 * hk * dk + h * dv) and its weight; g, beta for 2 key / 4 value heads."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 72, 2 * 2 * 16 + 4 * 8, generator=gen)
+    weight = torch.randn(x.shape[-1], 4, generator=gen) * 0.5
+    g = F.logsigmoid(torch.randn(2, 72, 4, generator=gen) + 2.0)
+    beta = torch.rand(2, 72, 4, generator=gen)
+    return x, weight, g, beta
+
+
+def _generate_states(x, weight, g, beta, prompt_len=68):
+    """The GDN kernels as generation calls them: the prompt with states out, then each token from the states."""
+    conv_state, state, outs = torch.zeros(x.shape[0], x.shape[-1], weight.shape[-1]), None, []
+    for start, end in [(0, prompt_len)] + [(i, i + 1) for i in range(prompt_len, x.shape[1])]:
+        y, conv_state = gdn_ops.causal_conv1d_with_state(x[:, start:end], weight, conv_state)
+        q, k, v = y.split([32, 32, 32], dim=-1)
+        q, k, v = q.unflatten(-1, (2, 16)), k.unflatten(-1, (2, 16)), v.unflatten(-1, (4, 8))
+        if end - start > 1:
+            o, state = gdn_ops.chunk_gated_delta_rule(q, k, v, g[:, start:end], beta[:, start:end],
+                                                      initial_state=state, output_final_state=True)
+        else:
+            o, state = gdn_ops.fused_recurrent_gated_delta_rule(q, k, v, g[:, start:end], beta[:, start:end],
+                                                                initial_state=state)
+        outs.append(o)
+    return torch.cat(outs, dim=1), conv_state, state
+
+
+def _generate_states_on_fla(rank, world, *inputs):
+    _fla_kernels_only()
+    return _generate_states(*inputs)
+
+
+@pytest.mark.slow
+def test_fla_generation_kernels_equal_torch_path():
+    """FLA's conv with initial and final state, its one-token conv update, its chunked kernel from an initial state
+    and its fused recurrent kernel -- what generation runs on a GPU -- give the torch path's outputs, conv state and
+    recurrent state over a 68-token prompt and 4 decode steps (grouped value heads)."""
+    inputs = _generation_inputs()
+    expected = _generate_states(*inputs)
+    (fla,) = run_distributed(_generate_states_on_fla, 1, *inputs)
+    for name, a, b in zip(["output", "conv state", "recurrent state"], fla, expected, strict=True):
+        _assert_close(a, b, name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -263,6 +263,58 @@ def test_packed_causal_conv1d_equals_separate_documents():
 
 
 # ------------------------------------------------------------------------------------------------
+# generation: continuing from saved states
+# ------------------------------------------------------------------------------------------------
+
+
+def test_conv_with_state_continues_the_whole_sequence():
+    """A sequence cut into a 3-token prompt (shorter than the kernel) and then single tokens, each piece continuing
+    from the state the previous one left, gives what causal_conv1d of the whole sequence gives, token for token;
+    the state is always the last k inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 6, generator=gen)
+    weight = torch.randn(6, 4, generator=gen)
+    whole = causal_conv1d(x, weight)
+    state = torch.zeros(2, 6, 4)
+    pieces = []
+    for piece in [x[:, :3]] + list(x[:, 3:].split(1, dim=1)):
+        y, state = gdn_ops.causal_conv1d_with_state(piece, weight, state)
+        pieces.append(y)
+    assert_close(torch.cat(pieces, dim=1), whole, atol=1e-6)
+    assert torch.equal(state, x[:, -4:].transpose(1, 2))
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_recurrent_steps_continue_the_chunked_prompt(group):
+    """A 70-token prompt through the chunked kernel (its final state kept), then 10 tokens one at a time through
+    fused_recurrent_gated_delta_rule, each from the state the previous left: outputs and the final state equal the
+    token-by-token reference over all 80 tokens (grouped value heads too: 2 key heads for 4 value heads)."""
+    q, k, v, g, beta = make_inputs(2, 80, 4, 16, 8)
+    q, k = q[:, :, ::group], k[:, :, ::group]  # hk = 4 / group key heads
+    h0 = random_state(2, 4, 16, 8)
+    ref, ref_state = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    prompt = [x[:, :70] for x in (q, k, v, g, beta)]
+    out, state = chunk_gated_delta_rule(*prompt, initial_state=h0, output_final_state=True)
+    outs = [out]
+    for i in range(70, 80):
+        out, state = gdn_ops.fused_recurrent_gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, g, beta)),
+                                                              initial_state=state)
+        outs.append(out)
+    assert_close(torch.cat(outs, dim=1), ref, what="output")
+    assert_close(state, ref_state, what="final state")
+    assert state.dtype == torch.float32
+
+
+def test_recurrent_steps_leave_the_given_state_untouched():
+    """The caller's state is an input, never written: generation may keep it (e.g. to branch a prompt)."""
+    q, k, v, g, beta = make_inputs(1, 1, 2, 8, 8)
+    h0 = random_state(1, 2, 8, 8)
+    kept = h0.clone()
+    gdn_ops.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    assert torch.equal(h0, kept)
+
+
+# ------------------------------------------------------------------------------------------------
 # CUDA backend (FLA kernels); skipped on machines without a GPU
 # ------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,11 @@ Two backends behind one API, chosen by `_fla_kernel`:
   * anything else, and always with deterministic=True: a pure-PyTorch chunked implementation, differentiable
     with autograd, computed in float32 and written to be fast on CPU (see `_torch_chunk_gated_delta_rule`).
 
+Generation continues a sequence from the states its earlier tokens left: the prompt through
+`chunk_gated_delta_rule(..., output_final_state=True)` and `causal_conv1d_with_state`, then each new token through
+`fused_recurrent_gated_delta_rule` (recurrent state [b, h, dk, dv], fp32) and `causal_conv1d_with_state` (conv state
+[b, c, k], the last k inputs: FLA's and transformers' cache layout).
+
 The recurrence (per head, state S of shape [dk, dv]), exactly as transformers'
 `torch_recurrent_gated_delta_rule` in models/qwen3_5/modeling_qwen3_5.py:
     q, k  <- l2norm(q), l2norm(k)         (if use_qk_l2norm)
@@ -42,7 +47,9 @@ CHUNK_SIZE = 64
 __all__ = [
     "CHUNK_SIZE",
     "causal_conv1d",
+    "causal_conv1d_with_state",
     "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
     "recurrent_gated_delta_rule",
 ]
 
@@ -83,6 +90,26 @@ def _fla_causal_conv1d():
     except Exception:
         return None
     return fla_conv
+
+
+@functools.cache
+def _fla_fused_recurrent_gated_delta_rule():
+    """FLA's token-by-token kernel (one launch for the whole recurrence: decode steps), or None without fla."""
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+    except Exception:
+        return None
+    return fla_recurrent
+
+
+@functools.cache
+def _fla_causal_conv1d_update():
+    """FLA's one-token conv step that shifts its cache in place, or None without fla."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d_update as fla_update
+    except Exception:
+        return None
+    return fla_update
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +169,7 @@ def _initial_state_rows(initial_state, n: int, h: int, dk: int, dv: int, like: t
 
 
 # ----------------------------------------------------------------------------------------------
-# Recurrent reference (token by token; tests only)
+# Recurrent reference (token by token, elementwise; tests only)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -554,3 +581,92 @@ def causal_conv1d(
         y, _ = fla_conv(x, weight, bias=None, activation=activation, cu_seqlens=cu_seqlens)
         return y
     return _torch_causal_conv1d(x, weight, cu_seqlens, activation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: the conv and the recurrence continued from the states the earlier tokens left
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_causal_conv1d_with_state(x, weight, conv_state, activation):
+    """F.conv1d over [the last k-1 inputs before x | x]: the same products as `_torch_causal_conv1d` at every token."""
+    kernel = weight.shape[-1]
+    inputs = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [b, c, k + t], oldest first
+    y = F.conv1d(inputs[..., 1:], weight.to(x.dtype).unsqueeze(1), groups=x.shape[-1])  # [b, c, t]
+    return _activate(y.transpose(1, 2), activation), inputs[..., -kernel:].contiguous()
+
+
+def causal_conv1d_with_state(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    *,
+    activation: str | None = "silu",
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_conv1d` of tokens that continue a sequence whose last inputs `conv_state` holds.
+
+    x [b, t, c]; weight [c, k]; conv_state [b, c, k]: the k inputs before x, oldest first, zeros before the sequence's
+    first token (FLA's and transformers' cache layout). y[:, i] equals what `causal_conv1d` of the whole sequence
+    gives the token at x[:, i]. Returns y [b, t, c] in x.dtype and the state after x [b, c, k] (a new tensor).
+    FLA's kernels where Triton runs them (unless deterministic): its one-token update for t == 1, else its conv with
+    an initial state.
+    """
+    if x.shape[1] == 1:
+        fla_update = _fla_kernel(_fla_causal_conv1d_update, x, deterministic)
+        if fla_update is not None:
+            return fla_update(x, conv_state.clone(), weight=weight, activation=activation)  # shifts the clone in place
+    fla_conv = _fla_kernel(_fla_causal_conv1d, x, deterministic)
+    if fla_conv is not None:
+        return fla_conv(x, weight, bias=None, initial_state=conv_state, output_final_state=True, activation=activation)
+    return _torch_causal_conv1d_with_state(x, weight, conv_state, activation)
+
+
+def _torch_recurrent_steps(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
+    """`_recurrent_scan`'s recurrence written for one token at a time: the state [b*h, dk, dv] is read by two batched
+    vector-matrix products and written by one in-place rank-1 update, where the reference's elementwise form makes
+    three [b, h, dk, dv] temporaries per token (the state dominates a decode step's memory traffic)."""
+    b, t, h, dv = v.shape
+    dk = q.shape[-1]
+    group = _value_heads_per_key_head(q, v)
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
+    q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)  # [b, t, h, dk]: t tokens, small
+    state = _initial_state_rows(initial_state, b, h, dk, dv, v).reshape(b * h, dk, dv).clone()  # written in place
+    outputs = []
+    for i in range(t):
+        q_i, k_i, v_i = q[:, i].reshape(b * h, 1, dk), k[:, i].reshape(b * h, 1, dk), v[:, i].reshape(b * h, 1, dv)
+        state.mul_(g[:, i].exp().reshape(b * h, 1, 1))  # S <- S * exp(g)
+        delta = (v_i - torch.bmm(k_i, state)) * beta[:, i].reshape(b * h, 1, 1)  # (v - S^T k) * beta: [bh, 1, dv]
+        state.baddbmm_(k_i.transpose(1, 2), delta)  # S <- S + k delta^T
+        outputs.append(torch.bmm(q_i, state).reshape(b, h, dv))  # o = S^T q
+    return torch.stack(outputs, dim=1).to(out_dtype), state.reshape(b, h, dk, dv)
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token from `initial_state`: generation's decode steps.
+
+    Shapes as `chunk_gated_delta_rule`, one sequence per batch row (t >= 1 tokens, usually 1); initial_state
+    [b, h, dk, dv] float32, or None for zeros. Returns o [b, t, h, dv] in v.dtype and the state after the last token
+    [b, h, dk, dv] float32 (always: the next step starts from it). FLA's fused recurrent kernel where Triton runs it
+    (unless deterministic); else PyTorch in float32.
+    """
+    if v.shape[1] == 0:
+        raise ValueError("fused_recurrent_gated_delta_rule needs at least one token")
+    fla_recurrent = _fla_kernel(_fla_fused_recurrent_gated_delta_rule, q, deterministic)
+    if fla_recurrent is not None:
+        # by keyword: FLA's fourth and fifth parameters are g and gk (per-key decay), its beta comes later
+        return fla_recurrent(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                             output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)  # takes hk < h as it is
+    return _torch_recurrent_steps(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
