@@ -12,6 +12,8 @@ replacement in `Qwen35LocalSpecProvider`; on GPUs the TE backend keeps TE's own 
   the same work because megatron's split is load-balanced; memory holds the whole sequence's K and V and a
   [local, whole] boolean mask, which is what a CPU proof and short sequences need (on GPUs, for long context, TE's
   fused attention and ring exchange avoid both).
+- Generation: megatron's SelfAttention hands over the queries of the new tokens and the keys and values of every
+  token so far (its static KV cache); the queries sit at the last positions, and the causal rule by position applies.
 - The product itself is torch's `scaled_dot_product_attention`, which picks a kernel for the tensor's device; a plain
   causal sequence (no CP, no packing, no explicit mask) builds no mask and passes `is_causal`, so a GPU without
   Transformer Engine still gets a flash kernel.
@@ -65,22 +67,30 @@ class Qwen35CoreAttention(MegatronModule):
         if cu_seqlens is not None:  # [t, heads, hn] -> [t, 1, heads, hn]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         local_len, batch = query.shape[:2]
+        cached_len = key.shape[0] - local_len  # generation: keys of earlier tokens from megatron's KV cache
 
         cp_size = 1 if self.cp_group is None else self.cp_group.size()
+        if cached_len and (cp_size > 1 or cu_seqlens is not None):
+            raise ValueError("Qwen35CoreAttention reads a KV cache without context parallelism or packed sequences")
         if cp_size > 1:
             positions = load_balanced_positions(local_len * cp_size, cp_size, cu_seqlens, device=query.device)
             q_pos, k_pos = positions[self.cp_group.rank()], positions.flatten()
             key = gather_from_sequence_parallel_region(key, group=self.cp_group)  # ranks' tokens one after another
             value = gather_from_sequence_parallel_region(value, group=self.cp_group)
-        else:
-            q_pos = k_pos = torch.arange(local_len, device=query.device)
+        else:  # the queries are the last local_len of the keys' positions
+            k_pos = torch.arange(cached_len + local_len, device=query.device)
+            q_pos = k_pos[cached_len:]
         if cu_seqlens is not None and int(cu_seqlens[-1]) != local_len * cp_size:
             raise ValueError(f"packed sequence boundaries end at {int(cu_seqlens[-1])} but the batch has "
                              f"{local_len * cp_size} tokens")
 
-        causal = "causal" in mask_type.name
+        if cached_len:  # after the prompt megatron lowers the mask type to no_mask, right for one new token only
+            causal = "causal" in self.attn_mask_type.name and local_len > 1  # one new token reads every key
+        else:
+            causal = "causal" in mask_type.name
         allowed = None  # a plain causal (or unmasked) sequence: SDPA's own flag lets it pick a flash kernel
-        if cp_size > 1 or cu_seqlens is not None or attention_mask is not None:
+        # (SDPA's is_causal pairs the first queries with the first keys: after a KV cache, the mask says it)
+        if cp_size > 1 or cu_seqlens is not None or attention_mask is not None or (causal and cached_len):
             allowed = _allowed(q_pos, k_pos, cu_seqlens, causal=causal)  # [sq, sk]
             if attention_mask is not None:  # megatron's convention: True = masked; keys in natural order
                 allowed = allowed & ~attention_mask.index_select(-1, k_pos).bool()

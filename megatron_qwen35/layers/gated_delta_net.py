@@ -11,7 +11,10 @@ one TP size loads at another) we inherit unchanged:
   its gradient is summed over the TP group (megatron sums it only under sequence parallelism);
 - context parallelism goes through megatron's all-to-all to head parallelism (each rank runs the whole sequence for
   1/cp of the heads), then into natural token order by `context_parallel.load_balanced_positions`, which also
-  knows packed (THD) batches, whose every document is spread over all CP ranks.
+  knows packed (THD) batches, whose every document is spread over all CP ranks;
+- it generates (megatron's raises NotImplementedError): given a static inference context, the prompt goes through the
+  chunked kernel and the tokens after it through the recurrent one, continuing conv and recurrent states that the
+  context keeps under this layer's number; prompts' left padding is zeroed at the input (`inference_context.py`).
 Numerics follow transformers' `Qwen3_5GatedDeltaNet`: in_proj = [qkv | z | b | a], g = -exp(A_log) *
 softplus(a + dt_bias) in fp32, beta = sigmoid(b), out = out_proj(rmsnorm(o) * w * silu(z)).
 """
@@ -33,6 +36,7 @@ from megatron.core.ssm.gated_delta_net.common import (
 
 from megatron_qwen35.layers import gdn_ops
 from megatron_qwen35.layers.context_parallel import load_balanced_positions, natural_order_index
+from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
 
 # Parameters that stay fp32 whatever the model's precision: the released checkpoints store them so (serving engines
 # assert an fp32 A_log) and the decay exp(A_log) * softplus(a + dt_bias) is computed in fp32 anyway.
@@ -71,9 +75,9 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
     def forward(self, hidden_states, attention_mask, inference_context=None, packed_seq_params=None,
                 sequence_len_offset=None, *, inference_params=None, **kwargs):
         """hidden_states [s(/tp under SP), b, hidden] -> (out [s(/tp), b, hidden], bias None)."""
-        if inference_context is not None or inference_params is not None:
-            raise ValueError("Qwen35GatedDeltaNet has no megatron inference cache; generate with the Hugging Face "
-                             "export or megatron_qwen35.inference")
+        inference_context = inference_context if inference_context is not None else inference_params
+        if inference_context is not None:
+            return self._forward_inference(hidden_states, inference_context)
         cp = self.pg_collection.cp
         qkvzba, _ = self.in_proj(hidden_states)  # [s(/cp), b, in_proj_dim / tp]; SP gathers the sequence here
         cp_positions = None
@@ -122,6 +126,66 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         if self.recompute_norm_out:
             self.norm_out_checkpoint.discard_output_and_register_recompute(out)
         return out, out_bias
+
+    def _forward_inference(self, hidden_states, context):
+        """One forward of generation: the prompt (`sequence_len_offset` 0) or the tokens after it, continuing the conv
+        and recurrent states kept in megatron's static inference context under this layer's number (as megatron's
+        Mamba layers keep theirs). The prompt runs the chunked kernel, a single token the recurrent one."""
+        if not context.is_static_batching():
+            raise ValueError("Qwen35GatedDeltaNet generates with a static inference context (megatron's "
+                             "StaticInferenceContext or megatron_qwen35's Qwen35InferenceContext); dynamic batching is "
+                             "not supported")
+        if self.cp_size > 1 or self.config.sequence_parallel:
+            raise ValueError("Qwen35GatedDeltaNet generates without context or sequence parallelism; build the "
+                             "inference model with context_parallel_size=1 and sequence_parallel=False")
+        seq_len, batch = hidden_states.shape[:2]
+        padding = context.padding(seq_len) if isinstance(context, Qwen35InferenceContext) else None  # [b, s]
+        if padding is not None:  # transformers' apply_mask_to_padding_states: pads leave both states untouched
+            hidden_states = hidden_states.masked_fill(padding.t().unsqueeze(-1), 0.0)
+        conv_state, recurrent_state = self._inference_states(context, batch, hidden_states)
+
+        qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]
+        qkv, gate, beta, alpha = torch.split(qkvzba.transpose(0, 1), list(self.feat_dim_split), dim=-1)  # [b, s, x]
+        qkv, conv_state = gdn_ops.causal_conv1d_with_state(qkv, self.conv1d.weight.squeeze(1), conv_state,
+                                                           activation="silu",
+                                                           deterministic=self.config.deterministic_mode)
+        query, key, value = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], -1)
+        query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
+        key = key.reshape(batch, seq_len, -1, self.key_head_dim)
+        value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
+        g = -self.A_log.float().exp() * F.softplus(alpha.float() + self.dt_bias.float())  # fp32: bf16 decay underflows
+        beta = beta.sigmoid()
+        if seq_len == 1:
+            core, recurrent_state = gdn_ops.fused_recurrent_gated_delta_rule(
+                query, key, value, g, beta, initial_state=recurrent_state, use_qk_l2norm=self.use_qk_l2norm,
+                deterministic=self.config.deterministic_mode)
+        else:
+            core, recurrent_state = self.gated_delta_rule(
+                query, key, value, g, beta, initial_state=recurrent_state, output_final_state=True,
+                use_qk_l2norm=self.use_qk_l2norm, deterministic=self.config.deterministic_mode)
+        context.key_value_memory_dict[self.layer_number] = (conv_state, recurrent_state)
+
+        gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
+        normed = self._gated_norm(core, gate, batch=batch, seq_len=seq_len, cp_positions=None)
+        return self.out_proj(normed)  # row-parallel: reduce over TP
+
+    def _inference_states(self, context, batch: int, like: torch.Tensor):
+        """(conv state [b, conv channels / tp, k] in the activations' dtype, recurrent state [b, h / tp, dk, dv] fp32):
+        zeros at the start of a sequence (`sequence_len_offset` 0), else what the previous forward left."""
+        if context.sequence_len_offset == 0:
+            conv = like.new_zeros(batch, self.conv_dim_local_tp, self.conv_kernel_dim)
+            recurrent = like.new_zeros(batch, self.num_v_heads_local_tp, self.key_head_dim, self.value_head_dim,
+                                       dtype=torch.float32)
+            return conv, recurrent
+        if self.layer_number not in context.key_value_memory_dict:
+            raise ValueError(f"Qwen35GatedDeltaNet layer {self.layer_number}: sequence_len_offset is "
+                             f"{context.sequence_len_offset} but the inference context holds no state for this layer; "
+                             "run the prompt first (sequence_len_offset 0)")
+        conv, recurrent = context.key_value_memory_dict[self.layer_number]
+        if conv.shape[0] != batch:
+            raise ValueError(f"Qwen35GatedDeltaNet layer {self.layer_number}: the inference context holds states for "
+                             f"{conv.shape[0]} sequences, this forward has {batch}")
+        return conv, recurrent
 
     def _gated_norm(self, core, gate, *, batch, seq_len, cp_positions):
         """rmsnorm(core) * w * silu(gate) per value head, back to [s(/cp), b, h * dv]."""
