@@ -1,27 +1,40 @@
-"""Single-process loading for evaluation and tests: `load_model(checkpoint_dir)` -> logits on CPU.
+"""Evaluation and generation: `load_model(checkpoint_dir)` -> `Qwen35CausalLM`; `generate(model, input_ids, ...)`.
 
 The checkpoint directory (written by this project's training or converters) carries the model config, so nothing
 else is needed. A one-process gloo group is set up when none exists; in an already initialised multi-rank job
 (TP/EP), the model is built for the current layout and the logits are gathered over tensor parallelism.
+
+The model runs GPTModel's own pieces -- embedding, decoder, output layer -- with the rope of each row's own positions
+(what GPTModel.forward cannot take); its MTP head, a training-time loss, never runs.
+
+Generation is a static batch with left padding (`layers/inference_context.py` says why nothing depends on the pads):
+the prompts go through the model once (Gated DeltaNet's chunked kernel; attention writing megatron's KV cache), then
+every row gets one token per step (the recurrent kernel; attention reading the cache). The same rules as
+transformers' `generate` on a left-padded batch with its attention mask: positions count real tokens, pads are
+masked in attention and zeroed at Gated DeltaNet's input; greedy output equals it token for token (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_qwen35.checkpoint import load_checkpoint, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_transformer_config
+from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
 from megatron_qwen35.parallel_layout import check_parallel_layout
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.runtime import initialize_parallel
 
 
 class Qwen35CausalLM(torch.nn.Module):
-    """`model(input_ids [b, s])` -> float logits [b, s, vocab], positions 0..s-1 (no padding, no packing)."""
+    """`model(input_ids [b, s])` -> float logits [b, s, vocab], positions 0..s-1 (no padding, no packing); `generate`
+    drives `prefill_or_decode` with an inference context."""
 
     def __init__(self, gpt_model: torch.nn.Module, cfg: Qwen35Config):
         super().__init__()
@@ -32,11 +45,53 @@ class Qwen35CausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
-        logits = self.model(input_ids, positions, None)  # [b, s, vocab / tp]
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)
-        return logits.float()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self._logits(input_ids, self.rotary_pos_emb(positions))
+
+    @torch.no_grad()
+    def prefill_or_decode(self, input_ids: torch.Tensor, context: Qwen35InferenceContext,
+                          rotary_pos_emb: torch.Tensor) -> torch.Tensor:
+        """The next-token logits [b, vocab] (fp32) after `input_ids` [b, s]: the prompts (the context's
+        `sequence_len_offset` is 0) or the newest token of each row; advances the context past them.
+        rotary_pos_emb: `rotary_pos_emb(context.positions())`, the rope of every slot."""
+        num_tokens = input_ids.shape[1]
+        logits = self._logits(input_ids, rotary_pos_emb, attention_mask=context.attention_mask(num_tokens),
+                              inference_context=context, last_token_only=True)
+        context.increment_sequence_len_offset(num_tokens)
+        context.enable_decode_mode()  # every row's prompt is in the caches now
+        return logits[:, -1]
+
+    def rotary_pos_emb(self, positions: torch.Tensor) -> torch.Tensor:
+        """megatron's rope of `positions` [b, s] as [s, b, 1, rotary dim]: rows of the table GPTModel builds for
+        positions 0..n-1 (the values training uses), one row per token, so each batch row has its own positions."""
+        table = self.model.rotary_pos_emb.get_emb(int(positions.max()) + 1)  # [n, 1, 1, d]
+        return table[:, 0, 0][positions.t()].unsqueeze(2)
+
+    def _logits(self, input_ids, rotary_pos_emb, *, attention_mask=None, inference_context=None,
+                last_token_only=False) -> torch.Tensor:
+        """GPTModel.forward without its MTP head and loss: embedding, decoder, output layer gathered over TP."""
+        gpt = self.model
+        hidden = gpt.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]; rope carries the positions
+        with _unfused_rope(gpt.config):
+            hidden = gpt.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                 inference_context=inference_context)
+        if last_token_only:
+            hidden = hidden[-1:]
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+        logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=True)  # [s, b, vocab]
+        return logits.transpose(0, 1).float()
+
+
+@contextlib.contextmanager
+def _unfused_rope(config):
+    """Transformer Engine's fused rope takes one row of positions for the whole batch (megatron's rope_utils warns
+    so for mRoPE with batch > 1); rows with their own positions need megatron's unfused rope, same numbers."""
+    fused = config.apply_rope_fusion
+    config.apply_rope_fusion = False
+    try:
+        yield
+    finally:
+        config.apply_rope_fusion = fused
 
 
 def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **config_overrides) -> Qwen35CausalLM:
@@ -56,3 +111,154 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **conf
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, **overrides), backend=backend)
     load_checkpoint(model, checkpoint_dir)
     return Qwen35CausalLM(model, cfg).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+class GenerationStep(NamedTuple):
+    """One step of every row: the new token [b], its log-probability [b] under the model (temperature 1, no top-p:
+    what a trainer's forward computes) and the logits it came from [b, vocab] (fp32); a row that has ended repeats
+    its end token with log-probability 0."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    logits: torch.Tensor
+
+
+def generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, *, min_new_tokens: int = 0,
+             attention_mask: torch.Tensor | None = None, return_logprobs: bool = False,
+             generator: torch.Generator | None = None):
+    """The prompts `input_ids` [b, s] and their continuations: [b, s + n], n <= max_new_tokens (fewer when every row
+    has ended); with return_logprobs, also each new token's log-probability [b, n] (see `GenerationStep`).
+
+    attention_mask [b, s] (1 real token, 0 pad) marks left padding, as for transformers' `generate`; without it every
+    token is real. temperature 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature) cut to the
+    smallest set of probability >= top_p, with `generator` (the same on every tensor-parallel rank: rank 0's draw is
+    used). A row ends at any of eos_token_id, not before min_new_tokens (transformers' rule: the end tokens are
+    not drawn until then), and is then filled with the first of them.
+    """
+    new_tokens, logprobs = [], []
+    for step in stream_generate(model, input_ids, max_new_tokens, temperature, top_p, eos_token_id,
+                                min_new_tokens=min_new_tokens, attention_mask=attention_mask, generator=generator):
+        new_tokens.append(step.tokens)
+        logprobs.append(step.logprobs)
+    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return (sequences, torch.stack(logprobs, dim=1)) if return_logprobs else sequences
+
+
+@torch.no_grad()
+def stream_generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, *, min_new_tokens: int = 0,
+                    attention_mask: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[GenerationStep]:
+    """`generate`, one `GenerationStep` at a time as the tokens come (arguments as there)."""
+    padding = _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_p, attention_mask)
+    end_ids = _end_token_ids(eos_token_id, model.config.vocab_size, input_ids.device)
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    context = Qwen35InferenceContext(padding, max_sequence_length=input_ids.shape[1] + max_new_tokens)
+    rotary_pos_emb = model.rotary_pos_emb(context.positions())  # [slots, b, 1, d]
+    ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_input = input_ids
+    for step in range(max_new_tokens):
+        logits = model.prefill_or_decode(step_input, context, rotary_pos_emb)  # [b, vocab] fp32
+        allowed = logits if end_ids is None or step >= min_new_tokens else logits.index_fill(-1, end_ids, -torch.inf)
+        tokens = _same_on_every_tensor_parallel_rank(sample_next_tokens(allowed, temperature, top_p, generator))
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        if end_ids is not None:
+            tokens = tokens.masked_fill(ended, int(end_ids[0]))
+            logprobs = logprobs.masked_fill(ended, 0.0)
+            ended |= torch.isin(tokens, end_ids)
+        yield GenerationStep(tokens, logprobs, logits)
+        if bool(ended.all()):
+            return
+        step_input = tokens.unsqueeze(1)
+
+
+def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """[b] token ids from logits [b, vocab]: argmax at temperature 0 (the first of equal maxima, as torch and
+    transformers pick), else a draw from softmax(logits / temperature) restricted to the nucleus of mass top_p."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [b, s], attention_mask [b, s]) of prompts of different lengths, each right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_p, attention_mask) -> torch.Tensor:
+    """Every argument that would fail deep inside the model, named; returns the padding [b, s] (True = pad)."""
+    if not isinstance(model, Qwen35CausalLM):
+        raise TypeError(f"generate takes the Qwen35CausalLM load_model returns, got {type(model).__name__}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("input_ids must be an integer tensor [batch, seq], got "
+                         f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+    batch, prompt_len = input_ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise ValueError(f"input_ids must hold at least one prompt token, got shape {tuple(input_ids.shape)}")
+    vocab = model.config.vocab_size
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"input_ids hold ids outside the model's vocabulary [0, {vocab}): "
+                         f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_len = model.config.max_position_embeddings
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {max_len}")
+    if not temperature >= 0.0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention_mask is None:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}")
+    real = attention_mask.to(input_ids.device) != 0
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    not_left_padded = (real[:, :-1] & ~real[:, 1:]).any(dim=1) | ~real[:, -1]
+    if bool(not_left_padded.any()):
+        rows = not_left_padded.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} are not left-padded (zeros, then ones up to the last column); "
+                         "generate pads on the left, as megatron_qwen35.inference.left_padded does")
+    return ~real
+
+
+def _end_token_ids(eos_token_id, vocab_size: int, device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(not isinstance(i, int) or not 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {eos_token_id!r}")
+    return torch.tensor(ids, device=device)
+
+
+def _same_on_every_tensor_parallel_rank(tokens: torch.Tensor) -> torch.Tensor:
+    """Tensor-parallel ranks hold one model: a sampled token that differed between them would split their caches.
+    Greedy tokens agree anyway (the logits are gathered); drawn ones are tensor-parallel rank 0's."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+    return tokens
