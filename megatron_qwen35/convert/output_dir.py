@@ -1,4 +1,5 @@
-"""Where a conversion writes: a temporary sibling directory, renamed into place only when everything is written.
+"""Where a conversion writes: a temporary sibling directory, renamed into place only when everything is written;
+and the written bytes handed to the disk as they are written.
 
 A failed or interrupted run never leaves anything that looks like a checkpoint, nor touches its input.
 """
@@ -71,3 +72,15 @@ def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Se
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing [offset, offset + nbytes) of `fd` to the disk now, without waiting for it.
+
+    A conversion produces bytes faster than a disk takes them; left to the kernel, writeback starts only once
+    gigabytes are dirty and the rest waits for the final sync, so converting and writing add up instead of
+    overlapping. POSIX_FADV_DONTNEED starts the writeback of the range (Linux: filemap_fdatawrite_range, no wait) and
+    drops its pages from the cache once clean, which also keeps a large conversion from evicting everything else.
+    """
+    if nbytes and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)

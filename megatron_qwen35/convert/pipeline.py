@@ -18,7 +18,7 @@ import torch
 
 GiB = 1024**3
 DEFAULT_LANES = max(2, min(8, os.cpu_count() or 1))  # disk waits leave a core free, so at least two
-DEFAULT_MEMORY_BUDGET = GiB  # bytes of rules in flight across lanes; a larger rule runs alone
+SPARE_MEMORY = GiB  # bytes of other rules in flight beside the largest one
 
 class _MemoryBudget:
     """At most `capacity` bytes held by running jobs; a job larger than that waits until it can run alone."""
@@ -58,11 +58,13 @@ def deal(costs: Sequence[int], lanes: int) -> list[list[int]]:
 
 
 def run_in_lanes[Job](jobs: Sequence[Job], costs: Sequence[int], work: Callable[[Job, int], list[str] | None], *,
-                 lanes: int = DEFAULT_LANES, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
-    """`work(job, lane)` for every job; `costs[i]` is the memory job i holds while it runs. The first error stops
+                 lanes: int = DEFAULT_LANES, memory_budget: int | None = None) -> None:
+    """`work(job, lane)` for every job; `costs[i]` is the memory job i holds while it runs, and at most
+    `memory_budget` bytes of jobs run at once (default: the largest job and SPARE_MEMORY more, so that the largest
+    never runs alone and peak memory stays within 2 x the largest tensor plus a constant). The first error stops
     every lane before its next job and is raised here. The notes the jobs return are issued as warnings, in job
     order, once every lane has stopped."""
-    budget = _MemoryBudget(memory_budget)
+    budget = _MemoryBudget(memory_budget if memory_budget is not None else max(costs, default=0) + SPARE_MEMORY)
     errors: list[BaseException] = []
     notes: dict[int, list[str]] = {}
 

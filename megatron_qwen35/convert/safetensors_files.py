@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from megatron_qwen35.checkpoint import CheckpointFileError
+from megatron_qwen35.convert.output_dir import start_writeback
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -264,6 +265,7 @@ class SafetensorsShardWriter:
                 raise ValueError(f"export wrote tensor '{name}' twice")
             self._written.add(name)
         _pwrite_all(fd, _tensor_bytes(tensor), offset)
+        start_writeback(fd, offset, p.nbytes)
 
     def _close_files(self) -> None:
         for fd in self._fds:

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_qwen35.checkpoint import CheckpointFileError
+from megatron_qwen35.convert.output_dir import start_writeback
 
 DCP_METADATA = ".metadata"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION in torch 2.13
@@ -105,7 +106,9 @@ class TorchDistWriter:
             f = self._data[file]
             start = f.tell()
             write(f)
+            f.flush()
             info = _StorageInfo(data_file_name(file), start, f.tell() - start)
+            start_writeback(f.fileno(), start, info.length)
         with self._lock:
             self._storage[index] = info
 
