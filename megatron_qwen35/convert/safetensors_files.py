@@ -31,7 +31,6 @@ from megatron_qwen35.checkpoint import CheckpointFileError
 from megatron_qwen35.convert.output_dir import start_writeback
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
 
 SAFETENSORS_DTYPES = {

@@ -171,10 +171,6 @@ def qwen35_rules(cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX, expert
     return rules
 
 
-def embedding_name(hf_prefix: str) -> str:
-    return f"{hf_prefix}embed_tokens.weight"
-
-
 @dataclass(frozen=True)
 class HFLayout:
     """How one Hugging Face checkpoint names the model's tensors. The default is what transformers'
@@ -195,7 +191,7 @@ class HFLayout:
 
     @property
     def embedding(self) -> str:
-        return embedding_name(self.prefix)
+        return f"{self.prefix}embed_tokens.weight"
 
     @classmethod
     def of(cls, hf_config: Mapping, names: Collection[str], *, stored_tied_head: bool = False) -> HFLayout:

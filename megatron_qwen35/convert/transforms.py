@@ -125,5 +125,3 @@ def _split_per_expert_gate_up(t: Tensors, cfg: Qwen35Config) -> Tensors:
 # HF per-expert experts.{e}.gate_proj / up_proj <-> Megatron's per-expert linear_fc1 [gate | up].
 PER_EXPERT_GATE_UP = Transform("per_expert_gate_up", to_megatron=_interleave_per_expert_gate_up,
                                to_hf=_split_per_expert_gate_up)
-
-ALL_TRANSFORMS = [IDENTITY, PLUS_ONE, GDN_IN_PROJ, GATE_UP, GATED_QKV, PACKED_EXPERTS, PER_EXPERT_GATE_UP]
