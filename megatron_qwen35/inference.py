@@ -149,17 +149,25 @@ def generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int
     return (sequences, torch.stack(logprobs, dim=1)) if return_logprobs else sequences
 
 
-@torch.no_grad()
 def stream_generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, *, min_new_tokens: int = 0,
                     attention_mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> Iterator[GenerationStep]:
-    """`generate`, one `GenerationStep` at a time as the tokens come (arguments as there)."""
+    """`generate`, one `GenerationStep` at a time as the tokens come (arguments as there); bad arguments raise here,
+    before the first step is asked for."""
     padding = _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_p, attention_mask)
     end_ids = _end_token_ids(eos_token_id, model.config.vocab_size, input_ids.device)
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     context = Qwen35InferenceContext(padding, max_sequence_length=input_ids.shape[1] + max_new_tokens)
+    return _generation_steps(model, input_ids, context, max_new_tokens, temperature, top_p, end_ids, min_new_tokens,
+                             generator)
+
+
+@torch.no_grad()
+def _generation_steps(model, input_ids, context, max_new_tokens, temperature, top_p, end_ids, min_new_tokens,
+                      generator) -> Iterator[GenerationStep]:
+    """The prompts once, then one token per row per step, until max_new_tokens or every row has ended."""
     rotary_pos_emb = model.rotary_pos_emb(context.positions())  # [slots, b, 1, d]
     ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     step_input = input_ids

