@@ -44,11 +44,14 @@ def models(request, megatron_single_process):
     return hf, Qwen35CausalLM(gpt, cfg).eval()
 
 
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
 @pytest.fixture(scope="module")
 def prompts(models):
-    g = torch.Generator().manual_seed(1)
-    vocab = models[1].config.vocab_size
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+    return _prompts(models[1].config.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,28 @@ def test_logprobs_equal_the_training_forward(models, prompts, generated):
         want = -losses[row, len(prompt) - 1:len(prompt) - 1 + NEW_TOKENS]
         err = (logprobs[row] - want).abs().max().item()
         assert err <= LOGPROB_TOL, f"row {row}: max |delta logprob| {err:.2e}"
+
+
+def test_a_prompt_fed_in_two_pieces_gives_the_same_next_token_logits(megatron_single_process):
+    """Left-padded prompts through the model as 40 then 30 slots (the second piece reads the first's KV cache and
+    GDN states, with causal attention inside it) give the next-token logits of the prompts fed at once (fp32,
+    <= 1e-4; a piece that could see its own future is off by 0.65). Eight layers, so that a second attention layer
+    reads what the first wrote inside the piece."""
+    from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
+
+    cfg = qwen35_preset("tiny").replace(num_layers=8, mtp_num_layers=0)
+    gpt = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
+    load_hf_state_dict(gpt, cfg, reference_model(cfg, seed=2).state_dict(), include_mtp=False)
+    model = Qwen35CausalLM(gpt, cfg).eval()
+    input_ids, attention_mask = left_padded(_prompts(cfg.vocab_size))
+    logits = []
+    for pieces in ([70], [40, 30]):
+        context = Qwen35InferenceContext(attention_mask == 0, max_sequence_length=input_ids.shape[1])
+        rope = model.rotary_pos_emb(context.positions())
+        for piece in input_ids.split(pieces, dim=1):
+            last = model.prefill_or_decode(piece, context, rope)
+        logits.append(last)
+    assert (logits[1] - logits[0]).abs().max().item() <= LOGIT_TOL
 
 
 def test_generate_returns_the_streamed_steps(models, generated):
@@ -284,3 +309,20 @@ def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_inference_context_hides_pad_keys_and_counts_positions_from_real_tokens():
+    """Row 0 opens with two pads: its real tokens sit at positions 0, 1, 2, ...; a pad key is hidden from every query
+    but the pad itself; after the prompt no token is padding; an unpadded batch needs no mask at all."""
+    from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
+
+    context = Qwen35InferenceContext(torch.tensor([[True, True, False], [False, False, False]]), max_sequence_length=5)
+    assert context.positions().tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert context.padding(3).tolist() == [[True, True, False], [False, False, False]]
+    assert context.attention_mask(3)[:, 0].tolist() == [
+        [[False, True, False], [True, False, False], [True, True, False]],
+        [[False, False, False]] * 3]
+    context.increment_sequence_len_offset(3)
+    assert context.padding(1) is None
+    assert context.attention_mask(1)[:, 0].tolist() == [[[True, True, False, False]], [[False] * 4]]
+    assert Qwen35InferenceContext(torch.zeros(2, 3, dtype=torch.bool), 5).attention_mask(3) is None

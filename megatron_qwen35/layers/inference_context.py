@@ -10,8 +10,9 @@ Left padding: row i's prompt fills the last n_i of the prompt's s slots; after t
 same slot, one token per step. Nothing a real token computes depends on the pads in front of it:
 - positions count real tokens only (slot j of row i is at position j - pads_i; a pad is at 0): transformers'
   `generate` derives the same from the attention mask (cumsum - 1, pads 0);
-- attention never reads a pad key; a pad query reads only itself, so no softmax row is empty (an empty one is NaN, and
-  NaN * 0 is not 0 where Gated DeltaNet zeroes the pads);
+- attention never reads a pad key; a pad query reads only itself, so no softmax row is empty (torch 2.13's SDPA
+  returns zeros for one, a plain softmax NaN, which the pads' residual stream would carry into later attention
+  layers' values, where a weight of 0 times NaN is NaN);
 - Gated DeltaNet zeroes its input at pads (transformers' `apply_mask_to_padding_states`): zero input projects to zero
   q, k, v, so the conv and recurrent states stay exactly as if the pads were not there.
 """
