@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 
 from megatron_qwen35.checkpoint import load_checkpoint, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_transformer_config
+from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
 from megatron_qwen35.parallel_layout import check_parallel_layout
 from megatron_qwen35.provider import qwen35_gpt_model
@@ -156,6 +157,10 @@ def stream_generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_toke
     """`generate`, one `GenerationStep` at a time as the tokens come (arguments as there); bad arguments raise here,
     before the first step is asked for."""
     padding = _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_p, attention_mask)
+    if bool(padding.any()) and not _attention_masks_padding(model):
+        raise ValueError("a left-padded batch needs the local backend's attention, which takes the padding mask "
+                         "(Transformer Engine's causal attention ignores one): load_model(dir, backend='local'), or "
+                         "prompts of one length")
     end_ids = _end_token_ids(eos_token_id, model.config.vocab_size, input_ids.device)
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
@@ -252,6 +257,13 @@ def _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_
         raise ValueError(f"attention_mask rows {rows} are not left-padded (zeros, then ones up to the last column); "
                          "generate pads on the left, as megatron_qwen35.inference.left_padded does")
     return ~real
+
+
+def _attention_masks_padding(model: Qwen35CausalLM) -> bool:
+    """Whether every attention layer's core attention is ours, which masks pad keys by the mask it is given."""
+    cores = [layer.self_attention.core_attention for layer in model.model.decoder.layers
+             if hasattr(layer.self_attention, "core_attention")]
+    return all(isinstance(core, Qwen35CoreAttention) for core in cores)
 
 
 def _end_token_ids(eos_token_id, vocab_size: int, device) -> torch.Tensor | None:

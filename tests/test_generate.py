@@ -213,6 +213,23 @@ def test_sampling_is_reproducible_and_top_p_near_zero_is_greedy(models, generate
     assert torch.equal(sampled(4, temperature=1.5, top_p=1e-6), sequences[:, :input_ids.shape[1] + 8])
 
 
+def test_a_padded_batch_needs_attention_that_masks_pads(models, generated, monkeypatch):
+    """Transformer Engine's causal core attention ignores a padding mask: a left-padded batch on it is refused by name
+    (here one attention layer's core attention swapped for another class); one unpadded prompt still generates."""
+    _, model = models
+    input_ids, attention_mask = generated[:2]
+    attention = next(layer.self_attention for layer in model.model.decoder.layers
+                     if hasattr(layer.self_attention, "core_attention"))
+
+    class OtherCoreAttention(torch.nn.Module):
+        forward = attention.core_attention.forward
+
+    monkeypatch.setattr(attention, "core_attention", OtherCoreAttention())
+    with pytest.raises(ValueError, match="backend='local'"):
+        generate(model, input_ids, 2, attention_mask=attention_mask)
+    assert generate(model, input_ids[:1, -5:], 2).shape == (1, 7)
+
+
 def test_top_p_draws_only_from_the_nucleus():
     """Probabilities (0.5, 0.3, 0.15, 0.05) with top_p 0.7: only tokens 0 and 1 are ever drawn, both of them are."""
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
