@@ -1,4 +1,4 @@
-"""The GPU checks in one run: FLA against the torch path, bf16 against fp32, Transformer Engine against local, speed.
+"""The GPU checks in one run: FLA against the torch path, bf16 against fp32, TE against local, generation, speed.
 
     python benchmarks/gpu_checks.py            # a session with a CUDA device
     python benchmarks/gpu_checks.py --dry-run  # CI: every check on CPU, small shapes, FLA under Triton's interpreter
@@ -14,7 +14,10 @@
 3. te_vs_local (where TE imports, on CUDA): one checkpoint loaded into the TE and the local model, fp32: logits,
    loss and the gradient of every parameter, matched by checkpoint key (the names both backends save under; TE fuses
    the input norms into its linears, so module names differ).
-4. stack_tflops (CUDA only): model TFLOP/s of a 4-layer 27b-shaped stack (3 GDN + 1 gated attention, dense MLP) at
+4. generate: greedy generation of a left-padded batch (tiny-moe, local backend) through FLA's kernels (chunked and
+   conv with states for the prompts, fused recurrent and conv update per token) against the same weights on the torch
+   path, same device: every token equal, log-probabilities within check 1's fp32 bound.
+5. stack_tflops (CUDA only): model TFLOP/s of a 4-layer 27b-shaped stack (3 GDN + 1 gated attention, dense MLP) at
    sequence 4096, forward + backward in bf16, divided by a bf16 matmul's TFLOP/s measured in the same run.
 Every reference runs on the device of what it checks. Errors are relative: max|got - want| / max|want| per tensor.
 Prints one `check <name> ... ok|FAIL` line per result (`... skipped: <why>` where it cannot run; the timing line
@@ -426,7 +429,42 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Speed of a 27b-shaped stack
+# 4. Generation through FLA's kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_generate() -> None:
+    """`generate` on DEVICE through gdn_ops' kernel choice (FLA's chunked kernel and conv with states for the
+    prompts, its fused recurrent kernel and conv update for each token) against the same weights with
+    deterministic_mode (the torch path), same device: a left-padded batch, greedy; the tokens must be equal and the
+    log-probabilities within check 1's fp32 bound."""
+    from megatron_qwen35.inference import Qwen35CausalLM, generate, left_padded
+
+    if not _fla_reachable():
+        report("generate", f"FLA's kernels do not run on {DEVICE.type} here (fla not importable?)", False)
+        return
+    cfg = _preset("tiny-moe")
+    reference = _reference(cfg, seed=5)
+    candidate = _model(cfg, dtype=torch.float32, backend="local", apply_rope_fusion=False)
+    _copy_through_checkpoint(reference, cfg, candidate)
+    gen = torch.Generator().manual_seed(6)
+    lengths = (9, 70) if DEVICE.type == "cpu" else (9, 700, 1500)  # one prompt within a 64-token chunk, others across
+    input_ids, attention_mask = left_padded([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+                                             for n in lengths])
+    new_tokens = 4 if DEVICE.type == "cpu" else 64
+    runs = [generate(Qwen35CausalLM(model, cfg).eval(), input_ids.to(DEVICE), new_tokens,
+                     attention_mask=attention_mask.to(DEVICE), return_logprobs=True)
+            for model in (candidate, reference)]
+    (tokens, logprobs), (want_tokens, want_logprobs) = runs
+    same = int((tokens == want_tokens).all(dim=0)[input_ids.shape[1]:].sum())  # steps where every row agrees
+    error = relative_error(logprobs, want_logprobs)
+    tol = FLA_TOL[(DEVICE.type, torch.float32)]
+    report("generate", f"tiny-moe backend=local prompts={lengths} steps_equal={same}/{new_tokens} "
+           f"logprobs={error:.1e} tol {tol:.0e}", same == new_tokens and error <= tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Speed of a 27b-shaped stack
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -535,7 +573,7 @@ def main(argv=None) -> int:
     initialize_parallel(seed=1234)
     seconds = {name: _run(name, check) for name, check in (
         ("fla_vs_torch", check_fla_vs_torch), ("bf16_forward", check_bf16_forward),
-        ("te_vs_local", check_te_vs_local), ("stack_tflops", check_stack_tflops))}
+        ("te_vs_local", check_te_vs_local), ("generate", check_generate), ("stack_tflops", check_stack_tflops))}
     failed = RESULTS.count("FAIL")
     print(f"summary: {RESULTS.count('ok')} ok, {failed} FAIL, {RESULTS.count('skipped')} skipped, "
           f"{RESULTS.count('measured')} measured in {time.perf_counter() - start:.0f} s ("

@@ -19,6 +19,7 @@ EXPECTED = [
     ("check bf16_forward tiny-moe backend=local gdn=torch ", " ok"),
     ("check bf16_backward tiny-moe backend=local ", " ok"),
     ("check te_vs_local skipped: ", ""),  # "Transformer Engine not importable" here; a TE node says "dry run"
+    ("check generate tiny-moe backend=local ", " ok"),
     ("check stack_tflops skipped: ", ""),
 ]
 
