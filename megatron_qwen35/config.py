@@ -25,12 +25,50 @@ MULTIMODAL_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe
 
 
 @dataclass(frozen=True)
-class VisionShape:
-    """The ViT of a preset (width, MLP width, depth): recorded for the vision work and the size table."""
+class Qwen35VisionConfig:
+    """The vision tower of a Qwen3.5 vision-language model, and the token ids that place its output in the text.
+
+    Field names and defaults are transformers' `Qwen3_5VisionConfig`; the four token ids belong to the wrapper's
+    `Qwen3_5Config` in config.json and live here because only a model with a vision tower has them.
+    """
 
     hidden_size: int
     intermediate_size: int
     depth: int
+    num_heads: int
+    out_hidden_size: int  # the text model's hidden size: the merger writes into the token embeddings
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    num_position_embeddings: int = 2304  # a square grid of learned positions, resampled to each image
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        side = int(round(self.num_position_embeddings ** 0.5))
+        if side * side != self.num_position_embeddings:
+            problems.append(f"num_position_embeddings {self.num_position_embeddings} is not a square grid")
+        if problems:
+            raise ValueError("inconsistent Qwen3.5 vision config: " + "; ".join(problems))
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x frames x height x width (the processor's pixel_values rows)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+_HF_VISION_KEYS = ("hidden_size", "intermediate_size", "depth", "num_heads", "out_hidden_size", "patch_size",
+                   "temporal_patch_size", "spatial_merge_size", "in_channels", "num_position_embeddings",
+                   "hidden_act")
+_HF_VL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass(frozen=True)
@@ -65,7 +103,7 @@ class Qwen35Config:
     mtp_num_layers: int = 1  # public checkpoints carry one multi-token-prediction layer
     max_position_embeddings: int = 262144
     router_aux_loss_coef: float = 0.001
-    vision: VisionShape | None = None
+    vision: Qwen35VisionConfig | None = None  # None: a text-only model (Qwen3_5ForCausalLM)
     name: str = "custom"
 
     def __post_init__(self):
@@ -125,13 +163,13 @@ class Qwen35Config:
         if unknown:
             raise ValueError(f"unknown Qwen35Config fields {sorted(unknown)}")
         if d.get("vision") is not None:
-            d["vision"] = VisionShape(**d["vision"])
+            d["vision"] = Qwen35VisionConfig(**d["vision"])
         return cls(**d)
 
 
 def _dense(hidden, layers, heads, groups, ffn, v_heads, vit, tied, name):
     return Qwen35Config(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, num_query_groups=groups,
-                        ffn_hidden_size=ffn, linear_num_value_heads=v_heads, vision=VisionShape(*vit),
+                        ffn_hidden_size=ffn, linear_num_value_heads=v_heads, vision=_vit(vit, hidden),
                         tie_word_embeddings=tied, name=name)
 
 
@@ -139,10 +177,17 @@ def _moe(hidden, layers, heads, groups, experts, topk, expert_ffn, shared_ffn, v
     return Qwen35Config(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, num_query_groups=groups,
                         num_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=expert_ffn,
                         moe_shared_expert_intermediate_size=shared_ffn, linear_num_value_heads=v_heads,
-                        vision=VisionShape(*vit), tie_word_embeddings=False, name=name)
+                        vision=_vit(vit, hidden), tie_word_embeddings=False, name=name)
 
 
-_VIT_S, _VIT_M, _VIT_L = (768, 3072, 12), (1024, 4096, 24), (1152, 4304, 27)
+def _vit(shape, text_hidden):
+    hidden, ffn, depth, heads = shape
+    return Qwen35VisionConfig(hidden_size=hidden, intermediate_size=ffn, depth=depth, num_heads=heads,
+                              out_hidden_size=text_hidden)
+
+
+# (width, MLP width, depth, heads) of the three ViTs of the family
+_VIT_S, _VIT_M, _VIT_L = (768, 3072, 12, 12), (1024, 4096, 24, 16), (1152, 4304, 27, 16)
 
 # The public sizes (DESIGN.md's table). Parameter counts are checked in tests/test_config.py.
 PRESETS: dict[str, Qwen35Config] = {
@@ -171,6 +216,19 @@ PRESETS["tiny-moe"] = Qwen35Config(hidden_size=64, num_layers=4, num_attention_h
 # The CPU demo: tiny-moe's shape with the real 248320-token vocabulary, so it reads real tokenized text and its
 # Hugging Face export generates real words.
 PRESETS["tiny-demo"] = PRESETS["tiny-moe"].replace(vocab_size=248320, name="tiny-demo")
+
+
+# Tiny vision-language models: a two-block ViT on 16-pixel patches with an 8 x 8 learned position grid (so every
+# image's positions are resampled), its token ids inside the 512-token vocabulary.
+_TINY_VISION = Qwen35VisionConfig(hidden_size=32, intermediate_size=64, depth=2, num_heads=2, out_hidden_size=64,
+                                  num_position_embeddings=64, image_token_id=508, video_token_id=509,
+                                  vision_start_token_id=510, vision_end_token_id=511)
+PRESETS["tiny-vl"] = PRESETS["tiny"].replace(vision=_TINY_VISION, name="tiny-vl")
+PRESETS["tiny-vl-moe"] = PRESETS["tiny-moe"].replace(vision=_TINY_VISION, name="tiny-vl-moe")
+# The VL demo: tiny-vl-moe with the real vocabulary and the real image / video token ids.
+PRESETS["tiny-vl-demo"] = PRESETS["tiny-vl-moe"].replace(
+    vocab_size=248320, name="tiny-vl-demo",
+    vision=dataclasses.replace(_TINY_VISION, **{f: getattr(Qwen35VisionConfig, f) for f in _HF_VL_TOKEN_KEYS}))
 
 
 def qwen35_preset(name: str) -> Qwen35Config:
@@ -263,12 +321,52 @@ def qwen35_config_from_hf(hf: dict[str, Any] | str | Path, *, name: str = "hf") 
         kw["ffn_hidden_size"] = _required(text, "intermediate_size")
     vision = hf.get("vision_config")
     if vision:
-        kw["vision"] = VisionShape(vision["hidden_size"], vision["intermediate_size"], vision["depth"])
+        kw["vision"] = _vision_from_hf(hf, vision)
     return Qwen35Config(**kw)
 
 
+def _vision_from_hf(hf: dict[str, Any], vision: dict[str, Any]) -> Qwen35VisionConfig:
+    """The vision tower of a VL config.json. A key the file omits takes the default of transformers' own
+    `Qwen3_5VisionConfig` (read from the class, so the two cannot drift); the token ids come from the wrapper."""
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5Config, Qwen3_5VisionConfig
+
+    known = {k: v for k, v in vision.items() if k in _HF_VISION_KEYS or k == "rope_parameters"}
+    full = Qwen3_5VisionConfig(**known)
+    rope = full.rope_parameters or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise ValueError(f"config.json vision_config rope_type '{rope['rope_type']}' is not supported "
+                         "(Qwen3.5's vision tower uses axial 2-D rope)")
+    for key in ("patch_size", "temporal_patch_size"):
+        if not isinstance(getattr(full, key), int):
+            raise ValueError(f"config.json vision_config {key}={getattr(full, key)!r}: Qwen3.5 uses square patches "
+                             "given as one integer")
+    wrapper_defaults = {f.name: f.default for f in dataclasses.fields(Qwen3_5Config) if f.name in _HF_VL_TOKEN_KEYS}
+    return Qwen35VisionConfig(**{k: getattr(full, k) for k in _HF_VISION_KEYS},
+                              rope_theta=float(rope.get("rope_theta", 10000.0)),
+                              **{k: hf.get(k, wrapper_defaults[k]) for k in _HF_VL_TOKEN_KEYS})
+
+
+def _vision_to_hf(vision: Qwen35VisionConfig) -> dict[str, Any]:
+    return {"model_type": "qwen3_5_vision", **{k: getattr(vision, k) for k in _HF_VISION_KEYS},
+            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta}}
+
+
 def qwen35_config_to_hf(cfg: Qwen35Config) -> dict[str, Any]:
-    """A text-only config.json (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM) that transformers loads."""
+    """A config.json that transformers loads: the VL wrapper (Qwen3_5(Moe)ForConditionalGeneration) for a model
+    with a vision tower, else text-only (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM)."""
+    text = _text_config_to_hf(cfg)
+    if cfg.vision is None:
+        return text
+    text.pop("architectures")
+    text.pop("tie_word_embeddings")
+    wrapper, cls = ("qwen3_5_moe", "Qwen3_5Moe") if cfg.is_moe else ("qwen3_5", "Qwen3_5")
+    return {"architectures": [f"{cls}ForConditionalGeneration"], "model_type": wrapper,
+            "text_config": text, "vision_config": _vision_to_hf(cfg.vision),
+            **{k: getattr(cfg.vision, k) for k in _HF_VL_TOKEN_KEYS},
+            "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "bfloat16"}
+
+
+def _text_config_to_hf(cfg: Qwen35Config) -> dict[str, Any]:
     hf: dict[str, Any] = {
         "architectures": ["Qwen3_5MoeForCausalLM" if cfg.is_moe else "Qwen3_5ForCausalLM"],
         "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
