@@ -519,7 +519,8 @@ def qwen35_transformer_config(cfg: Qwen35Config, **overrides):
         masked_softmax_fusion=cuda,
         persist_layer_norm=cuda,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=cuda and transformer_engine_available(),  # megatron's fused rope is TE's
+        # megatron's fused rope is TE's, and reads one position row: a VL model's positions differ per sample
+        apply_rope_fusion=cuda and transformer_engine_available() and cfg.vision is None,
         use_cpu_initialization=not cuda,
     )
     if cfg.is_moe:

@@ -56,9 +56,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def reference_model(cfg, seed: int = 0):
-    """transformers' Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM for `cfg`, fp32, eval mode, random weights."""
+    """transformers' model for `cfg`, fp32, eval mode, random weights: Qwen3_5(Moe)ForConditionalGeneration when
+    it has a vision tower, else Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM."""
     m = modeling(cfg.is_moe)
-    cls = m.Qwen3_5MoeForCausalLM if cfg.is_moe else m.Qwen3_5ForCausalLM
+    kind = "ForConditionalGeneration" if cfg.vision is not None else "ForCausalLM"
+    cls = getattr(m, f"Qwen3_5Moe{kind}" if cfg.is_moe else f"Qwen3_5{kind}")
     torch.manual_seed(seed)
     model = cls(reference_config(cfg)).float().eval()
     return randomize_(model, seed)

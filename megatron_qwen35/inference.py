@@ -28,14 +28,17 @@ from megatron_qwen35.checkpoint import load_checkpoint, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_transformer_config
 from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
+from megatron_qwen35.layers.rotary import mrope_position_ids
 from megatron_qwen35.parallel_layout import check_parallel_layout
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.runtime import initialize_parallel
 
 
 class Qwen35CausalLM(torch.nn.Module):
-    """`model(input_ids [b, s])` -> float logits [b, s, vocab], positions 0..s-1 (no padding, no packing); `generate`
-    drives `prefill_or_decode` with an inference context."""
+    """`model(input_ids [b, s], pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+    video_grid_thw=None)` -> float logits [b, s, vocab], transformers' inputs (no padding, no packing): text
+    positions 0..s-1, or transformers' rope index where images / videos are given; `generate` drives
+    `prefill_or_decode` with an inference context."""
 
     def __init__(self, gpt_model: torch.nn.Module, cfg: Qwen35Config):
         super().__init__()
@@ -43,11 +46,21 @@ class Qwen35CausalLM(torch.nn.Module):
         self.config = cfg
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self._logits(input_ids, self.rotary_pos_emb(positions))
+        vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        if all(v is None for v in vision.values()):
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            return self._logits(input_ids, self.rotary_pos_emb(positions))
+        if self.config.vision is None:
+            raise ValueError(f"model '{self.config.name}' has no vision tower: it takes no pixel values")
+        positions = mrope_position_ids(input_ids, self.config.vision, image_grid_thw, video_grid_thw)
+        hidden = self.model.embed(input_ids, **vision)
+        return self._logits(input_ids, self.rotary_pos_emb(positions), hidden=hidden)
 
     @torch.no_grad()
     def prefill_or_decode(self, input_ids: torch.Tensor, context: Qwen35InferenceContext,
@@ -63,16 +76,21 @@ class Qwen35CausalLM(torch.nn.Module):
         return logits[:, -1]
 
     def rotary_pos_emb(self, positions: torch.Tensor) -> torch.Tensor:
-        """megatron's rope of `positions` [b, s] as [s, b, 1, rotary dim]: rows of the table GPTModel builds for
-        positions 0..n-1 (the values training uses), one row per token, so each batch row has its own positions."""
+        """megatron's rope of `positions` [b, s] (or mRoPE's [3, b, s]) as [s, b, 1, rotary dim]: rows of the table
+        GPTModel builds for positions 0..n-1 (the values training uses), one row per token, so each batch row has
+        its own positions; a vision-language model's mRoPE module computes them from the positions directly."""
+        if self.config.vision is not None:
+            return self.model.rotary_pos_emb(positions)
         table = self.model.rotary_pos_emb.get_emb(int(positions.max()) + 1)  # [n, 1, 1, d]
         return table[:, 0, 0][positions.t()].unsqueeze(2)
 
     def _logits(self, input_ids, rotary_pos_emb, *, attention_mask=None, inference_context=None,
-                last_token_only=False) -> torch.Tensor:
-        """GPTModel.forward without its MTP head and loss: embedding, decoder, output layer gathered over TP."""
+                last_token_only=False, hidden=None) -> torch.Tensor:
+        """GPTModel.forward without its MTP head and loss: embedding (unless `hidden`, the decoder input, is given),
+        decoder, output layer gathered over TP."""
         gpt = self.model
-        hidden = gpt.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]; rope carries the positions
+        if hidden is None:
+            hidden = gpt.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]; rope carries the positions
         with _unfused_rope(gpt.config):
             hidden = gpt.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                                  inference_context=inference_context)

@@ -55,6 +55,11 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
             problems.append(f"expert_parallel={ep} needs a mixture-of-experts model; '{cfg.name}' is dense")
         divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel", tp,
                   "the MLP is split over tensor-parallel ranks")
+    if cfg.vision is not None:  # the vision tower is tensor parallel like the text model
+        divisible("vision num_heads", cfg.vision.num_heads, "tensor_parallel", tp,
+                  "each tensor-parallel rank holds whole heads of the vision tower")
+        divisible("vision intermediate_size", cfg.vision.intermediate_size, "tensor_parallel", tp,
+                  "the vision tower's MLP is split over tensor-parallel ranks")
     if pp * vpp > 1 and not uneven_pipeline and cfg.num_layers % (pp * vpp):
         problems.append(f"num_layers={cfg.num_layers} is not divisible by pipeline_parallel x "
                         f"virtual_pipeline_parallel={pp} x {vpp} "

@@ -6,6 +6,8 @@ backend, and room for mRoPE (HybridModel rejects it). Nothing here reads megatro
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
@@ -26,13 +28,19 @@ def resolve_backend(config: TransformerConfig, backend: str | None = None) -> st
 def qwen35_gpt_model(cfg: Qwen35Config, config: TransformerConfig, *, backend: str | None = None,
                      pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                      seq_length: int | None = None) -> GPTModel:
-    """The (stage of the) Qwen3.5 text model described by `cfg`, parallelised as `config` says (`seq_length`, the
-    training sequence length when known, is checked against context parallelism)."""
+    """The (stage of the) Qwen3.5 model described by `cfg` (with its vision tower when it has one), parallelised as
+    `config` says (`seq_length`, the training sequence length when known, is checked against context parallelism)."""
     _check_consistent(cfg, config)
     check_transformer_config_layout(cfg, config, seq_length)  # a layout that cannot split the model is named first
     apply_runtime_patches()  # e.g. megatron's MTP loss under CP weighs tokens per rank (runtime/upstream_fixes.py)
     backend = resolve_backend(config, backend)
-    return GPTModel(
+    if cfg.vision is not None:  # the vision tower and mRoPE (vl_model.py); otherwise the same GPTModel
+        from megatron_qwen35.vl_model import Qwen35VLModel
+
+        model_class = partial(Qwen35VLModel, cfg, backend=backend)
+    else:
+        model_class = GPTModel
+    return model_class(
         config=config,
         transformer_layer_spec=qwen35_block_spec(config, backend=backend, vp_stage=vp_stage),
         vocab_size=cfg.vocab_size,

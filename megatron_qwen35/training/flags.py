@@ -28,6 +28,9 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="public size (0.8b ... 397b-a17b) or tiny/tiny-moe; fills every architecture flag")
     group.add_argument("--hf-config", type=str, default=None,
                        help="a Hugging Face Qwen3.5 config.json (or its directory); fills every architecture flag")
+    group.add_argument("--vl-data-path", type=str, default=None,
+                       help="image / video + text samples written by tools/data/preprocess_vl.py (instead of "
+                            "--data-path / --mock-data); needs a model with a vision tower")
     return parser
 
 
@@ -63,6 +66,8 @@ def qwen35_megatron_flags(cfg: Qwen35Config) -> list[str]:
     flags += ["--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
     if cfg.is_moe:
         flags += ["--moe-aux-loss-coeff", str(cfg.router_aux_loss_coef)]
+    if cfg.vision is not None:  # mRoPE positions differ per sample; Transformer Engine's fused rope reads one row
+        flags += ["--no-rope-fusion"]
     return flags
 
 

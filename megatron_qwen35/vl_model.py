@@ -1,0 +1,90 @@
+"""Qwen3.5 vision-language: megatron-core's GPTModel with the vision tower on the first pipeline stage and
+Qwen3.5's interleaved mRoPE (transformers' Qwen3_5(Moe)ForConditionalGeneration).
+
+A subclass, not a wrapper: the text model keeps GPTModel's own names (`embedding.*`, `decoder.*`, `output_layer.*`,
+`mtp.*`), so one conversion table and every text code path serve both; the tower adds `vision_model.*`.
+
+- Positions: GPTModel's `mrope` slot holds `InterleavedMRoPE` (layers/rotary.py); `forward` takes position ids
+  [3, b, s] (transformers' rope index, `mrope_position_ids`) or [b, s] for text, on every pipeline stage, since
+  each stage applies rope.
+- Vision features: the tower encodes images and videos separately (as transformers does) and its rows replace the
+  embeddings of the image / video pad tokens in row-major (batch, sequence) order, transformers' `masked_scatter`.
+  Under sequence parallelism the features are placed in a full-length tensor that is then scattered like the
+  embeddings, so that its backward all-gathers the gradient: every tensor-parallel rank's tower replica then gets
+  the gradient of every feature row, not only of the rows in its own sequence slice.
+- MTP reads the token embeddings of its shifted input (megatron's MTP; it may sit on the last pipeline stage, where
+  no vision features exist): at vision positions that is the pad token's embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.layers.rotary import InterleavedMRoPE
+from megatron_qwen35.layers.vision import Qwen35VisionModel
+
+
+class Qwen35VLModel(GPTModel):
+    """GPTModel + the vision tower (`vision_model`, first stage only) + interleaved mRoPE."""
+
+    def __init__(self, cfg: Qwen35Config, config: TransformerConfig, *, backend: str, **gpt_kwargs):
+        if cfg.vision is None:
+            raise ValueError(f"model '{cfg.name}' has no vision config: build it with GPTModel")
+        if config.apply_rope_fusion:
+            raise ValueError("apply_rope_fusion is on, but a vision-language model's mRoPE positions differ per "
+                             "sample and Transformer Engine's fused rope reads one position row: turn it off "
+                             "(--no-rope-fusion)")
+        gpt_kwargs.update(position_embedding_type="none")  # no rope table: the mrope slot is filled below
+        super().__init__(config=config, **gpt_kwargs)
+        self.position_embedding_type = "mrope"  # GPTModel's forward then calls rotary_pos_emb(position_ids, ...)
+        self.rotary_pos_emb = InterleavedMRoPE(cfg)
+        self.mrope_section = list(cfg.mrope_section)
+        self.vision = cfg.vision
+        self.vision_model = Qwen35VisionModel(cfg.vision, config, backend=backend) if self.pre_process else None
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *,
+                pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, **kwargs):
+        """GPTModel.forward with transformers' vision inputs: pixel_values [patches, patch_dim] and
+        image_grid_thw [images, 3] (likewise for videos) for every image of the micro-batch, in order."""
+        if position_ids is not None and position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+                               **kwargs)
+
+    def embed(self, input_ids: torch.Tensor, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None) -> torch.Tensor | None:
+        """The decoder input [s (/ tp under SP), b, h]: token embeddings with the vision features at the pad
+        tokens; None when there is no vision input (GPTModel then embeds the tokens itself)."""
+        inputs = [(self.vision.image_token_id, "image", pixel_values, image_grid_thw),
+                  (self.vision.video_token_id, "video", pixel_values_videos, video_grid_thw)]
+        inputs = [i for i in inputs if i[2] is not None]
+        if not inputs:
+            return None
+        embeddings = self.embedding(input_ids=input_ids, position_ids=None)
+        batch, seq = input_ids.shape
+        placed = embeddings.new_zeros(batch, seq, embeddings.shape[-1])
+        is_vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id, kind, pixels, grid in inputs:
+            if grid is None:
+                raise ValueError(f"{kind} pixel values were given without their {kind}_grid_thw")
+            features = self.vision_model(pixels, grid)
+            where = input_ids == token_id
+            count = int(where.sum())
+            if count != features.shape[0]:
+                raise ValueError(f"the input has {count} {kind} pad tokens (id {token_id}) but its {kind}s give "
+                                 f"{features.shape[0]} feature rows (grids {grid.tolist()})")
+            placed = placed.masked_scatter(where.unsqueeze(-1), features.to(placed.dtype))
+            is_vision |= where
+        placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t()  # [s, b, ...] like the embeddings
+        if self.config.sequence_parallel:
+            tp = self.pg_collection.tp
+            placed = tensor_parallel.scatter_to_sequence_parallel_region(placed, group=tp)
+            is_vision = is_vision.chunk(tp.size(), dim=0)[tp.rank()]
+        return torch.where(is_vision.unsqueeze(-1), placed, embeddings)
