@@ -7,7 +7,7 @@ MoE rows extend the dense rows through the MLP choice; MTP reuses the attention-
 
 What varies between Hugging Face checkpoints of one model, and is decided here only:
 - the prefix: `model.` (text-only Qwen3_5ForCausalLM) or `model.language_model.` (the released VL wrapper, whose
-  `model.visual.*` tensors have no Megatron counterpart and travel verbatim);
+  vision tower `model.visual.*` becomes the VL model's `vision_model.*`: `vision_rules`);
 - the expert storage, separately for decoder and MTP layers: packed 3-D (`mlp.experts.gate_up_proj`, what the
   transformers module holds and the Qwen3.5 MoE releases store in the decoder) or per expert 2-D (what
   `save_pretrained` writes, and the Qwen3.5 releases' MTP layer);
@@ -31,12 +31,14 @@ from megatron_qwen35.convert.transforms import (
     PACKED_EXPERTS,
     PER_EXPERT_GATE_UP,
     PLUS_ONE,
+    VISION_QKV,
     Transform,
 )
 
 TEXT_ONLY_PREFIX = "model."  # Qwen3_5ForCausalLM checkpoints
 MULTIMODAL_PREFIX = "model.language_model."  # Qwen3_5ForConditionalGeneration checkpoints
-VISION_PREFIX = "model.visual."  # the VL wrapper's vision tower: carried verbatim, not converted
+VISION_PREFIX = "model.visual."  # the VL wrapper's vision tower (Qwen3_5VisionModel)
+MG_VISION_PREFIX = "vision_model."  # the VL model's attribute holding the tower (Qwen35VisionModel)
 LM_HEAD = "lm_head.weight"
 EXPERT_LAYOUTS = ("packed", "per_expert")  # transformers' module holds packed; save_pretrained writes per expert
 
@@ -109,6 +111,39 @@ MTP_RULES = [  # around the MTP's inner (full attention) layer; HF: Qwen3-Next s
 ]
 
 
+# The vision tower (layers/vision): {mg} / {hf} are the tower's prefixes, then one block's. Megatron's blocks are
+# TransformerLayers, so a block's norms carry TE's fused names, as the text layers' do.
+VISION_EMBEDDING_RULES = [
+    _r("{mg}patch_embed.proj.weight", "{hf}patch_embed.proj.weight"),  # a Conv3d on both sides
+    _r("{mg}patch_embed.proj.bias", "{hf}patch_embed.proj.bias"),
+    _r("{mg}pos_embed.weight", "{hf}pos_embed.weight"),
+]
+
+VISION_BLOCK_RULES = [
+    _r("{mg}self_attention.linear_qkv.layer_norm_weight", "{hf}norm1.weight"),
+    _r("{mg}self_attention.linear_qkv.layer_norm_bias", "{hf}norm1.bias"),
+    _r("{mg}self_attention.linear_qkv.weight", "{hf}attn.qkv.weight", VISION_QKV),
+    _r("{mg}self_attention.linear_qkv.bias", "{hf}attn.qkv.bias", VISION_QKV),
+    _r("{mg}self_attention.linear_proj.weight", "{hf}attn.proj.weight"),
+    _r("{mg}self_attention.linear_proj.bias", "{hf}attn.proj.bias"),
+    _r("{mg}mlp.linear_fc1.layer_norm_weight", "{hf}norm2.weight"),
+    _r("{mg}mlp.linear_fc1.layer_norm_bias", "{hf}norm2.bias"),
+    _r("{mg}mlp.linear_fc1.weight", "{hf}mlp.linear_fc1.weight"),
+    _r("{mg}mlp.linear_fc1.bias", "{hf}mlp.linear_fc1.bias"),
+    _r("{mg}mlp.linear_fc2.weight", "{hf}mlp.linear_fc2.weight"),
+    _r("{mg}mlp.linear_fc2.bias", "{hf}mlp.linear_fc2.bias"),
+]
+
+VISION_MERGER_RULES = [
+    _r("{mg}merger.patch_norm.weight", "{hf}merger.norm.weight"),  # a standalone LayerNorm: not fused into fc1
+    _r("{mg}merger.patch_norm.bias", "{hf}merger.norm.bias"),
+    _r("{mg}merger.linear_fc1.weight", "{hf}merger.linear_fc1.weight"),
+    _r("{mg}merger.linear_fc1.bias", "{hf}merger.linear_fc1.bias"),
+    _r("{mg}merger.linear_fc2.weight", "{hf}merger.linear_fc2.weight"),
+    _r("{mg}merger.linear_fc2.bias", "{hf}merger.linear_fc2.bias"),
+]
+
+
 @dataclass(frozen=True)
 class NamedRule:
     """A rule with every name spelled out for one model."""
@@ -168,7 +203,23 @@ def qwen35_rules(cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX, expert
             rules += _expand_rules(MTP_RULES, mg, hf, cfg.num_experts)
             rules += _expand_rules(_layer_rules(cfg, FULL_ATTENTION, expert_layout), f"{mg}mtp_model_layer.",
                                    f"{hf}layers.{j}.", cfg.num_experts)
+    if cfg.vision is not None and hf_prefix == MULTIMODAL_PREFIX:  # only the VL wrapper's names hold a tower
+        rules += vision_rules(cfg)
     return rules
+
+
+def vision_rules(cfg: Qwen35Config, *, hf_prefix: str = VISION_PREFIX,
+                 megatron_prefix: str = MG_VISION_PREFIX) -> list[NamedRule]:
+    """Every tensor of `cfg`'s vision tower, in model order: transformers' `model.visual.*` <-> the VL model's
+    `vision_model.*` by default; other prefixes name a standalone tower (e.g. "" and "" for Qwen3_5VisionModel's
+    own state dict against Qwen35VisionModel's)."""
+    if cfg.vision is None:
+        raise ValueError(f"model '{cfg.name}' has no vision tower")
+    rules = _expand_rules(VISION_EMBEDDING_RULES, megatron_prefix, hf_prefix, None)
+    for i in range(cfg.vision.depth):
+        rules += _expand_rules(VISION_BLOCK_RULES, f"{megatron_prefix}decoder.layers.{i}.", f"{hf_prefix}blocks.{i}.",
+                               None)
+    return rules + _expand_rules(VISION_MERGER_RULES, megatron_prefix, hf_prefix, None)
 
 
 @dataclass(frozen=True)

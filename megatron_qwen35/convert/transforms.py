@@ -3,7 +3,7 @@
 Every transform maps a list of Hugging Face tensors to a list of Megatron tensors and back; `to_hf(to_megatron(x))
 == x` bit for bit (the round-trip tests in tests/test_convert.py). Sizes come from the model config, never from
 guesses. Most transforms only move bytes; one does arithmetic, and carries its own dtype policy (`work_dtype`).
-Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, I expert width.
+Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, I expert width, nv vision heads.
 """
 
 from __future__ import annotations
@@ -125,3 +125,17 @@ def _split_per_expert_gate_up(t: Tensors, cfg: Qwen35Config) -> Tensors:
 # HF per-expert experts.{e}.gate_proj / up_proj <-> Megatron's per-expert linear_fc1 [gate | up].
 PER_EXPERT_GATE_UP = Transform("per_expert_gate_up", to_megatron=_interleave_per_expert_gate_up,
                                to_hf=_split_per_expert_gate_up)
+
+
+def _vision_qkv_to_megatron(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    # [3 * nv * d, ...] -> (q|k|v, nv, d, ...) -> per head (nv, q|k|v, d, ...); the trailing dims are H or none
+    return [t[0].unflatten(0, (3, cfg.vision.num_heads, -1)).transpose(0, 1).flatten(0, 2)]
+
+
+def _vision_qkv_to_hf(t: Tensors, cfg: Qwen35Config) -> Tensors:
+    return [t[0].unflatten(0, (cfg.vision.num_heads, 3, -1)).transpose(0, 1).flatten(0, 2)]
+
+
+# HF's vision attn.qkv rows (weight and bias) [q | k | v], each all heads <-> Megatron's linear_qkv rows grouped per
+# head [q_i k_i v_i] (megatron splits each query group's rows into q, k, v; here every head is its own group).
+VISION_QKV = Transform("vision_qkv", to_megatron=_vision_qkv_to_megatron, to_hf=_vision_qkv_to_hf)

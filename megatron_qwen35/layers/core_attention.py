@@ -5,7 +5,8 @@ TEDotProductAttention"), which leaves CPU runs, and every layout test, without t
 replacement in `Qwen35LocalSpecProvider`; on GPUs the TE backend keeps TE's own fused attention and CP.
 
 - Masking is by position, so one rule covers every case: a query at natural position i of packed sequence d sees the
-  keys at positions j <= i of the same d (and what an explicit megatron mask, True = masked, still allows).
+  keys at positions j <= i of the same d (and what an explicit megatron mask, True = masked, still allows). Under
+  a `no_mask` type (the vision tower's blocks) the j <= i part drops: every key of the same d.
 - Context parallelism all-gathers K and V over the CP group (megatron's sequence-parallel gather, whose backward
   reduce-scatters the key and value gradients back to their owners) and keeps this rank's queries; the positions of
   both come from `context_parallel.load_balanced_positions`, so documents may cross CP ranks freely. Each rank does
