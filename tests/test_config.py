@@ -43,10 +43,11 @@ def test_shared_facts_of_the_family():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_hf_config_round_trip(name):
-    """ours -> config.json -> ours is the identity (vision shape aside: text-only files have none)."""
+    """ours -> config.json -> ours is the identity (the VL wrapper's config.json for a model with a vision tower)."""
     cfg = PRESETS[name]
-    back = qwen35_config_from_hf(json.loads(json.dumps(qwen35_config_to_hf(cfg))), name=cfg.name)
-    assert back == cfg.replace(vision=None)
+    hf = json.loads(json.dumps(qwen35_config_to_hf(cfg)))
+    assert ("vision_config" in hf) == (cfg.vision is not None)
+    assert qwen35_config_from_hf(hf, name=cfg.name) == cfg
 
 
 def test_transformers_accepts_our_config_json():
@@ -55,16 +56,27 @@ def test_transformers_accepts_our_config_json():
     for name in ["tiny", "tiny-moe", "35b-a3b"]:
         hf = qwen35_config_to_hf(PRESETS[name])
         loaded = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
-        assert loaded.layer_types == list(PRESETS[name].layer_types)
+        assert loaded.get_text_config().layer_types == list(PRESETS[name].layer_types)
 
 
 def test_multimodal_config_reads_text_config_and_tying():
-    hf = {"model_type": "qwen3_5", "tie_word_embeddings": True,
-          "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "depth": 12},
-          "text_config": {**qwen35_config_to_hf(PRESETS["0.8b"]), "tie_word_embeddings": False}}
+    """The wrapper owns the tying flag; a vision_config that omits keys takes transformers' defaults (patch 16,
+    merge 2, the 48 x 48 position grid, ...) and the token ids are the wrapper's defaults."""
+    hf = qwen35_config_to_hf(PRESETS["0.8b"])
+    hf["text_config"]["tie_word_embeddings"] = False
     del hf["text_config"]["model_type"]
-    cfg = qwen35_config_from_hf(hf, name="0.8b")
-    assert cfg == PRESETS["0.8b"]
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        del hf[key]
+    hf["vision_config"] = {"hidden_size": 768, "intermediate_size": 3072, "depth": 12, "num_heads": 12,
+                           "out_hidden_size": 1024}
+    assert qwen35_config_from_hf(hf, name="0.8b") == PRESETS["0.8b"]
+
+
+def test_a_vision_config_the_tower_cannot_run_is_named():
+    hf = qwen35_config_to_hf(PRESETS["tiny-vl"])
+    hf["vision_config"]["num_heads"] = 3
+    with pytest.raises(ValueError, match="hidden_size 32 is not a multiple of num_heads 3"):
+        qwen35_config_from_hf(hf)
 
 
 def test_full_attention_interval_without_layer_types():
@@ -99,16 +111,30 @@ def test_unknown_preset_lists_the_choices():
         qwen35_preset("7b")
 
 
+def _transformers_vision_parameters(cfg) -> int:
+    from megatron_qwen35.hf_reference import modeling, reference_config
+
+    if cfg.vision is None:
+        return 0
+    with torch.device("meta"):
+        tower = modeling(cfg.is_moe).Qwen3_5VisionModel(reference_config(cfg).vision_config) if not cfg.is_moe else \
+            modeling(True).Qwen3_5MoeVisionModel(reference_config(cfg).vision_config)
+    return sum(p.numel() for p in tower.parameters())
+
+
 @pytest.mark.parametrize("name", PUBLIC)
 def test_preset_builds_on_meta_with_its_public_size(name, megatron_single_process):
-    """Language-model parameters (no MTP, no ViT) within 7% of the name; MoE active parameters within 20%."""
+    """Language-model parameters (no MTP, no ViT) within 7% of the name; MoE active parameters within 20%; the
+    vision tower exactly transformers' for the same config."""
     from megatron_qwen35.provider import qwen35_gpt_model
 
     cfg = PRESETS[name]
     tc = qwen35_transformer_config(cfg, params_dtype=torch.bfloat16, perform_initialization=False)
     with torch.device("meta"):
         model = qwen35_gpt_model(cfg, tc, backend="local")
-    text = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    text = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("mtp.", "vision_model.")))
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vision_model."))
+    assert vision == _transformers_vision_parameters(cfg)
     total, active = _nominal(name)
     assert abs(text - total) / total <= 0.07, f"{name}: {text / 1e9:.3f}B parameters"
     if active is not None:

@@ -44,37 +44,24 @@ def _mtp_tensors(cfg, *, hf_prefix, layout, seed=5):
 
 
 def make_hf_checkpoint(path: Path, preset: str, *, how="save_pretrained", dtype=torch.float32, mtp_layout=None,
-                       multimodal=False, seed=0) -> Path:
-    """A tiny Qwen3.5 checkpoint as users bring them.
+                       seed=0) -> Path:
+    """A tiny Qwen3.5 checkpoint as users bring them: Qwen3_5(Moe)ForCausalLM, or for a preset with a vision tower
+    the VL wrapper (`model.language_model.*`, `model.visual.*`, a nested config.json).
 
     how: "save_pretrained" (transformers' own files, per-expert MoE, sharded with an index) or "packed" (the
-    module's packed experts written directly). mtp_layout: add MTP tensors, experts in that layout. multimodal:
-    `model.language_model.` names, a nested config.json and `model.visual.*` tensors to carry through.
+    module's packed experts written directly). mtp_layout: add MTP tensors, experts in that layout.
     """
     cfg = qwen35_preset(preset)
     hf = reference_model(cfg, seed).to(dtype)
-    if how == "save_pretrained" and not multimodal:
+    if how == "save_pretrained":
         hf.save_pretrained(path, max_shard_size="200KB")
     else:
         path.mkdir(parents=True)
         state = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        text_config = json.loads(hf.config.to_json_string())
-        config = text_config
-        if multimodal:
-            state = {(MULTIMODAL_PREFIX + k[len("model."):] if k.startswith("model.") else k): v
-                     for k, v in state.items()}
-            g = torch.Generator().manual_seed(seed + 1)
-            state.update({f"model.visual.blocks.0.attn.qkv.{p}": torch.randn(s, generator=g).to(dtype)
-                          for p, s in (("weight", (24, 8)), ("bias", (24,)))})
-            state["model.visual.patch_embed.proj.weight"] = torch.randn(8, 3, 2, 4, 4, generator=g).to(dtype)
-            config = {"model_type": "qwen3_5_moe" if cfg.is_moe else "qwen3_5",
-                      "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": text_config,
-                      "vision_config": {"hidden_size": 8, "intermediate_size": 16, "depth": 1},
-                      "tie_word_embeddings": cfg.tie_word_embeddings}
         write_safetensors(path / "model.safetensors", state)
-        (path / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        (path / "config.json").write_text(hf.config.to_json_string())
     if mtp_layout is not None:
-        prefix = MULTIMODAL_PREFIX if multimodal else TEXT_ONLY_PREFIX
+        prefix = MULTIMODAL_PREFIX if cfg.vision is not None else TEXT_ONLY_PREFIX
         mtp = {k: v.to(dtype) for k, v in _mtp_tensors(cfg, hf_prefix=prefix, layout=mtp_layout).items()}
         write_safetensors(path / "mtp.safetensors", mtp)
         index = path / INDEX_NAME
@@ -104,7 +91,8 @@ CASES = {  # name: (preset, make_hf_checkpoint options)
     "moe_packed": ("tiny-moe", dict(how="packed")),
     "dense_mtp_bf16": ("tiny", dict(dtype=torch.bfloat16, mtp_layout="packed")),
     "moe_mtp_mixed_layouts": ("tiny-moe", dict(how="packed", mtp_layout="per_expert")),
-    "moe_multimodal_bf16": ("tiny-moe", dict(multimodal=True, dtype=torch.bfloat16, mtp_layout="packed")),
+    "dense_multimodal": ("tiny-vl", dict()),
+    "moe_multimodal_bf16": ("tiny-vl-moe", dict(how="packed", dtype=torch.bfloat16, mtp_layout="packed")),
 }
 
 
@@ -119,8 +107,8 @@ def test_round_trip_is_bitwise_identical(case, tmp_path):
     assert_same_hf_checkpoint(src, tmp_path / "out")
     _, meta = json.loads((tmp_path / "mg" / CONFIG).read_text()).values()
     assert meta["source_dtype"] == str(options.get("dtype", torch.float32)).removeprefix("torch.")
-    if options.get("multimodal"):
-        assert (tmp_path / "mg" / meta["vision"]).is_dir()
+    if qwen35_preset(preset).vision is not None:  # the tower is converted, not carried
+        assert any(k.startswith("vision_model.") for k in TorchDistReader(tmp_path / "mg" / "release").tensors)
 
 
 def test_bf16_source_keeps_the_models_fp32_parameters_in_fp32(tmp_path):

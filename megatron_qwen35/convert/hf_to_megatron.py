@@ -3,11 +3,11 @@ at any TP / PP / EP / CP layout, without optimizer or RNG state).
 
 Top-down:
 1. `inspect_hf_checkpoint` reads config.json and every safetensors header and decides the source's names
-   (`table.HFLayout`), whether it has MTP and vision tensors, and whether a stored head is a tied copy.
+   (`table.HFLayout`), whether it has MTP tensors, and whether a stored head is a tied copy.
 2. `_check_source` holds every name and shape against the table and the model's own key schema (`MegatronLayout`).
 3. Every rule runs in the pipeline's lanes: its tensors are read (memory-mapped), checked for NaN / Inf, transformed,
-   stored in the dtype the model keeps them in, and appended to the lane's data file. Vision tensors are copied
-   verbatim beside the checkpoint.
+   stored in the dtype the model keeps them in, and appended to the lane's data file. The vision tower of a VL
+   checkpoint is converted like the text model (its rules are in the same table).
 4. The writer checks that every tensor of the model was written exactly once; only then does the directory appear,
    with the conversion record (`record.ConversionRecord`) that lets the export write the source back exactly.
 """
@@ -23,18 +23,13 @@ from pathlib import Path
 import torch
 
 from megatron_qwen35.checkpoint import RELEASE, TRACKER, iteration_dir, write_config
-from megatron_qwen35.config import MULTIMODAL_MODEL_TYPES, Qwen35Config, qwen35_config_from_hf
+from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.output_dir import output_directory
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, deal, non_finite_note, run_in_lanes
-from megatron_qwen35.convert.record import HF_TEXT_FILES, VISION_DIR, ConversionRecord
-from megatron_qwen35.convert.safetensors_files import (
-    PlannedTensor,
-    SafetensorsCheckpoint,
-    SafetensorsShardWriter,
-    ShardPlan,
-)
-from megatron_qwen35.convert.table import LM_HEAD, VISION_PREFIX, HFLayout, NamedRule, check_names, hf_shapes
+from megatron_qwen35.convert.record import HF_TEXT_FILES, ConversionRecord
+from megatron_qwen35.convert.safetensors_files import SafetensorsCheckpoint
+from megatron_qwen35.convert.table import LM_HEAD, HFLayout, NamedRule, check_names, hf_shapes
 from megatron_qwen35.convert.torch_dist import TorchDistWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -48,7 +43,6 @@ class HFSource:
     reader: SafetensorsCheckpoint
     layout: HFLayout
     mtp_in_source: bool
-    vision: list[str]
     texts: dict[str, str]
 
     def rules(self) -> list[NamedRule]:
@@ -56,7 +50,7 @@ class HFSource:
 
 
 def inspect_hf_checkpoint(hf_dir: Path | str) -> HFSource:
-    """Read config.json and every safetensors header; decide the names, MTP, vision and the stored head."""
+    """Read config.json and every safetensors header; decide the names, MTP and the stored head."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} does not exist" if not hf_dir.exists() else f"{hf_dir} is not a directory")
@@ -72,8 +66,6 @@ def inspect_hf_checkpoint(hf_dir: Path | str) -> HFSource:
     reader = SafetensorsCheckpoint(hf_dir)
     names = set(reader)
     layout = HFLayout.of(hf_config, names)
-    multimodal = hf_config.get("model_type") in MULTIMODAL_MODEL_TYPES
-    vision = sorted(n for n in names if n.startswith(VISION_PREFIX)) if multimodal else []
     mtp_in_source = any(n.startswith("mtp.") for n in names)
     if cfg.mtp_num_layers and not mtp_in_source:
         cfg = cfg.replace(mtp_num_layers=0)  # e.g. save_pretrained output: transformers drops the MTP weights
@@ -84,13 +76,13 @@ def inspect_hf_checkpoint(hf_dir: Path | str) -> HFSource:
             layout = dataclasses.replace(layout, stored_tied_head=True)
         else:
             cfg = cfg.replace(tie_word_embeddings=False)
-    return HFSource(cfg, reader, layout, mtp_in_source, vision, texts)
+    return HFSource(cfg, reader, layout, mtp_in_source, texts)
 
 
 def _check_source(source: HFSource, rules: list[NamedRule], layout: MegatronLayout) -> None:
     """Every name present is mapped, every mapped name present, every shape the one config.json implies."""
     expected = {n for r in rules for n in r.hf}
-    present = set(source.reader) - set(source.vision) - ({LM_HEAD} if source.layout.stored_tied_head else set())
+    present = set(source.reader) - ({LM_HEAD} if source.layout.stored_tied_head else set())
     check_names(present, expected, side=f"Hugging Face ({source.reader.directory})")
     check_names(set(layout.entries), {n for r in rules for n in r.megatron}, side="Megatron model")
     shapes = hf_shapes(rules, layout.shape, source.cfg)
@@ -110,12 +102,11 @@ def _record(source: HFSource, hf_names: list[str]) -> ConversionRecord:
     for n in hf_names:
         by_bytes[entries[n].dtype] += entries[n].nbytes
     dominant = by_bytes.most_common(1)[0][0]
-    every = [*hf_names, *([LM_HEAD] if source.layout.stored_tied_head else []), *source.vision]
+    every = [*hf_names, *([LM_HEAD] if source.layout.stored_tied_head else [])]
     shards = ({"index": source.reader.index_text} if source.reader.index_text is not None
               else {"file": source.reader.files[0]} if len(source.reader.files) == 1 else None)
     exceptions = {n: entries[n].dtype for n in every if entries[n].dtype != dominant}
-    return ConversionRecord(source.layout, dominant, exceptions, source.texts, shards, source.mtp_in_source,
-                            VISION_DIR if source.vision else None)
+    return ConversionRecord(source.layout, dominant, exceptions, source.texts, shards, source.mtp_in_source)
 
 
 def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: torch.dtype | str | None = None,
@@ -153,32 +144,15 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
         return notes
 
     costs = [2 * sum(reader.entries[n].nbytes for n in r.hf) for r in rules]
-    vision_plan = [PlannedTensor(n, reader.entries[n].dtype, reader.entries[n].shape) for n in source.vision]
     with output_directory(out_dir, overwrite=overwrite, inputs=[hf_dir]) as tmp:
         bar = Progress(reader.nbytes, f"HF -> Megatron {Path(hf_dir).name}", enabled=progress)
         writer = TorchDistWriter(iteration_dir(tmp, RELEASE), files=len(deal(costs, lanes)))
-        vision = None
-        if vision_plan:
-            (tmp / VISION_DIR).mkdir()
-            vision = SafetensorsShardWriter(tmp / VISION_DIR, ShardPlan.split(vision_plan))
         try:
-            def work(job, lane: int) -> list[str]:
-                if isinstance(job, str):  # a vision tensor, verbatim
-                    vision.write(job, reader[job])
-                    bar.update(reader.entries[job].nbytes)
-                    return []
-                return convert(job, lane, writer, bar)
-
-            jobs = [*rules, *source.vision]
-            run_in_lanes(jobs, costs + [reader.entries[n].nbytes for n in source.vision], work, lanes=lanes)
+            run_in_lanes(rules, costs, lambda rule, lane: convert(rule, lane, writer, bar), lanes=lanes)
             keys.write_objects(writer, iteration=0)
             writer.finish(expected=keys.checkpoint_shapes())  # every tensor of the model, each once, or no output
-            if vision is not None:
-                vision.close()
         except BaseException:
             writer.abort()
-            if vision is not None:
-                vision.abort()
             raise
         if source.layout.stored_tied_head:
             bar.update(reader.entries[LM_HEAD].nbytes)

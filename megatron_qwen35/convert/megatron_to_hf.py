@@ -3,12 +3,13 @@
 Top-down:
 1. The checkpoint's conversion record (`record.ConversionRecord`) decides the output: the names (`table.HFLayout`),
    dtypes, text files and shard files of the converted source. A checkpoint without one (trained from scratch) is
-   written the way transformers' save_pretrained writes: text-only names, experts per expert, no lm_head when tied,
+   written the way transformers' save_pretrained writes (`HFLayout.saved_by_transformers`): the VL wrapper's names
+   for a model with a vision tower, else text-only names; experts per expert, no lm_head when tied,
    each tensor in the dtype the checkpoint holds (A_log and the GDN norm fp32 under bf16, as the releases store them).
 2. `_check_checkpoint` holds the checkpoint's keys and shapes against the model's own key schema (`MegatronLayout`).
 3. The plan (every output tensor's name, dtype, shape and file) is fixed before a byte is written. Every rule runs in
    the pipeline's lanes: its tensors are read region by region, checked for NaN / Inf, transformed, cast and written
-   at their planned offsets. Vision tensors come back from the checkpoint's vision directory.
+   at their planned offsets. The vision tower comes back through its rules in the same table.
 4. The writer checks that every planned tensor was written exactly once before the directory appears.
 """
 
@@ -17,19 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_qwen35.checkpoint import CheckpointFileError, iteration_dir, latest_iteration, read_config
+from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_config_to_hf
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.output_dir import output_directory
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, non_finite_note, run_in_lanes
 from megatron_qwen35.convert.record import ConversionRecord
-from megatron_qwen35.convert.safetensors_files import (
-    PlannedTensor,
-    SafetensorsCheckpoint,
-    SafetensorsShardWriter,
-    ShardPlan,
-)
-from megatron_qwen35.convert.table import LM_HEAD, NamedRule, check_names, hf_shapes
+from megatron_qwen35.convert.safetensors_files import PlannedTensor, SafetensorsShardWriter, ShardPlan
+from megatron_qwen35.convert.table import LM_HEAD, HFLayout, NamedRule, check_names, hf_shapes
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 
 TRAINING_STATE_PREFIXES = ("optimizer.",)  # megatron's optimizer sharded_state_dict keys
@@ -58,15 +54,13 @@ def _hf_texts(cfg: Qwen35Config, record: ConversionRecord) -> dict[str, str]:
 
 
 def _plan(rules: list[NamedRule], keys: MegatronLayout, reader: TorchDistReader, cfg: Qwen35Config,
-          record: ConversionRecord, vision: SafetensorsCheckpoint | None) -> list[PlannedTensor]:
+          record: ConversionRecord) -> list[PlannedTensor]:
     """Every output tensor's name, dtype and shape."""
     shapes = hf_shapes(rules, keys.shape, cfg)
     plan = [PlannedTensor(n, record.dtype_of(n) or keys.checkpoint_dtype(reader, r.megatron[0]), shapes[n])
             for r in rules for n in r.hf]
     if record.layout.stored_tied_head:  # a copy of the embedding (the table's first rule)
         plan.append(PlannedTensor(LM_HEAD, record.dtype_of(LM_HEAD) or plan[0].dtype, plan[0].shape))
-    if vision is not None:
-        plan += [PlannedTensor(n, e.dtype, e.shape) for n, e in vision.entries.items()]
     return plan
 
 
@@ -84,16 +78,10 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
     try:
         keys = MegatronLayout(cfg)
         _check_checkpoint(keys, reader)
-        rules = record.layout.rules(cfg)
+        layout = record.layout if record.source_dtype is not None else HFLayout.saved_by_transformers(cfg)
+        rules = layout.rules(cfg)
         check_names(set(keys.entries), {n for r in rules for n in r.megatron}, side="Megatron model")
-        vision = None
-        if record.vision:
-            vision_dir = megatron_dir / record.vision
-            if not vision_dir.is_dir():
-                raise CheckpointFileError(f"{megatron_dir}: metadata names vision tensors in {vision_dir}, "
-                                          "which is missing")
-            vision = SafetensorsCheckpoint(vision_dir)
-        plan = _plan(rules, keys, reader, cfg, record, vision)
+        plan = _plan(rules, keys, reader, cfg, record)
         if max_shard_size is not None or record.shards is None:
             shards = ShardPlan.split(plan, *([max_shard_size] if max_shard_size is not None else []))
         else:
@@ -116,20 +104,12 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
             return notes
 
         sizes = {p.name: p.nbytes for p in plan}
-        jobs = [*rules, *(vision or [])]
-        costs = [2 * sum(sizes[n] for n in job.hf) if isinstance(job, NamedRule) else sizes[job] for job in jobs]
+        costs = [2 * sum(sizes[n] for n in rule.hf) for rule in rules]
         with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:
             bar = Progress(sum(sizes.values()), f"Megatron -> HF {megatron_dir.name}", enabled=progress)
             writer = SafetensorsShardWriter(tmp, shards)
             try:
-                def work(job, lane: int) -> list[str]:
-                    if isinstance(job, str):  # a vision tensor, verbatim
-                        writer.write(job, vision[job])
-                        bar.update(sizes[job])
-                        return []
-                    return convert(job, writer, bar)
-
-                run_in_lanes(jobs, costs, work, lanes=lanes)
+                run_in_lanes(rules, costs, lambda rule, lane: convert(rule, writer, bar), lanes=lanes)
                 writer.close()
                 bar.close()
             except BaseException:

@@ -18,7 +18,6 @@ import torch
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, HFLayout
 
 HF_TEXT_FILES = ("config.json", "generation_config.json")  # carried verbatim
-VISION_DIR = "vision"  # beside iter_*/: the VL checkpoint's vision tensors, verbatim safetensors
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -35,7 +34,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 @dataclass(frozen=True)
 class ConversionRecord:
     """The source's names (`layout`), dtypes (`source_dtype` and the tensors that differ from it), text files,
-    shard files (its index verbatim, or the one file's name), and whether it had MTP and vision tensors."""
+    shard files (its index verbatim, or the one file's name), and whether it had MTP tensors."""
 
     layout: HFLayout = HFLayout()
     source_dtype: torch.dtype | None = None  # None: no source; each tensor as the Megatron checkpoint stores it
@@ -43,7 +42,6 @@ class ConversionRecord:
     hf_files: dict[str, str] = field(default_factory=dict)
     shards: dict[str, str] | None = None  # {"index": index JSON text} or {"file": the one safetensors file}
     mtp_in_source: bool = True
-    vision: str | None = None  # directory of the carried vision tensors, relative to the checkpoint
 
     @classmethod
     def absent(cls) -> ConversionRecord:
@@ -63,7 +61,6 @@ class ConversionRecord:
             "hf_dtypes": {n: dtype_name(d) for n, d in self.hf_dtypes.items()},
             "hf_files": self.hf_files,
             "hf_shards": self.shards,
-            "vision": self.vision,
         }
 
     @classmethod
@@ -76,4 +73,4 @@ class ConversionRecord:
         return cls(layout, dtype_from_name(metadata["source_dtype"]),
                    {n: dtype_from_name(d) for n, d in (metadata.get("hf_dtypes") or {}).items()},
                    dict(metadata.get("hf_files") or {}), metadata.get("hf_shards"),
-                   bool(metadata.get("mtp_in_source", True)), metadata.get("vision"))
+                   bool(metadata.get("mtp_in_source", True)))

@@ -245,6 +245,12 @@ class HFLayout:
         return f"{self.prefix}embed_tokens.weight"
 
     @classmethod
+    def saved_by_transformers(cls, cfg: Qwen35Config) -> HFLayout:
+        """What `save_pretrained` writes for `cfg`'s transformers class: the VL wrapper's names for a model with a
+        vision tower (Qwen3_5(Moe)ForConditionalGeneration), else text-only; experts per expert; no tied head."""
+        return cls(MULTIMODAL_PREFIX if cfg.vision is not None else TEXT_ONLY_PREFIX)
+
+    @classmethod
     def of(cls, hf_config: Mapping, names: Collection[str], *, stored_tied_head: bool = False) -> HFLayout:
         """The layout of a checkpoint with this config.json and these tensor names. A missing tensor is not
         decided here: the name check that follows names it."""

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -98,22 +97,16 @@ def parse_qwen35_args(argv: list[str]):
 
 
 def architecture_differences(saved: Qwen35Config, run: Qwen35Config) -> dict[str, tuple]:
-    """{field: (checkpoint's, run's)} for the fields that fix the text model's weights and function."""
-    ignored = {"name", "router_aux_loss_coef", "max_position_embeddings", "vision", "full_attention_interval"}
+    """{field: (checkpoint's, run's)} for the fields that fix the model's weights and function (the vision tower's
+    included)."""
+    ignored = {"name", "router_aux_loss_coef", "max_position_embeddings", "full_attention_interval"}
     a, b = saved.to_dict(), run.to_dict()
     return {k: (a[k], b[k]) for k in a if k not in ignored and a[k] != b[k]}
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # same file system: no second copy of the bytes
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def prepare_checkpoint_config(args, cfg: Qwen35Config) -> None:
-    """Refuse a --load checkpoint of another model; write qwen35_config.json (and the files its metadata names, such
-    as the carried vision tensors) into --save, keeping the loaded checkpoint's record (rank 0; others wait)."""
+    """Refuse a --load checkpoint of another model; write qwen35_config.json into --save, keeping the loaded
+    checkpoint's conversion record (rank 0)."""
     saved_cfg, metadata = cfg, {}
     if args.load and (Path(args.load) / CONFIG).is_file():
         saved_cfg, metadata = read_config(args.load)
@@ -127,9 +120,6 @@ def prepare_checkpoint_config(args, cfg: Qwen35Config) -> None:
         return
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
-    vision = metadata.get("vision")
-    if vision and args.load and not (save / vision).exists():  # a fine-tune keeps the tower the exporter writes back
-        shutil.copytree(Path(args.load) / vision, save / vision, copy_function=_link_or_copy)
     write_config(save, saved_cfg, metadata)
 
 
