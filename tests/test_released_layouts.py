@@ -1,6 +1,7 @@
 """The layouts of the public Qwen3.5 / Qwen3.6 releases, built by transformers itself at tiny size: the converted model
-matches transformers loading the very same files, the Megatron checkpoint keeps the fp32 parameters, and the export
-gives back the release file for file (tensors, dtypes, bytes, config files and the shard index).
+matches transformers loading the very same files (text only, and images with a video through the converted tower),
+the Megatron checkpoint keeps the fp32 parameters, and the export gives back the release file for file (tensors,
+dtypes, bytes, config files and the shard index).
 
 - Qwen3.5 MoE (Qwen3.5-35B-A3B ...): the VL wrapper (`qwen3_5_moe`, `model.language_model.*`, `model.visual.*`,
   `lm_head.weight`, `mtp.*`); decoder experts fused 3-D (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
@@ -20,14 +21,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen35.config import Qwen35Config, qwen35_config_to_hf, qwen35_preset
+from megatron_qwen35.checkpoint import read_config
+from megatron_qwen35.config import (
+    Qwen35Config,
+    Qwen35VisionConfig,
+    qwen35_config_from_hf,
+    qwen35_config_to_hf,
+    qwen35_preset,
+)
 from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 from megatron_qwen35.convert.safetensors_files import INDEX_NAME, SafetensorsCheckpoint
 from megatron_qwen35.convert.table import MULTIMODAL_PREFIX
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 from megatron_qwen35.hf_reference import modeling, randomize_
+from megatron_qwen35.layers.rotary import token_types
 from tests.test_convert import KL_TOL, LOGIT_TOL, _mtp_tensors, assert_same_hf_checkpoint
+from tests.test_vl_model import vl_batch
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -35,7 +45,9 @@ SHARD_BYTES = 96 * 1024  # a few shards for the tiny models, as the releases hav
 FP32_IN_RELEASE = ("linear_attn.A_log", "linear_attn.norm.weight")  # Qwen3.5 stores these fp32, the rest bf16
 FP32_IN_MEGATRON = ("self_attention.A_log", "self_attention.out_norm.weight")
 TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, temporal_patch_size=2,
-                   spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16)
+                   spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16)  # transformers' vision_config
+# The wrapper's image / video token ids, inside the tiny 512-token vocabulary (the releases' 248053-248057 are not).
+VL_TOKEN_IDS = dict(image_token_id=508, video_token_id=509, vision_start_token_id=510, vision_end_token_id=511)
 GENERATION_CONFIG = {"bos_token_id": 248044, "do_sample": True, "eos_token_id": [248046, 248044],
                      "pad_token_id": 248044, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
 
@@ -49,7 +61,8 @@ class Layout:
 
     @property
     def cfg(self) -> Qwen35Config:
-        cfg = qwen35_preset(self.preset)
+        """The model as our config holds it: the text preset with the release fixture's tower and token ids."""
+        cfg = qwen35_preset(self.preset).replace(vision=Qwen35VisionConfig(**TINY_VISION, **VL_TOKEN_IDS))
         return cfg if cfg.is_moe else cfg.replace(tie_word_embeddings=self.tied)
 
 
@@ -73,14 +86,15 @@ class Release:
 def _conditional_generation(cfg: Qwen35Config, seed: int) -> torch.nn.Module:
     """transformers' Qwen3_5(Moe)ForConditionalGeneration with cfg's text model and a tiny ViT, random weights."""
     m = modeling(cfg.is_moe)
-    text = qwen35_config_to_hf(cfg)
+    text = qwen35_config_to_hf(cfg.replace(vision=None))
     for key in ("architectures", "torch_dtype", "tie_word_embeddings"):  # the wrapper owns these
         text.pop(key)
     if cfg.is_moe:
         config_cls, model_cls = m.Qwen3_5MoeConfig, m.Qwen3_5MoeForConditionalGeneration
     else:
         config_cls, model_cls = m.Qwen3_5Config, m.Qwen3_5ForConditionalGeneration
-    config = config_cls(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=cfg.tie_word_embeddings)
+    config = config_cls(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=cfg.tie_word_embeddings,
+                        **VL_TOKEN_IDS)
     config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
     return randomize_(model_cls(config).float().eval(), seed)
@@ -144,6 +158,10 @@ def test_source_has_the_release_layout(release):
     assert config["architectures"] == [("Qwen3_5MoeForConditionalGeneration" if release.cfg.is_moe
                                         else "Qwen3_5ForConditionalGeneration")]
     assert {"text_config", "vision_config"} <= set(config)
+    ours = qwen35_config_from_hf(config)  # our config accepts transformers' vision_config ...
+    assert ours.vision == release.cfg.vision == read_config(release.mg)[0].vision
+    vision_ids = [getattr(ours.vision, k) for k in VL_TOKEN_IDS]
+    assert max(vision_ids) < ours.vocab_size == config["text_config"]["vocab_size"]  # ... and its ids fit the vocab
     assert any(n.startswith("model.visual.blocks.0.") for n in names)
     assert ("lm_head.weight" in names) == (not release.cfg.tie_word_embeddings)
     assert not any(n.startswith("model.layers.") for n in names)
@@ -181,13 +199,9 @@ def _transformers_release_model(path: Path, is_moe: bool) -> torch.nn.Module:
     return model
 
 
-def test_converted_model_matches_transformers_on_the_release_files(release):
-    """load_model(converted) against transformers' ConditionalGeneration model on the release directory, text only:
-    max |delta| <= 1e-4, KL <= 1e-6, same argmax (both compute in fp32 from the same bf16 / fp32 values). First,
-    transformers must have loaded every file tensor as stored (fused experts, fp32 A_log), so the check can fail."""
-    from megatron_qwen35.inference import load_model
-
-    reference = _transformers_release_model(release.src, release.cfg.is_moe)
+def _check_release_parameters(reference: torch.nn.Module, release: Release) -> None:
+    """transformers loaded every file tensor as stored (fused experts, fp32 A_log, the tower), so a parity check
+    against it can fail."""
     params = reference.state_dict()
     files = SafetensorsCheckpoint(release.src)
     loaded = {n for n in files if not n.startswith("mtp.")}  # transformers has no MTP module
@@ -197,16 +211,50 @@ def test_converted_model_matches_transformers_on_the_release_files(release):
     if release.cfg.tie_word_embeddings:
         assert torch.equal(params["lm_head.weight"], params[f"{MULTIMODAL_PREFIX}embed_tokens.weight"])
 
-    ids = torch.randint(0, release.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = reference(input_ids=ids).logits.float()
-    got = load_model(release.mg)(ids)
-    assert got.shape == want.shape == (2, 24, release.cfg.vocab_size)
+
+def _assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """max |delta| <= 1e-4, KL <= 1e-6, same argmax (both compute in fp32 from the same bf16 / fp32 values)."""
+    assert got.shape == want.shape
     assert (got - want).abs().max().item() <= LOGIT_TOL
     kl = torch.nn.functional.kl_div(got.double().log_softmax(-1), want.double().log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)  # in fp64: the divergence, not fp32's rounding
     assert kl.max().item() <= KL_TOL
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_converted_model_matches_transformers_on_the_release_files(release):
+    """load_model(converted) against transformers' ConditionalGeneration model on the release directory, text only:
+    max |delta| <= 1e-4, KL <= 1e-6, same argmax."""
+    from megatron_qwen35.inference import load_model
+
+    reference = _transformers_release_model(release.src, release.cfg.is_moe)
+    _check_release_parameters(reference, release)
+    ids = torch.randint(0, release.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits.float()
+    got = load_model(release.mg)(ids)
+    assert got.shape == (2, 24, release.cfg.vocab_size)
+    _assert_same_logits(got, want)
+
+
+def test_converted_model_matches_transformers_on_images_and_a_video(release):
+    """The same comparison with the converted tower in use: one batch holding two images and a two-frame video of
+    different sizes (test_vl_model's `vl_batch`), transformers given the processor's `mm_token_type_ids`: max |delta|
+    <= 1e-4, KL <= 1e-6, same argmax. Guard: other pixels move load_model's logits by far more than the tolerance,
+    so a tower that was dropped or mis-converted would fail."""
+    from megatron_qwen35.inference import load_model
+
+    reference = _transformers_release_model(release.src, release.cfg.is_moe)
+    _check_release_parameters(reference, release)
+    batch = vl_batch(release.cfg)
+    with torch.no_grad():
+        want = reference(**batch, mm_token_type_ids=token_types(batch["input_ids"], release.cfg.vision)).logits
+    model = load_model(release.mg)
+    got = model(**batch)
+    assert got.shape == (*batch["input_ids"].shape, release.cfg.vocab_size)
+    _assert_same_logits(got, want.float())
+    moved = model(**{**batch, "pixel_values": batch["pixel_values"] + 1.0})
+    assert (moved - got).abs().max().item() > 100 * LOGIT_TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------
