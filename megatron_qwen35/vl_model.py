@@ -82,7 +82,9 @@ class Qwen35VLModel(GPTModel):
                                  f"{features.shape[0]} feature rows (grids {grid.tolist()})")
             placed = placed.masked_scatter(where.unsqueeze(-1), features.to(placed.dtype))
             is_vision |= where
-        placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t()  # [s, b, ...] like the embeddings
+        # [s, b, ...] like the embeddings, and contiguous: torch.where lays its output out like its inputs, and
+        # megatron's MoE router views its input
+        placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t().contiguous()
         if self.config.sequence_parallel:
             tp = self.pg_collection.tp
             placed = tensor_parallel.scatter_to_sequence_parallel_region(placed, group=tp)

@@ -38,7 +38,7 @@ EXTRA_PARALLEL=${EXTRA_PARALLEL:-}
 if [ "${MOCK_DATA:-0}" = 1 ]; then
   DATA_ARGS=(--mock-data)
 elif [ -n "${VL_DATA_PATH:-}" ]; then  # images / videos with text (tools/data/preprocess_vl.py): trains the ViT too
-  DATA_ARGS=(--vl-data-path "$VL_DATA_PATH")
+  DATA_ARGS=(--vl-data-path "$VL_DATA_PATH" --split 99,1,0)
 else
   DATA_ARGS=(--data-path ${DATA_PATH:?set DATA_PATH to tokenized data (tools/data/preprocess.py), VL_DATA_PATH to image / video samples (tools/data/preprocess_vl.py) or MOCK_DATA=1} --split 99,1,0)
 fi

@@ -20,6 +20,7 @@ from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank
 from megatron_qwen35.runtime import compute_device
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")  # the VL model's kwargs
 
 
 def _stage_roles(vp_stage: int | None) -> tuple[bool, bool, bool]:
@@ -41,7 +42,8 @@ def _check_token_ids(batch: dict, vocab_size: int) -> None:
             from megatron.training import get_args
 
             args = get_args()
-            source = f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data"
+            source = (f"--vl-data-path {args.vl_data_path}" if args.vl_data_path else
+                      f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data")
             model = args.qwen35_preset or args.hf_config
             raise ValueError(f"the batch's {key} hold id {largest}, outside the {vocab_size}-token vocabulary of the "
                              f"model '{model}'; {source} was tokenized for a larger vocabulary: use the model's "
@@ -55,6 +57,8 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     from megatron.training import get_args
 
     args = get_args()
+    if args.vl_data_path:
+        return _vl_batch(data_iterator, vp_stage)
     first, last, mtp_here = _stage_roles(vp_stage)
     if not (first or last or mtp_here):
         return {k: None for k in BATCH_KEYS}
@@ -78,6 +82,25 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     return batch_on_this_cp_rank(batch, mpu.get_context_parallel_group())
 
 
+def _vl_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
+    """A vision-language micro-batch (data/vl_dataset.py's fixed-shape samples). Every rank reads its own copy,
+    rather than tensor-parallel rank 0 broadcasting it: every pipeline stage applies mRoPE and so needs the positions,
+    and the pixels are many and of varying valid length. The ranks of one data-parallel rank's model replica read
+    the same samples (megatron's sampler is keyed by the data-parallel rank)."""
+    from megatron.training import get_args
+
+    from megatron_qwen35.data.vl_dataset import qwen35_vl_unpad
+
+    first, _, _ = _stage_roles(vp_stage)
+    batch = next(data_iterator)
+    _check_token_ids(batch, get_args().padded_vocab_size)
+    batch = {k: v.to(compute_device(), non_blocking=True) for k, v in batch.items()}
+    vision = dict(zip(VISION_INPUTS, qwen35_vl_unpad(batch), strict=True)) if first else {}
+    return {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
+            "attention_mask": None, "position_ids": batch["position_ids"].transpose(0, 1).contiguous(),  # [3, b, s]
+            "cu_seqlens": None, **vision}
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Summed masked token loss and the token count; the schedule divides (per-token or per-micro-batch)."""
     losses = output_tensor.view(-1).float()
@@ -92,8 +115,9 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """One micro-batch through `model`; returns (per-token losses, loss_func) as Megatron's schedules expect."""
     vp_stage = get_attr_wrapped_model(model, "vp_stage")  # the model arrives wrapped: DDP(Float16Module(GPTModel))
     batch = get_batch(data_iterator, vp_stage)
+    vision = {k: batch[k] for k in VISION_INPUTS if batch.get(k) is not None}  # images / videos on the first stage
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
+                   loss_mask=batch["loss_mask"], **vision)
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -129,6 +153,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
     from megatron.training import get_args
 
     args = get_args()
+    if args.vl_data_path:
+        return _vl_datasets(args, train_val_test_num_samples)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, is_dataset_built_on_rank,
                                          gpt_dataset_config_from_args(args)).build()
@@ -136,3 +162,19 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
 
 # megatron.training.pretrain reads this to build datasets on every rank that needs them.
 train_valid_test_datasets_provider.is_distributed = True
+
+
+def _vl_datasets(args, train_val_test_num_samples):
+    """data/vl_dataset.py's datasets on every rank (see `_vl_batch`), split as --split says."""
+    from megatron_qwen35.data.vl_dataset import build_vl_datasets
+    from megatron_qwen35.training.flags import qwen35_config_from_args
+
+    cfg = qwen35_config_from_args(args)
+    if cfg.vision is None:
+        raise SystemExit(f"error: --vl-data-path needs a model with a vision tower; '{cfg.name}' has none")
+    if args.context_parallel_size > 1:
+        raise SystemExit("error: --vl-data-path with --context-parallel-size > 1 is not supported yet: the vision "
+                         "features are placed before the sequence is split")
+    split = {} if args.split is None else {"split": args.split}  # megatron sets its default only for --data-path
+    return build_vl_datasets(args.vl_data_path, args.seq_length, train_val_test_num_samples, vision=cfg.vision,
+                             seed=args.seed, **split)

@@ -1,0 +1,63 @@
+"""Vision-language training on the path users run, at TP2 (+ SP) and PP2: recipes/common.sh with VL_DATA_PATH ->
+torchrun -> pretrain_qwen35.py -> megatron.training.pretrain, fine-tuning a converted transformers VL checkpoint
+(tiny-vl-moe: GDN, gated attention, MoE with shared expert, MTP, the vision tower) on the embedded image / video
+samples (data/vl, preprocessed by tools/data/preprocess_vl.py), logs the single process's losses and gradient norms.
+
+TP2 splits the tower's heads and MLP and scatters the placed features for sequence parallelism; PP2 keeps the tower
+on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions. MTP trains on VL inputs in every run.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+from tests.parallel.test_pretrain_layouts import REL_TOL
+from tests.pretrain_runs import REPO, recipe
+from tests.test_convert import make_hf_checkpoint
+
+pytestmark = pytest.mark.slow
+
+PRESET = "tiny-vl-moe"
+SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest sample is 221 tokens
+LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2"))}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted_vl")
+    hf = make_hf_checkpoint(root / "hf", PRESET, how="packed", mtp_layout="per_expert", seed=3)
+    return qwen35_hf_to_megatron(hf, root / "megatron", progress=False)
+
+
+@pytest.fixture(scope="module")
+def vl_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vl_data") / "samples"
+    subprocess.run([sys.executable, str(REPO / "tools/data/preprocess_vl.py"), "--input",
+                    str(REPO / "data/vl/captions.jsonl"), "--output-dir", str(out), "--qwen35-preset", PRESET,
+                    "--image-pixels", "1024", "16384", "--video-pixels", "1024", "65536"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(converted, vl_data, tmp_path_factory):
+    return recipe(tmp_path_factory.mktemp("single_vl"), nproc=1, LOAD=str(converted), VL_DATA_PATH=str(vl_data),
+                  run_name="single", **SETTINGS)
+
+
+def test_single_process_trains_on_images_with_mtp(single):
+    assert sorted(single.losses) == [1, 2, 3] and "mtp_1 loss" in single.stdout + single.stderr
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_vl_recipe_at_layout_logs_the_single_process_losses(layout, converted, vl_data, single, tmp_path):
+    ranks, settings = LAYOUTS[layout]
+    run = recipe(tmp_path, nproc=ranks, LOAD=str(converted), VL_DATA_PATH=str(vl_data), run_name=layout,
+                 **SETTINGS, **settings)
+    assert sorted(single.losses) == sorted(run.losses) == [1, 2, 3], (single.losses, run.losses)
+    for step in single.losses:
+        for what, want, got in (("lm loss", single.losses[step], run.losses[step]),
+                                ("grad norm", single.grad_norms[step], run.grad_norms[step])):
+            assert abs(got - want) <= REL_TOL[step] * abs(want), (layout, step, what, got, want)
