@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch.compile (megatron's jit_fuser) costs ~7 s per first call on CPU and changes no result.
 export TORCHDYNAMO_DISABLE ?= 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo demo-vl bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ lint: setup
 
 demo: setup
 	bash recipes/tiny.sh
+
+demo-vl: setup
+	bash recipes/tiny-vl.sh
 
 bench: setup
 	$(PY) benchmarks/gdn_kernel.py

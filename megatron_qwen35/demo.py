@@ -1,12 +1,18 @@
-"""The last step of `make demo` (recipes/tiny.sh): the loss plot, the export checked by generation, the summary.
+"""The last step of `make demo` (recipes/tiny.sh) and `make demo-vl` (recipes/tiny-vl.sh): the loss plot, the export
+checked by generation, the summary.
 
     python -m megatron_qwen35.demo --tensorboard DIR --resumed-at N --checkpoint DIR --hf-export DIR --png PATH
+                                   [--image PNG]
 
 Reads the per-step losses megatron.training wrote to TensorBoard (its text log averages over each log interval),
 plots them with the resume point marked, greedily continues a prompt twice -- with transformers' own
 AutoModelForCausalLM on the Hugging Face export, and with megatron_qwen35's `generate` on the Megatron checkpoint --
 requires the same tokens from both (fp32 both; exit 1 if not), and prints one line:
 `demo: loss <first> -> <last>; checkpoint <dir>; hf export <dir>; megatron and transformers generated: <text>`.
+
+With `--image`, the prompt follows the image (`<image>` + prompt, through the data pipeline's processor), transformers
+runs its Qwen3_5(Moe)ForConditionalGeneration, and Megatron's side is greedy decoding through load_model's call
+(the whole sequence each step: `generate` takes no images).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ def tensorboard_scalars(tensorboard_dir: Path | str, tag: str) -> dict[int, floa
 
 
 def plot_loss(losses: dict[int, float], path: Path, *, resumed_at: int | None = None,
-              mtp_losses: dict[int, float] | None = None) -> None:
+              mtp_losses: dict[int, float] | None = None,
+              title: str = "tiny Qwen3.5 (GDN + gated attention + MoE + MTP) on CPU") -> None:
     """The LM loss per step (and the MTP head's), with the step the second process resumed after marked."""
     import matplotlib
 
@@ -48,7 +55,7 @@ def plot_loss(losses: dict[int, float], path: Path, *, resumed_at: int | None = 
         ax.axvline(resumed_at + 0.5, color="gray", linestyle="--", label=f"resumed from checkpoint (step {resumed_at})")
     ax.set_xlabel("training step (global batch)")
     ax.set_ylabel("cross-entropy loss (nats / token)")
-    ax.set_title("tiny Qwen3.5 (GDN + gated attention + MoE + MTP) on CPU")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -60,27 +67,68 @@ def plot_loss(losses: dict[int, float], path: Path, *, resumed_at: int | None = 
 GENERATION = dict(max_new_tokens=24, min_new_tokens=12)
 
 
-def generate_with_transformers(hf_dir: Path, prompt_ids: list[int], eod_id: int) -> list[int]:
-    """Greedy continuation of `prompt_ids` by transformers' AutoModelForCausalLM loaded from the export."""
-    from transformers import AutoModelForCausalLM
+def generate_with_transformers(hf_dir: Path, prompt: dict, eod_id: int) -> list[int]:
+    """Greedy continuation of `prompt` (input_ids [1, s], and the vision inputs of an image prompt) by transformers'
+    own model class loaded from the export."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from megatron_qwen35.hf_reference import use_torch_paths
 
     use_torch_paths()  # transformers may have bound FLA's GPU kernels; this is a CPU run
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
+    auto = AutoModelForImageTextToText if "pixel_values" in prompt else AutoModelForCausalLM
+    model = auto.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, eos_token_id=eod_id, pad_token_id=eod_id, **GENERATION)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(**prompt, do_sample=False, eos_token_id=eod_id, pad_token_id=eod_id, **GENERATION)
+    return out[0, prompt["input_ids"].shape[1]:].tolist()
 
 
-def generate_with_megatron(checkpoint: Path, prompt_ids: list[int], eod_id: int) -> list[int]:
-    """The same continuation by megatron_qwen35's `generate` on the Megatron checkpoint (fp32, as the export)."""
+def generate_with_megatron(checkpoint: Path, prompt: dict, eod_id: int) -> list[int]:
+    """The same continuation on the Megatron checkpoint (fp32, as the export): megatron_qwen35's `generate` for
+    text; for an image prompt, greedy steps through load_model's call on the whole sequence."""
     from megatron_qwen35.inference import generate, load_model
 
-    out = generate(load_model(checkpoint), torch.tensor([prompt_ids]), GENERATION["max_new_tokens"],
-                   eos_token_id=eod_id, min_new_tokens=GENERATION["min_new_tokens"])
-    return out[0, len(prompt_ids):].tolist()
+    model = load_model(checkpoint)
+    ids = prompt["input_ids"]
+    if "pixel_values" not in prompt:
+        out = generate(model, ids, GENERATION["max_new_tokens"], eos_token_id=eod_id,
+                       min_new_tokens=GENERATION["min_new_tokens"])
+        return out[0, ids.shape[1]:].tolist()
+    vision = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
+    new: list[int] = []
+    for step in range(GENERATION["max_new_tokens"]):
+        logits = model(ids, **vision)[0, -1]
+        if step < GENERATION["min_new_tokens"]:
+            logits[eod_id] = -float("inf")  # transformers' MinNewTokensLengthLogitsProcessor
+        token = int(logits.argmax())
+        new.append(token)
+        if token == eod_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
+def _prompt(checkpoint: Path, text: str, image: Path | None) -> tuple[dict, object]:
+    """The prompt's model inputs and the tokenizer: plain tokens, or the data pipeline's processor on an image."""
+    from megatron_qwen35.checkpoint import read_config
+    from megatron_qwen35.data.tokenizer import qwen35_tokenizer_for
+
+    cfg, _ = read_config(checkpoint)
+    tokenizer = qwen35_tokenizer_for(cfg)
+    if image is None:
+        return {"input_ids": torch.tensor([tokenizer.encode(text)])}, tokenizer
+    from PIL import Image
+
+    from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER, Qwen35VLProcessor
+    from megatron_qwen35.layers.rotary import token_types
+
+    processor = Qwen35VLProcessor(cfg.vision, tokenizer, image_pixels=DEMO_IMAGE_PIXELS)
+    inputs = processor(IMAGE_PLACEHOLDER + text, images=[Image.open(image).convert("RGB")])
+    ids = inputs["input_ids"][:-1].unsqueeze(0)  # without the end-of-document id a sample ends with
+    return {"input_ids": ids, "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+            "mm_token_type_ids": token_types(ids, cfg.vision)}, tokenizer
+
+
+DEMO_IMAGE_PIXELS = (1024, 16384)  # recipes/tiny-vl.sh's --image-pixels
 
 
 def main(argv=None) -> None:
@@ -91,24 +139,26 @@ def main(argv=None) -> None:
     p.add_argument("--hf-export", type=Path, required=True)
     p.add_argument("--png", type=Path, required=True)
     p.add_argument("--prompt", default="The small model")
+    p.add_argument("--image", type=Path, default=None, help="an image the prompt follows (a VL model)")
     a = p.parse_args(argv)
     losses = tensorboard_scalars(a.tensorboard, "lm loss")
     if not losses:
         raise SystemExit(f"error: no 'lm loss' scalars in {a.tensorboard}")
-    plot_loss(losses, a.png, resumed_at=a.resumed_at, mtp_losses=tensorboard_scalars(a.tensorboard, "mtp_1 loss"))
-    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
-
-    tokenizer = Qwen35Tokenizer()
-    prompt_ids = tokenizer.encode(a.prompt)
-    by_transformers = generate_with_transformers(a.hf_export, prompt_ids, tokenizer.eod_id)
-    by_megatron = generate_with_megatron(a.checkpoint, prompt_ids, tokenizer.eod_id)
+    title = "tiny Qwen3.5-VL (ViT + GDN + gated attention + MoE + MTP) on CPU" if a.image else None
+    plot_loss(losses, a.png, resumed_at=a.resumed_at, mtp_losses=tensorboard_scalars(a.tensorboard, "mtp_1 loss"),
+              **({"title": title} if title else {}))
+    prompt, tokenizer = _prompt(a.checkpoint, a.prompt, a.image)
+    by_transformers = generate_with_transformers(a.hf_export, prompt, tokenizer.eod_id)
+    by_megatron = generate_with_megatron(a.checkpoint, {k: v for k, v in prompt.items() if k != "mm_token_type_ids"},
+                                         tokenizer.eod_id)
     if by_megatron != by_transformers:
         raise SystemExit(f"error: megatron generated {by_megatron} from {a.checkpoint}, transformers "
                          f"{by_transformers} from its export {a.hf_export}: the export or generation is wrong")
     text = " ".join(tokenizer.decode(by_transformers).split())
     first, last = losses[min(losses)], losses[max(losses)]
+    seen = f" (after the image {a.image.name})" if a.image else ""
     print(f"demo: loss {first:.3f} -> {last:.3f}; checkpoint {a.checkpoint}; hf export {a.hf_export}; "
-          f"megatron and transformers generated: {a.prompt} {text}")
+          f"megatron and transformers generated{seen}: {a.prompt} {text}")
 
 
 if __name__ == "__main__":
