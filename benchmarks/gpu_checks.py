@@ -19,6 +19,10 @@
    path, same device: every token equal, log-probabilities within check 1's fp32 bound.
 5. stack_tflops (CUDA only): model TFLOP/s of a 4-layer 27b-shaped stack (3 GDN + 1 gated attention, dense MLP) at
    sequence 4096, forward + backward in bf16, divided by a bf16 matmul's TFLOP/s measured in the same run.
+6. vision: one checkpoint of a VL model (tiny-vl's text model; on a GPU with 27b's ViT at depth 2) loaded into the TE
+   and the local model (local and local where TE is absent: the dry run checks the code path): the tower's merged
+   features for two images and a two-frame video of different sizes in fp32 and in bf16, then the whole model's
+   logits, loss and every parameter's gradient (the tower's included) on a batch holding them, fp32.
 Every reference runs on the device of what it checks. Errors are relative: max|got - want| / max|want| per tensor.
 Prints one `check <name> ... ok|FAIL` line per result (`... skipped: <why>` where it cannot run; the timing line
 ends with `ratio X`) and a summary; exits 1 if any check fails or raises.
@@ -27,6 +31,7 @@ ends with `ratio X`) and a summary; exits 1 if any check fails or raises.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -81,8 +86,19 @@ BF16_MIN_TOP1 = 0.95
 # What stays fp32 in a bf16 model (the released checkpoints' fp32 tensors). Spelled out rather than read from
 # layers.gated_delta_net.FP32_PARAMETERS, so that emptying that list fails here.
 FP32_IN_BF16 = ("self_attention.A_log", "self_attention.out_norm.weight")
+VL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 # Check 3: both backends in fp32 (TF32 off, above) with the torch GDN path: only summation orders differ (~1e-6).
 TE_TOL = 1e-3
+# Check 6, fp32: TE_TOL, for the same reason (Transformer Engine 2.20 runs fp32 THD attention in its unfused backend).
+# bf16: each backend rounds the weights, activations and attention probabilities to bf16 (2^-9 relative) at its own
+# places (TE: layer norm fused into the linear, fused attention with fp32 softmax; local: each op rounds its output),
+# so the two differ from each other by about what either differs from fp32, up to twice that. Measured on CPU, the
+# local bf16 tower against the fp32 one (weights at unit gain, _spread_tower_weights): 9.4e-3 (tiny-vl's tower) and
+# 7.9e-3 (27b's ViT at depth 2, the GPU shapes' images and video); the bound is three times that. Measured there
+# too, in fp32: one block's qkv, proj or fc1 bias dropped moves the features by 7e-2..1.3e-1, the merger's norm bias
+# 1e-1, an input norm weight set to 1 2.7e-2..1.1e-1, the position table transposed 0.5-0.7: far outside the fp32
+# bound, mostly outside the bf16 one, which is there to catch a bf16-only path (TE's fused attention, its casts).
+VISION_BF16_TOL = 3e-2
 
 
 @dataclass(frozen=True)
@@ -96,12 +112,17 @@ class Shapes:
     head_dim: int
     model_tokens: int  # per sequence in checks 2 and 3 (batch 2)
     bf16_presets: tuple[str, ...]  # models of check 2
+    vl_preset: str  # the model of check 6
+    images: tuple[tuple[int, int, int], ...]  # check 6's image grids (t, h, w in patches), one per batch row
+    video: tuple[int, int, int]  # check 6's video grid, in row 0 after its image
 
 
 GPU = Shapes(tokens=2048, documents=(0, 700, 1500, 2048), key_heads=16, value_heads=32, head_dim=128,
-             model_tokens=1024, bf16_presets=("tiny-moe", "9b-2layers"))
+             model_tokens=1024, bf16_presets=("tiny-moe", "9b-2layers"), vl_preset="tiny-vl-27b-vit",
+             images=((1, 32, 48), (1, 64, 40)), video=(2, 32, 32))  # 1536, 2560 and 2048 patches
 CPU = Shapes(tokens=128, documents=(0, 45, 110, 128), key_heads=2, value_heads=4, head_dim=16,
-             model_tokens=128, bf16_presets=("tiny-moe",))
+             model_tokens=128, bf16_presets=("tiny-moe",), vl_preset="tiny-vl",
+             images=((1, 4, 6), (1, 6, 8)), video=(2, 4, 6))
 SHAPES = CPU if DEVICE.type == "cpu" else GPU
 
 
@@ -230,6 +251,11 @@ def _preset(name: str):
     if name == "9b-2layers":  # 9b's layer shapes (dk 128, head_dim 256, grouped heads) at a size cheap to save
         return qwen35_preset("9b").replace(num_layers=2, layer_types=(LINEAR_ATTENTION, FULL_ATTENTION),
                                            mtp_num_layers=0, vocab_size=32768, name=name)
+    if name == "tiny-vl-27b-vit":  # 27b's ViT (1152 wide, 16 heads of 72, MLP 4304) at depth 2 on tiny-vl's text
+        tiny = qwen35_preset("tiny-vl")
+        vit = dataclasses.replace(qwen35_preset("27b").vision, depth=2, out_hidden_size=tiny.hidden_size,
+                                  **{k: getattr(tiny.vision, k) for k in VL_TOKEN_KEYS})
+        return tiny.replace(vision=vit, name=name)
     return qwen35_preset(name)
 
 
@@ -528,6 +554,128 @@ def check_stack_tflops() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 6. The vision tower and the VL model: Transformer Engine against local
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _spread_tower_weights(model) -> None:
+    """The tower's weights at unit gain (std 1 / sqrt(fan in): megatron's init std of 0.02 leaves each block's
+    contribution ~1e-2 of the residual stream, below the bf16 noise, so a broken block would hardly show), the
+    position table at half the patch embeddings' scale, and LayerNorm weights and biases off their init (1 and 0,
+    exact in any dtype), so that a norm or a bias one backend applied and the other did not shows. The tower's
+    norms are plain LayerNorms, not zero-centred."""
+    with torch.no_grad():
+        for name, param in model.vision_model.named_parameters():
+            if name.endswith("pos_embed.weight"):
+                param.normal_(0.0, 0.5)
+            elif param.dim() > 1:  # linears [out, in], the patch Conv3d [out, C, T, P, P]
+                param.normal_(0.0, param[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+            else:  # LayerNorm weights (the tower's only other 1-D parameters)
+                param.normal_(1.0, 0.1)
+
+
+def _vl_batch(cfg, *, seed: int) -> dict:
+    """Two rows: text, image 0, text, the video's frames (each its own run, text between them), text; and text,
+    image 1, text; the same length, as `Qwen35VLModel.forward` takes them (ids, mRoPE positions, labels, pixels and
+    grids on DEVICE)."""
+    from megatron_qwen35.layers.rotary import mrope_position_ids
+
+    v, gen = cfg.vision, torch.Generator().manual_seed(seed)
+    tokens = lambda t, h, w: t * h * w // v.spatial_merge_size ** 2  # noqa: E731 - merged tokens of a grid
+    text = lambda n: torch.randint(0, v.image_token_id - 8, (n,), generator=gen).tolist()  # noqa: E731
+
+    def span(token: int, n: int) -> list[int]:
+        return [v.vision_start_token_id, *[token] * n, v.vision_end_token_id]
+
+    t, h, w = SHAPES.video
+    frames = [token for _ in range(t) for token in span(v.video_token_id, tokens(1, h, w)) + text(2)]
+    rows = [text(5) + span(v.image_token_id, tokens(*SHAPES.images[0])) + text(4) + frames,
+            text(3) + span(v.image_token_id, tokens(*SHAPES.images[1]))]
+    length = max(map(len, rows)) + 4
+    ids = torch.tensor([row + text(length + 1 - len(row)) for row in rows])  # one more for the labels
+    images, videos = torch.tensor(SHAPES.images), torch.tensor([SHAPES.video])
+    patches = lambda grids: int(grids.prod(-1).sum())  # noqa: E731 - rows of pixel values
+    return dict(input_ids=ids[:, :-1].to(DEVICE), labels=ids[:, 1:].to(DEVICE),
+                position_ids=mrope_position_ids(ids[:, :-1], v, images, videos).to(DEVICE),
+                pixel_values=_randn(patches(images), v.patch_dim, seed=seed + 1), image_grid_thw=images.to(DEVICE),
+                pixel_values_videos=_randn(patches(videos), v.patch_dim, seed=seed + 2),
+                video_grid_thw=videos.to(DEVICE))
+
+
+def _tower_features(model, batch) -> torch.Tensor:
+    """The tower's merged features of the batch's images, then of its video, fp32 [tokens, out_hidden]."""
+    with torch.no_grad():
+        return torch.cat([model.vision_model(batch["pixel_values"], batch["image_grid_thw"]),
+                          model.vision_model(batch["pixel_values_videos"], batch["video_grid_thw"])]).float()
+
+
+def check_vision() -> None:
+    """Check 6: a TE model and a local one (two local ones where TE is absent) load one VL checkpoint; their towers
+    encode the same images and video in fp32 and in bf16, then the fp32 models run forward and backward on a batch
+    holding them."""
+    from megatron_qwen35.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_qwen35.runtime import transformer_engine_available
+
+    backend = "te" if DEVICE.type == "cuda" and transformer_engine_available() else "local"
+    pair = f"{backend}_vs_local"
+    cfg = _preset(SHAPES.vl_preset)
+    batch = _vl_batch(cfg, seed=8)
+    vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+
+    def loaded(dtype):  # (candidate, local reference) from the checkpoint, strict key matching
+        models = tuple(_model(cfg, dtype=dtype, backend=b, deterministic_mode=True) for b in (backend, "local"))
+        for model in models:
+            load_checkpoint(model, ckpt, strict=True)
+        return models
+
+    # As check 3: the torch GDN path on both sides, and TE told to pick deterministic attention algorithms.
+    with mock.patch.dict(os.environ, NVTE_ALLOW_NONDETERMINISTIC_ALGO="0"), \
+            tempfile.TemporaryDirectory(prefix="gpu_checks_") as ckpt:
+        source = _reference(cfg, seed=7)
+        _spread_tower_weights(source)
+        save_checkpoint(source, cfg, ckpt)
+        fp32_features = _tower_features(source, batch)
+        del source
+        for dtype, tol in ((torch.float32, TE_TOL), (torch.bfloat16, VISION_BF16_TOL)):
+            candidate, reference = loaded(dtype)
+            got, want = _tower_features(candidate, batch), _tower_features(reference, batch)
+            errors = {pair: relative_error(got, want)}
+            if dtype == torch.bfloat16:  # each against the fp32 tower: the bf16 noise that the bound is sized by
+                errors.update({f"{backend}_vs_fp32": relative_error(got, fp32_features),
+                               "local_ref_vs_fp32": relative_error(want, fp32_features)})
+            report(f"vision tower {str(dtype)[6:]} {pair}",
+                   f"{SHAPES.vl_preset} tokens={got.shape[0]} {_fmt(errors)} tol {tol:.0e}",
+                   max(errors.values()) <= tol)
+            del candidate, reference
+            _empty_cache()
+
+        results = []
+        for model in loaded(torch.float32):
+            with torch.no_grad():
+                logits = model(batch["input_ids"], batch["position_ids"], None, **vision).float()
+            _fresh_loss_scales()
+            loss = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"], **vision)
+            loss.float().mean().backward()
+            results.append((logits, loss.detach().float().mean(), checkpoint_names(model)))
+    (logits, loss, names), (want_logits, want_loss, want_names) = results
+    name = f"vision model {pair}"
+    if names.keys() != want_names.keys():
+        report(name, f"checkpoint keys differ: only {backend} {sorted(names.keys() - want_names.keys())[:3]}, "
+                     f"only local {sorted(want_names.keys() - names.keys())[:3]}", False)
+        return
+    grads = {k: relative_error(_grad(names[k]), _grad(want_names[k])) for k in want_names}
+    worst = max(grads, key=grads.get)
+    tower = [k for k in grads if k.startswith("vision_model.")]
+    errors = {"logits": relative_error(logits, want_logits), "loss": relative_error(loss, want_loss),
+              "grads": grads[worst], "tower_grads": max(grads[k] for k in tower)}
+    report(name, f"{SHAPES.vl_preset} fp32 tokens={tuple(batch['input_ids'].shape)} {_fmt(errors)} "
+                 f"({len(grads)} params, {len(tower)} in the tower, worst {worst}) tol {TE_TOL:.0e}",
+           max(errors.values()) <= TE_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _empty_cache() -> None:
@@ -573,7 +721,8 @@ def main(argv=None) -> int:
     initialize_parallel(seed=1234)
     seconds = {name: _run(name, check) for name, check in (
         ("fla_vs_torch", check_fla_vs_torch), ("bf16_forward", check_bf16_forward),
-        ("te_vs_local", check_te_vs_local), ("generate", check_generate), ("stack_tflops", check_stack_tflops))}
+        ("te_vs_local", check_te_vs_local), ("generate", check_generate), ("vision", check_vision),
+        ("stack_tflops", check_stack_tflops))}
     failed = RESULTS.count("FAIL")
     print(f"summary: {RESULTS.count('ok')} ok, {failed} FAIL, {RESULTS.count('skipped')} skipped, "
           f"{RESULTS.count('measured')} measured in {time.perf_counter() - start:.0f} s ("

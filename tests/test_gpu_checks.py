@@ -20,6 +20,10 @@ EXPECTED = [
     ("check bf16_backward tiny-moe backend=local ", " ok"),
     ("check te_vs_local skipped: ", ""),  # "Transformer Engine not importable" here; a TE node says "dry run"
     ("check generate tiny-moe backend=local ", " ok"),
+    # TE against local where TE runs; here local against itself (the code path: batch, checkpoint, both dtypes)
+    ("check vision tower float32 local_vs_local tiny-vl ", " ok"),
+    ("check vision tower bfloat16 local_vs_local tiny-vl ", " ok"),
+    ("check vision model local_vs_local tiny-vl fp32 ", " ok"),
     ("check stack_tflops skipped: ", ""),
 ]
 
