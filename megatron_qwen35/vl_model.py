@@ -12,6 +12,10 @@ A subclass, not a wrapper: the text model keeps GPTModel's own names (`embedding
   Under sequence parallelism the features are placed in a full-length tensor that is then scattered like the
   embeddings, so that its backward all-gathers the gradient: every tensor-parallel rank's tower replica then gets
   the gradient of every feature row, not only of the rows in its own sequence slice.
+- Context parallelism: the pads are found in the micro-batch's tokens before the split (`full_input_ids`), the
+  placed features are cut to this rank's tokens by the same load-balanced split as the batch, and each rank's tower
+  replica gets the gradient of its own rows; megatron's gradient reduction over data x context parallel ranks sums
+  them, as it does for every other weight.
 - MTP reads the token embeddings of its shifted input (megatron's MTP; it may sit on the last pipeline stage, where
   no vision features exist): at vision positions that is the pad token's embedding.
 """
@@ -24,6 +28,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.layers.context_parallel import cp_rank_positions
 from megatron_qwen35.layers.rotary import InterleavedMRoPE
 from megatron_qwen35.layers.vision import Qwen35VisionModel
 
@@ -47,35 +52,43 @@ class Qwen35VLModel(GPTModel):
         self.vision_model = Qwen35VisionModel(cfg.vision, config, backend=backend) if self.pre_process else None
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *,
-                pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, **kwargs):
+                pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                full_input_ids=None, **kwargs):
         """GPTModel.forward with transformers' vision inputs: pixel_values [patches, patch_dim] and
-        image_grid_thw [images, 3] (likewise for videos) for every image of the micro-batch, in order."""
+        image_grid_thw [images, 3] (likewise for videos) for every image of the micro-batch, in order; under
+        context parallelism `full_input_ids` are the micro-batch's tokens before the split."""
         if position_ids is not None and position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if decoder_input is None and self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+                                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                                       full_input_ids=full_input_ids)
         return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
                                **kwargs)
 
     def embed(self, input_ids: torch.Tensor, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None) -> torch.Tensor | None:
-        """The decoder input [s (/ tp under SP), b, h]: token embeddings with the vision features at the pad
-        tokens; None when there is no vision input (GPTModel then embeds the tokens itself)."""
+              video_grid_thw=None, full_input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The decoder input [s (/ cp / tp under CP and SP), b, h]: token embeddings with the vision features at
+        the pad tokens; None when there is no vision input (GPTModel then embeds the tokens itself)."""
         inputs = [(self.vision.image_token_id, "image", pixel_values, image_grid_thw),
                   (self.vision.video_token_id, "video", pixel_values_videos, video_grid_thw)]
         inputs = [i for i in inputs if i[2] is not None]
         if not inputs:
             return None
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)
-        batch, seq = input_ids.shape
+        cp = self.pg_collection.cp
+        if cp.size() > 1 and full_input_ids is None:
+            raise ValueError("under context parallelism the vision pads are found in the tokens before the split: "
+                             "pass full_input_ids")
+        ids = input_ids if cp.size() == 1 else full_input_ids
+        batch, seq = ids.shape
         placed = embeddings.new_zeros(batch, seq, embeddings.shape[-1])
-        is_vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_vision = torch.zeros_like(ids, dtype=torch.bool)
         for token_id, kind, pixels, grid in inputs:
             if grid is None:
                 raise ValueError(f"{kind} pixel values were given without their {kind}_grid_thw")
             features = self.vision_model(pixels, grid)
-            where = input_ids == token_id
+            where = ids == token_id
             count = int(where.sum())
             if count != features.shape[0]:
                 raise ValueError(f"the input has {count} {kind} pad tokens (id {token_id}) but its {kind}s give "
@@ -85,6 +98,9 @@ class Qwen35VLModel(GPTModel):
         # [s, b, ...] like the embeddings, and contiguous: torch.where lays its output out like its inputs, and
         # megatron's MoE router views its input
         placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t().contiguous()
+        if cp.size() > 1:  # this rank's tokens, as the batch was split
+            mine = cp_rank_positions(seq, cp, device=placed.device)
+            placed, is_vision = placed.index_select(0, mine), is_vision.index_select(0, mine)
         if self.config.sequence_parallel:
             tp = self.pg_collection.tp
             placed = tensor_parallel.scatter_to_sequence_parallel_region(placed, group=tp)

@@ -67,6 +67,16 @@ def test_batch_split_keeps_every_key_of_the_attention_mask():
         assert torch.equal(mine["attention_mask"], mask[:, :, rows, :]) and mine["position_ids"] is None
 
 
+def test_batch_split_of_mrope_positions_splits_their_sequence():
+    """mRoPE's position ids [3, b, s] are split along the sequence (the last dimension), like the tokens."""
+    tokens = torch.arange(16).view(2, 8)
+    positions = torch.stack([tokens, tokens + 100, tokens + 200])
+    for rank in range(2):
+        mine = batch_on_this_cp_rank(dict(tokens=tokens, position_ids=positions), _Group(rank, 2))
+        rows = load_balanced_positions(8, 2)[rank]
+        assert torch.equal(mine["position_ids"], positions[:, :, rows])
+
+
 def test_cpu_rotary_slice_is_megatrons_chunks(megatron_single_process):
     from megatron.core.models.common.embeddings import rope_utils
 

@@ -69,24 +69,29 @@ def document_ids(positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> to
     return torch.bucketize(positions, cu_seqlens[1:].to(positions.device), right=True)
 
 
-def batch_on_this_cp_rank(batch: dict, cp_group, seq_dim: int = 1) -> dict:
+def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     """This rank's share of a [b, s] micro-batch (and of a packed one, whose boundaries are in `cu_seqlens`):
-    every tensor with the sequence at `seq_dim` is indexed by `load_balanced_positions`. The attention mask, when
-    present ([b, 1, s, s]), keeps every key and only this rank's query rows, as megatron's own split does."""
+    every tensor is indexed along its last dimension, the sequence (tokens, labels, loss mask, position ids [b, s] or
+    mRoPE's [3, b, s]), by `load_balanced_positions`. The attention mask, when present ([b, 1, s, s]), keeps every
+    key and only this rank's query rows, as megatron's own split does."""
     cp_size = 1 if cp_group is None else cp_group.size()
     if cp_size == 1:
         return batch
     tokens = batch["tokens"] if batch.get("tokens") is not None else batch["labels"]
-    total = tokens.size(seq_dim)
-    positions = load_balanced_positions(total, cp_size, batch.get("cu_seqlens"), device=tokens.device)
-    mine = positions[cp_group.rank()]
+    mine = cp_rank_positions(tokens.size(-1), cp_group, batch.get("cu_seqlens"), device=tokens.device)
     out = dict(batch)
     for key, value in batch.items():
         if key == "cu_seqlens" or not torch.is_tensor(value):
             continue
-        dim = 2 if key == "attention_mask" else seq_dim
-        out[key] = value.index_select(dim, mine)
+        out[key] = value.index_select(2 if key == "attention_mask" else value.dim() - 1, mine)
     return out
 
 
-__all__ = ["load_balanced_positions", "natural_order_index", "document_ids", "batch_on_this_cp_rank"]
+def cp_rank_positions(total: int, cp_group, cu_seqlens: torch.Tensor | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The natural indices of the tokens this context-parallel rank holds, in its local order."""
+    return load_balanced_positions(total, cp_group.size(), cu_seqlens, device=device)[cp_group.rank()]
+
+
+__all__ = ["load_balanced_positions", "natural_order_index", "document_ids", "batch_on_this_cp_rank",
+           "cp_rank_positions"]

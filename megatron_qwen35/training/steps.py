@@ -96,18 +96,34 @@ def _vl_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Tensor | N
     _check_token_ids(batch, get_args().padded_vocab_size)
     batch = {k: v.to(compute_device(), non_blocking=True) for k, v in batch.items()}
     vision = dict(zip(VISION_INPUTS, qwen35_vl_unpad(batch), strict=True)) if first else {}
-    return {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
-            "attention_mask": None, "position_ids": batch["position_ids"].transpose(0, 1).contiguous(),  # [3, b, s]
-            "cu_seqlens": None, **vision}
+    if vision and mpu.get_context_parallel_world_size() > 1:
+        vision["full_input_ids"] = batch["tokens"]  # the vision pads are placed before the split (vl_model.py)
+    text = {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
+            "position_ids": batch["position_ids"].transpose(0, 1).contiguous()}  # mRoPE's [3, b, s]
+    text = batch_on_this_cp_rank(text, mpu.get_context_parallel_group())
+    return {**text, "attention_mask": None, "cu_seqlens": None, **vision}
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed masked token loss and the token count; the schedule divides (per-token or per-micro-batch)."""
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, per_token: bool = False):
+    """Summed masked token loss and the token count; the schedule divides (per-token or per-micro-batch).
+
+    Under context parallelism with megatron's default (per micro-batch) normalisation, megatron divides each rank's
+    sum by that rank's own count and averages the ranks: a mean of means, which is the sequence's mean only when
+    every rank holds as many loss tokens -- not so when padding or masked vision tokens fall unevenly. The sum that
+    is back-propagated is therefore weighted by n_rank x CP / N (N the sequence's count over the CP group), which
+    makes the average over ranks sum / N exactly; the logged sum and count stay as they are (megatron's log sums
+    both over the ranks). Per-token normalisation (`per_token`: --calculate-per-token-loss) divides by the summed
+    counts and needs nothing."""
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    cp_group = mpu.get_context_parallel_group(check_initialized=False)
+    if cp_group is not None and cp_group.size() > 1 and not per_token:
+        total = num_tokens.clone()
+        torch.distributed.all_reduce(total, group=cp_group)
+        loss = loss * (num_tokens * cp_group.size() / total.clamp(min=1))
     return loss, num_tokens, {"lm loss": report}
 
 
@@ -115,10 +131,12 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """One micro-batch through `model`; returns (per-token losses, loss_func) as Megatron's schedules expect."""
     vp_stage = get_attr_wrapped_model(model, "vp_stage")  # the model arrives wrapped: DDP(Float16Module(GPTModel))
     batch = get_batch(data_iterator, vp_stage)
-    vision = {k: batch[k] for k in VISION_INPUTS if batch.get(k) is not None}  # images / videos on the first stage
+    vision = {k: batch[k] for k in (*VISION_INPUTS, "full_input_ids") if batch.get(k) is not None}  # first stage
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    loss_mask=batch["loss_mask"], **vision)
-    return output, partial(loss_func, batch["loss_mask"])
+    from megatron.training import get_args
+
+    return output, partial(loss_func, batch["loss_mask"], per_token=get_args().calculate_per_token_loss)
 
 
 def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
@@ -172,9 +190,6 @@ def _vl_datasets(args, train_val_test_num_samples):
     cfg = qwen35_config_from_args(args)
     if cfg.vision is None:
         raise SystemExit(f"error: --vl-data-path needs a model with a vision tower; '{cfg.name}' has none")
-    if args.context_parallel_size > 1:
-        raise SystemExit("error: --vl-data-path with --context-parallel-size > 1 is not supported yet: the vision "
-                         "features are placed before the sequence is split")
     split = {} if args.split is None else {"split": args.split}  # megatron sets its default only for --data-path
     return build_vl_datasets(args.vl_data_path, args.seq_length, train_val_test_num_samples, vision=cfg.vision,
                              seed=args.seed, **split)

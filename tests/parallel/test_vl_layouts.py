@@ -1,10 +1,11 @@
-"""Vision-language training on the path users run, at TP2 (+ SP) and PP2: recipes/common.sh with VL_DATA_PATH ->
+"""Vision-language training on the path users run, at TP2 (+ SP), PP2 and CP2: recipes/common.sh with VL_DATA_PATH ->
 torchrun -> pretrain_qwen35.py -> megatron.training.pretrain, fine-tuning a converted transformers VL checkpoint
 (tiny-vl-moe: GDN, gated attention, MoE with shared expert, MTP, the vision tower) on the embedded image / video
 samples (data/vl, preprocessed by tools/data/preprocess_vl.py), logs the single process's losses and gradient norms.
 
 TP2 splits the tower's heads and MLP and scatters the placed features for sequence parallelism; PP2 keeps the tower
-on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions. MTP trains on VL inputs in every run.
+on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 places the features before the
+sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 """
 
 import subprocess
@@ -21,7 +22,10 @@ pytestmark = pytest.mark.slow
 
 PRESET = "tiny-vl-moe"
 SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest sample is 221 tokens
-LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2"))}
+# VL samples mask their vision tokens and padding out of the loss, so the ranks of a split sequence hold different
+# numbers of loss tokens (training/steps.py's loss_func keeps CP exact then); megatron's default normalisation.
+FLAGS = ()
+LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "cp2": (2, dict(CP="2"))}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,8 @@ def vl_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(converted, vl_data, tmp_path_factory):
-    return recipe(tmp_path_factory.mktemp("single_vl"), nproc=1, LOAD=str(converted), VL_DATA_PATH=str(vl_data),
-                  run_name="single", **SETTINGS)
+    return recipe(tmp_path_factory.mktemp("single_vl"), *FLAGS, nproc=1, LOAD=str(converted),
+                  VL_DATA_PATH=str(vl_data), run_name="single", **SETTINGS)
 
 
 def test_single_process_trains_on_images_with_mtp(single):
@@ -54,7 +58,7 @@ def test_single_process_trains_on_images_with_mtp(single):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_vl_recipe_at_layout_logs_the_single_process_losses(layout, converted, vl_data, single, tmp_path):
     ranks, settings = LAYOUTS[layout]
-    run = recipe(tmp_path, nproc=ranks, LOAD=str(converted), VL_DATA_PATH=str(vl_data), run_name=layout,
+    run = recipe(tmp_path, *FLAGS, nproc=ranks, LOAD=str(converted), VL_DATA_PATH=str(vl_data), run_name=layout,
                  **SETTINGS, **settings)
     assert sorted(single.losses) == sorted(run.losses) == [1, 2, 3], (single.losses, run.losses)
     for step in single.losses:
