@@ -21,7 +21,7 @@ from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
 _TOKENIZER: Qwen35Tokenizer | None = None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file; a line that is not UTF-8 is named with its number and byte offset."""
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
@@ -31,8 +31,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
 
 
-def _json_text(path: Path, n: int, line: str, json_key: str) -> str:
-    """The `json_key` string of one jsonl line, or a ValueError naming the file and line."""
+def json_object(path: Path, n: int, line: str, json_key: str) -> dict:
+    """One jsonl line: an object whose `json_key` is a string, or a ValueError naming the file and line (the text
+    and the vision-language preprocessing both read their lines through it)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -43,7 +44,7 @@ def _json_text(path: Path, n: int, line: str, json_key: str) -> str:
         raise ValueError(f"{path}:{n}: has no '{json_key}' field (it has {sorted(obj)[:5]})")
     if not isinstance(obj[json_key], str):
         raise ValueError(f"{path}:{n}: '{json_key}' is a JSON {type(obj[json_key]).__name__}, not a string")
-    return obj[json_key]
+    return obj
 
 
 def iter_documents(path: Path, json_key: str = "text") -> Iterator[str]:
@@ -51,12 +52,12 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[str]:
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        for n, line in _lines(path):
+        for n, line in numbered_lines(path):
             if line.strip():
-                yield _json_text(path, n, line, json_key)
+                yield json_object(path, n, line, json_key)[json_key]
     else:
         paragraph: list[str] = []
-        for _, line in _lines(path):
+        for _, line in numbered_lines(path):
             if line.strip():
                 paragraph.append(line)
             elif paragraph:

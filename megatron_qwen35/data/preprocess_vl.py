@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.output_dir import output_directory
-from megatron_qwen35.data.preprocess import _lines
+from megatron_qwen35.data.preprocess import json_object, numbered_lines
 from megatron_qwen35.data.tokenizer import VISION_TOKENS, qwen35_tokenizer_for
 from megatron_qwen35.data.vl_processor import (
     QWEN35_IMAGE_PIXELS,
@@ -82,22 +82,14 @@ def iter_vl_samples(path: Path, file_number: int = 0) -> Iterator[VLSample]:
     """The samples of one jsonl file, each checked (types, placeholder counts, files present)."""
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
-    for n, line in _lines(path):
+    for n, line in numbered_lines(path):
         if line.strip():
             yield _parse(path, n, line, file_number)
 
 
 def _parse(path: Path, n: int, line: str, file_number: int) -> VLSample:
     where = f"{path}:{n}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: a JSON {type(obj).__name__}, not an object with a 'text' field")
-    if not isinstance(obj.get("text"), str):
-        got = "no 'text' field" if "text" not in obj else f"'text' is a JSON {type(obj['text']).__name__}"
-        raise ValueError(f"{where}: {got}, not a string")
+    obj = json_object(path, n, line, "text")
     images = _paths(obj.get("images", []), path, where, "'images'")
     videos = []
     raw_videos = obj.get("videos", [])
