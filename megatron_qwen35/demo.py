@@ -10,9 +10,8 @@ AutoModelForCausalLM on the Hugging Face export, and with megatron_qwen35's `gen
 requires the same tokens from both (fp32 both; exit 1 if not), and prints one line:
 `demo: loss <first> -> <last>; checkpoint <dir>; hf export <dir>; megatron and transformers generated: <text>`.
 
-With `--image`, the prompt follows the image (`<image>` + prompt, through the data pipeline's processor), transformers
-runs its Qwen3_5(Moe)ForConditionalGeneration, and Megatron's side is greedy decoding through load_model's call
-(the whole sequence each step: `generate` takes no images).
+With `--image`, the prompt follows the image (`<image>` + prompt, through the data pipeline's processor), and
+transformers runs its Qwen3_5(Moe)ForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -83,28 +82,14 @@ def generate_with_transformers(hf_dir: Path, prompt: dict, eod_id: int) -> list[
 
 
 def generate_with_megatron(checkpoint: Path, prompt: dict, eod_id: int) -> list[int]:
-    """The same continuation on the Megatron checkpoint (fp32, as the export): megatron_qwen35's `generate` for
-    text; for an image prompt, greedy steps through load_model's call on the whole sequence."""
+    """The same continuation by megatron_qwen35's `generate` on the Megatron checkpoint (fp32, as the export)."""
     from megatron_qwen35.inference import generate, load_model
 
-    model = load_model(checkpoint)
     ids = prompt["input_ids"]
-    if "pixel_values" not in prompt:
-        out = generate(model, ids, GENERATION["max_new_tokens"], eos_token_id=eod_id,
-                       min_new_tokens=GENERATION["min_new_tokens"])
-        return out[0, ids.shape[1]:].tolist()
     vision = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
-    new: list[int] = []
-    for step in range(GENERATION["max_new_tokens"]):
-        logits = model(ids, **vision)[0, -1]
-        if step < GENERATION["min_new_tokens"]:
-            logits[eod_id] = -float("inf")  # transformers' MinNewTokensLengthLogitsProcessor
-        token = int(logits.argmax())
-        new.append(token)
-        if token == eod_id:
-            break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return new
+    out = generate(load_model(checkpoint), ids, GENERATION["max_new_tokens"], eos_token_id=eod_id,
+                   min_new_tokens=GENERATION["min_new_tokens"], **vision)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def _prompt(checkpoint: Path, text: str, image: Path | None) -> tuple[dict, object]:
@@ -149,8 +134,7 @@ def main(argv=None) -> None:
               **({"title": title} if title else {}))
     prompt, tokenizer = _prompt(a.checkpoint, a.prompt, a.image)
     by_transformers = generate_with_transformers(a.hf_export, prompt, tokenizer.eod_id)
-    by_megatron = generate_with_megatron(a.checkpoint, {k: v for k, v in prompt.items() if k != "mm_token_type_ids"},
-                                         tokenizer.eod_id)
+    by_megatron = generate_with_megatron(a.checkpoint, prompt, tokenizer.eod_id)
     if by_megatron != by_transformers:
         raise SystemExit(f"error: megatron generated {by_megatron} from {a.checkpoint}, transformers "
                          f"{by_transformers} from its export {a.hf_export}: the export or generation is wrong")

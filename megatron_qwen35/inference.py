@@ -62,15 +62,29 @@ class Qwen35CausalLM(torch.nn.Module):
         hidden = self.model.embed(input_ids, **vision)
         return self._logits(input_ids, self.rotary_pos_emb(positions), hidden=hidden)
 
+    def slot_rotary_pos_emb(self, context: Qwen35InferenceContext, input_ids: torch.Tensor, vision: dict,
+                            attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The rope of every slot of a generation [slots, b, 1, d]. Text: each row's real tokens count from 0. With
+        images or videos, the prompt takes transformers' rope index and every new token the row's largest prompt
+        position + 1, + 1 per step on all three streams (transformers' rope deltas)."""
+        if not vision:
+            return self.rotary_pos_emb(context.positions())
+        prompt = mrope_position_ids(input_ids, self.config.vision, vision.get("image_grid_thw"),
+                                    vision.get("video_grid_thw"), attention_mask)  # [3, b, s]
+        steps = torch.arange(context.max_sequence_length - input_ids.shape[1], device=prompt.device)
+        after = prompt.amax(dim=(0, 2)).unsqueeze(1) + 1 + steps  # [b, new slots]
+        return self.rotary_pos_emb(torch.cat([prompt, after.expand(3, -1, -1)], dim=2))
+
     @torch.no_grad()
     def prefill_or_decode(self, input_ids: torch.Tensor, context: Qwen35InferenceContext,
-                          rotary_pos_emb: torch.Tensor) -> torch.Tensor:
+                          rotary_pos_emb: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits [b, vocab] (fp32) after `input_ids` [b, s]: the prompts (the context's
         `sequence_len_offset` is 0) or the newest token of each row; advances the context past them.
-        rotary_pos_emb: `rotary_pos_emb(context.positions())`, the rope of every slot."""
+        rotary_pos_emb: the rope of every slot (`slot_rotary_pos_emb`); hidden: the prompts' decoder input when
+        they hold images (`Qwen35VLModel.embed`)."""
         num_tokens = input_ids.shape[1]
         logits = self._logits(input_ids, rotary_pos_emb, attention_mask=context.attention_mask(num_tokens),
-                              inference_context=context, last_token_only=True)
+                              inference_context=context, last_token_only=True, hidden=hidden)
         context.increment_sequence_len_offset(num_tokens)
         context.enable_decode_mode()  # every row's prompt is in the caches now
         return logits[:, -1]
@@ -151,7 +165,7 @@ class GenerationStep(NamedTuple):
 def generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, *, min_new_tokens: int = 0,
              attention_mask: torch.Tensor | None = None, return_logprobs: bool = False,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, **vision):
     """The prompts `input_ids` [b, s] and their continuations: [b, s + n], n <= max_new_tokens (fewer when every row
     has ended); with return_logprobs, also each new token's log-probability [b, n] (see `GenerationStep`).
 
@@ -160,10 +174,14 @@ def generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int
     smallest set of probability >= top_p, with `generator` (the same on every tensor-parallel rank: rank 0's draw is
     used). A row ends at any of eos_token_id, not before min_new_tokens (transformers' rule: the end tokens are
     not drawn until then), and is then filled with the first of them.
+
+    `vision`: transformers' image / video inputs of the prompts (pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw; a vision-language model's), every image of the batch in order.
     """
     new_tokens, logprobs = [], []
     for step in stream_generate(model, input_ids, max_new_tokens, temperature, top_p, eos_token_id,
-                                min_new_tokens=min_new_tokens, attention_mask=attention_mask, generator=generator):
+                                min_new_tokens=min_new_tokens, attention_mask=attention_mask, generator=generator,
+                                **vision):
         new_tokens.append(step.tokens)
         logprobs.append(step.logprobs)
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
@@ -173,10 +191,11 @@ def generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int
 def stream_generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, *, min_new_tokens: int = 0,
                     attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[GenerationStep]:
+                    generator: torch.Generator | None = None, **vision) -> Iterator[GenerationStep]:
     """`generate`, one `GenerationStep` at a time as the tokens come (arguments as there); bad arguments raise here,
     before the first step is asked for."""
     padding = _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_p, attention_mask)
+    vision = _check_vision_inputs(model, vision)
     if bool(padding.any()) and not _attention_masks_padding(model):
         raise ValueError("a left-padded batch needs the local backend's attention, which takes the padding mask "
                          "(Transformer Engine's causal attention ignores one): load_model(dir, backend='local'), or "
@@ -186,18 +205,21 @@ def stream_generate(model: Qwen35CausalLM, input_ids: torch.Tensor, max_new_toke
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     context = Qwen35InferenceContext(padding, max_sequence_length=input_ids.shape[1] + max_new_tokens)
     return _generation_steps(model, input_ids, context, max_new_tokens, temperature, top_p, end_ids, min_new_tokens,
-                             generator)
+                             generator, vision, attention_mask)
 
 
 @torch.no_grad()
 def _generation_steps(model, input_ids, context, max_new_tokens, temperature, top_p, end_ids, min_new_tokens,
-                      generator) -> Iterator[GenerationStep]:
-    """The prompts once, then one token per row per step, until max_new_tokens or every row has ended."""
-    rotary_pos_emb = model.rotary_pos_emb(context.positions())  # [slots, b, 1, d]
+                      generator, vision, attention_mask) -> Iterator[GenerationStep]:
+    """The prompts once (with their images), then one token per row per step, until max_new_tokens or every row
+    has ended."""
+    rotary_pos_emb = model.slot_rotary_pos_emb(context, input_ids, vision, attention_mask)  # [slots, b, 1, d]
+    hidden = model.model.embed(input_ids, **vision) if vision else None
     ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     step_input = input_ids
     for step in range(max_new_tokens):
-        logits = model.prefill_or_decode(step_input, context, rotary_pos_emb)  # [b, vocab] fp32
+        logits = model.prefill_or_decode(step_input, context, rotary_pos_emb, hidden)  # [b, vocab] fp32
+        hidden = None  # the images are in the caches now
         allowed = logits if end_ids is None or step >= min_new_tokens else logits.index_fill(-1, end_ids, -torch.inf)
         tokens = _same_on_every_tensor_parallel_rank(sample_next_tokens(allowed, temperature, top_p, generator))
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -277,6 +299,17 @@ def _check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_
         raise ValueError(f"attention_mask rows {rows} are not left-padded (zeros, then ones up to the last column); "
                          "generate pads on the left, as megatron_qwen35.inference.left_padded does")
     return ~real
+
+
+def _check_vision_inputs(model: Qwen35CausalLM, vision: dict) -> dict:
+    """The image / video keyword arguments that are given, named if unknown or if the model has no tower."""
+    unknown = sorted(set(vision) - {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"})
+    if unknown:
+        raise TypeError(f"generate got unexpected keyword arguments {unknown}")
+    vision = {k: v for k, v in vision.items() if v is not None}
+    if vision and model.config.vision is None:
+        raise ValueError(f"model '{model.config.name}' has no vision tower: it takes no pixel values")
+    return vision
 
 
 def _attention_masks_padding(model: Qwen35CausalLM) -> bool:

@@ -102,3 +102,24 @@ def test_pad_tokens_that_do_not_match_the_features_are_named():
     batch["input_ids"][1, 4] = 7  # one image pad token fewer in row 1
     with pytest.raises(ValueError, match="needs 12 tokens"):
         Qwen35CausalLM(ours, cfg)(**batch)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vl", "tiny-vl-moe"])
+def test_generation_with_images_equals_transformers(preset):
+    """A left-padded batch of two prompts, each with an image of its own size: greedy `generate` gives
+    transformers' `generate` tokens (its rope deltas: new tokens continue after each row's largest position)."""
+    from megatron_qwen35.inference import generate, left_padded
+
+    cfg, hf, ours = _pair(preset)
+    v, g = cfg.vision, torch.Generator().manual_seed(3)
+    text = lambda n: torch.randint(0, v.image_token_id - 8, (n,), generator=g).tolist()  # noqa: E731
+    span = lambda n: [v.vision_start_token_id, *[v.image_token_id] * n, v.vision_end_token_id]  # noqa: E731
+    ids, mask = left_padded([text(3) + span(6) + text(2), text(5) + span(12) + text(4)])
+    grids = torch.tensor([[1, 4, 6], [1, 6, 8]])
+    pixels = torch.randn(int(grids.prod(-1).sum()), v.patch_dim, generator=g)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids,
+                           mm_token_type_ids=token_types(ids, v), max_new_tokens=8, do_sample=False)
+    got = generate(Qwen35CausalLM(ours, cfg), ids, 8, attention_mask=mask, pixel_values=pixels,
+                   image_grid_thw=grids)
+    assert torch.equal(got, want)

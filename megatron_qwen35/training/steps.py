@@ -42,7 +42,7 @@ def _check_token_ids(batch: dict, vocab_size: int) -> None:
             from megatron.training import get_args
 
             args = get_args()
-            source = (f"--vl-data-path {args.vl_data_path}" if args.vl_data_path else
+            source = (f"--vl-data-path {args.vl_data_path}" if getattr(args, "vl_data_path", None) else
                       f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data")
             model = args.qwen35_preset or args.hf_config
             raise ValueError(f"the batch's {key} hold id {largest}, outside the {vocab_size}-token vocabulary of the "
@@ -57,7 +57,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     from megatron.training import get_args
 
     args = get_args()
-    if args.vl_data_path:
+    if getattr(args, "vl_data_path", None):  # a script of the user's may parse without our flags
         return _vl_batch(data_iterator, vp_stage)
     first, last, mtp_here = _stage_roles(vp_stage)
     if not (first or last or mtp_here):
@@ -134,9 +134,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     vision = {k: batch[k] for k in (*VISION_INPUTS, "full_input_ids") if batch.get(k) is not None}  # first stage
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    loss_mask=batch["loss_mask"], **vision)
-    from megatron.training import get_args
-
-    return output, partial(loss_func, batch["loss_mask"], per_token=get_args().calculate_per_token_loss)
+    per_token = get_attr_wrapped_model(model, "config").calculate_per_token_loss  # what the schedule reads
+    return output, partial(loss_func, batch["loss_mask"], per_token=per_token)
 
 
 def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
@@ -171,7 +170,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
     from megatron.training import get_args
 
     args = get_args()
-    if args.vl_data_path:
+    if getattr(args, "vl_data_path", None):  # a script of the user's may parse without our flags
         return _vl_datasets(args, train_val_test_num_samples)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, is_dataset_built_on_rank,
