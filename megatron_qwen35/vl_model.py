@@ -16,6 +16,12 @@ A subclass, not a wrapper: the text model keeps GPTModel's own names (`embedding
   placed features are cut to this rank's tokens by the same load-balanced split as the batch, and each rank's tower
   replica gets the gradient of its own rows; megatron's gradient reduction over data x context parallel ranks sums
   them, as it does for every other weight.
+- A training micro-batch without images or videos still runs the tower, on one blank 2x2-merge patch group whose
+  output enters the embeddings times 0: megatron's distributed data parallelism gathers parameters in forward
+  pre-hooks (--overlap-param-gather) and reduces gradients when each bucket's parameters have reported on the last
+  micro-batch (--overlap-grad-reduce), so a tower that sits out a step stalls its buckets (measured: the recipe's
+  text-only step 3 on a VL model asserts in megatron's param gather once the tower has a bucket of its own, as a
+  real-size ViT always has). The values are unchanged; the tower's gradient is zero on such micro-batches.
 - MTP reads the token embeddings of its shifted input (megatron's MTP; it may sit on the last pipeline stage, where
   no vision features exist): at vision positions that is the pad token's embedding.
 """
@@ -73,9 +79,11 @@ class Qwen35VLModel(GPTModel):
         inputs = [(self.vision.image_token_id, "image", pixel_values, image_grid_thw),
                   (self.vision.video_token_id, "video", pixel_values_videos, video_grid_thw)]
         inputs = [i for i in inputs if i[2] is not None]
-        if not inputs:
+        if not inputs and not (self.training and torch.is_grad_enabled()):
             return None
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)
+        if not inputs:
+            return embeddings + self._tower_taking_part(embeddings)
         cp = self.pg_collection.cp
         if cp.size() > 1 and full_input_ids is None:
             raise ValueError("under context parallelism the vision pads are found in the tokens before the split: "
@@ -106,3 +114,10 @@ class Qwen35VLModel(GPTModel):
             placed = tensor_parallel.scatter_to_sequence_parallel_region(placed, group=tp)
             is_vision = is_vision.chunk(tp.size(), dim=0)[tp.rank()]
         return torch.where(is_vision.unsqueeze(-1), placed, embeddings)
+
+    def _tower_taking_part(self, like: torch.Tensor) -> torch.Tensor:
+        """0, computed through every module of the tower from one blank group of merge x merge patches (see the
+        module's docstring: megatron's overlapped parameter gather and gradient reduce need every module each step)."""
+        merge = self.vision.spatial_merge_size
+        blank = torch.zeros(merge * merge, self.vision.patch_dim, device=like.device, dtype=like.dtype)
+        return 0.0 * self.vision_model(blank, torch.tensor([[1, merge, merge]])).sum()
