@@ -13,7 +13,8 @@ from megatron_qwen35.training.flags import add_qwen35_args, check_args_match, qw
 from megatron_qwen35.training.launch import qwen35_argv
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.sh") if p.stem not in ("common", "tiny"))
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.sh")  # the public sizes' (not the launcher, the demos)
+                 if p.stem != "common" and not p.stem.startswith("tiny"))
 
 
 def recipe_args(name: str, **env) -> list[str]:
@@ -121,3 +122,12 @@ def test_readme_long_context_layout_fits_and_a_wider_cp_is_named(monkeypatch, me
     with pytest.raises(ValueError, match="linear_num_key_heads=16 split over tensor_parallel=4 leaves 4 per rank, "
                                          "not divisible by context_parallel=8"):
         check_parallel_layout(cfg, tensor_parallel=4, context_parallel=8, seq_length=32768)
+
+
+def test_vl_data_path_trains_on_images_at_any_size(monkeypatch):
+    """VL_DATA_PATH gives a recipe megatron's --vl-data-path (instead of --data-path), and every size, a VL model,
+    runs without TE's fused rope, which reads one position row for the whole batch."""
+    argv = recipe_args("9b", MOCK_DATA="0", VL_DATA_PATH="/data/vl-9b")
+    assert "--data-path" not in argv and argv[argv.index("--vl-data-path") + 1] == "/data/vl-9b"
+    args = parse_megatron_args(argv, monkeypatch)
+    assert args.vl_data_path == "/data/vl-9b" and not args.apply_rope_fusion
