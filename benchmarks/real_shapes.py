@@ -78,10 +78,11 @@ class Case:
     description: str = ""
 
     def config(self):
+        """The text model of the preset (the checkpoints here are Qwen3_5(Moe)ForCausalLM; the vision tower's
+        conversion and parity are tests/test_vl_model.py's and tests/test_released_layouts.py's)."""
         from megatron_qwen35.config import qwen35_preset
 
-        cfg = qwen35_preset(self.preset)
-        return cfg.replace(**self.changes) if self.changes else cfg
+        return qwen35_preset(self.preset).replace(vision=None, **self.changes)
 
 
 CASES = {
