@@ -39,7 +39,8 @@ def _synthetic_hf(path: Path, layers: int) -> tuple[int, int]:
     from megatron_qwen35.convert.safetensors_files import PlannedTensor, SafetensorsShardWriter, ShardPlan
     from megatron_qwen35.convert.table import HFLayout, hf_shapes
 
-    cfg = qwen35_preset("4b").replace(num_layers=layers)
+    # text-only (the figures in docs were measured so; with the preset's tower the names would need its VL layout)
+    cfg = qwen35_preset("4b").replace(num_layers=layers, vision=None)
     rules = HFLayout().rules(cfg)
     shapes = hf_shapes(rules, MegatronLayout(cfg).shape, cfg)
     plan = [PlannedTensor(n, torch.bfloat16, shapes[n]) for r in rules for n in r.hf]

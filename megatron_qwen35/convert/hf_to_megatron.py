@@ -6,7 +6,8 @@ Top-down:
    (`table.HFLayout`), whether it has MTP tensors, and whether a stored head is a tied copy.
 2. `_check_source` holds every name and shape against the table and the model's own key schema (`MegatronLayout`).
 3. Every rule runs in the pipeline's lanes: its tensors are read (memory-mapped), checked for NaN / Inf, transformed,
-   stored in the dtype the model keeps them in, and appended to the lane's data file. The vision tower of a VL
+   stored in the dtype the model keeps them in, and appended to the lane's data file; bytes that no transform or
+   cast changed are copied there from the source file by the kernel (`torch_dist.FileBytes`). The vision tower of a VL
    checkpoint is converted like the text model (its rules are in the same table).
 4. The writer checks that every tensor of the model was written exactly once; only then does the directory appear,
    with the conversion record (`record.ConversionRecord`) that lets the export write the source back exactly.
@@ -127,6 +128,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
 
     def convert(rule: NamedRule, lane: int, writer: TorchDistWriter, bar: Progress) -> list[str]:
         inputs = [reader[n] for n in rule.hf]
+        source = [reader.file_bytes(n, t) for n, t in zip(rule.hf, inputs, strict=True)]  # what was not transformed
         notes = [note for n, t in zip(rule.hf, inputs, strict=True)
                  if (note := non_finite_note(n, t, reader.directory))]
         data = target or functools.reduce(torch.promote_types, [t.dtype for t in inputs])
@@ -139,7 +141,7 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
                                  "in the last bit")
         for name, tensor in zip(rule.megatron, outputs, strict=True):
             stored = torch.promote_types(keys.stored_dtype(name, data), work if rule.transform.arithmetic else data)
-            keys.write(writer, name, tensor.to(stored), file=lane)
+            keys.write(writer, name, tensor.to(stored), file=lane, source=source)
         bar.update(sum(reader.entries[n].nbytes for n in rule.hf))
         return notes
 

@@ -13,13 +13,14 @@ output-norm weight, `layers/gated_delta_net.FP32_PARAMETERS`) show up as fp32 he
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_qwen35.convert.torch_dist import FileBytes, TorchDistReader, TorchDistWriter
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -94,7 +95,10 @@ class MegatronLayout:
     def _meta(self, name: str) -> torch.Tensor:
         return torch.empty(self.shape(name), device="meta")
 
-    def write(self, writer: TorchDistWriter, name: str, tensor: torch.Tensor, *, file: int = 0) -> None:
+    def write(self, writer: TorchDistWriter, name: str, tensor: torch.Tensor, *, file: int = 0,
+              source: Sequence[FileBytes] = ()) -> None:
+        """Table tensor `name` as the model's chunks (`source`: file bytes that its memory may hold, copied from
+        the file instead, see `TorchDistWriter.write_chunk`)."""
         if tuple(tensor.shape) != self.shape(name):
             raise ValueError(f"'{name}' has shape {list(tensor.shape)}; the model needs {list(self.shape(name))}")
         for sh in self._flat_sharded_tensors(name, tensor):
@@ -102,7 +106,8 @@ class MegatronLayout:
                 # The TP=1 model built for conversion never flattens (only the distributed optimizer does).
                 raise ValueError(f"cannot write '{sh.key}': the model's sharded state holds it flattened")
             chunk = sh.data.reshape((1,) * sh.prepend_axis_num + tuple(sh.data.shape))  # expert axis etc.
-            writer.write_chunk(sh.key, chunk, global_shape=sh.global_shape, offsets=sh.global_offset, file=file)
+            writer.write_chunk(sh.key, chunk, global_shape=sh.global_shape, offsets=sh.global_offset, file=file,
+                               source=source)
 
     def write_objects(self, writer: TorchDistWriter, iteration: int) -> None:
         """ShardedObjects (modules' _extra_state) and megatron's common state, as save_checkpoint stores them."""

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from megatron_qwen35.checkpoint import CheckpointFileError
 from megatron_qwen35.convert.output_dir import start_writeback
+from megatron_qwen35.convert.torch_dist import FileBytes
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
@@ -48,10 +49,21 @@ class TensorEntry:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # of its data in the file
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Where each tensor's data starts in `path`: 8 + the header's length + its data_offsets[0] (safetensors'
+    format). Read by hand because safe_open does not tell, and the import copies tensors file to file by offset;
+    called after safe_open has validated the header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _cut_off_tensor(path: Path) -> str:
@@ -72,10 +84,11 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
     """Every tensor's entry, from safetensors' own validation of the header against the file."""
     try:
         with safe_open(path, framework="pt") as f:
+            offsets = _data_offsets(path)
             out = {}
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 s = f.get_slice(name)
-                out[name] = TensorEntry(path, SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()))
+                out[name] = TensorEntry(path, SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()), offsets[name])
             return out
     except SafetensorError as e:
         message = str(e)
@@ -138,6 +151,13 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
                 return f.get_tensor(name)
         except SafetensorError as e:  # the file changed since it was checked
             raise CheckpointFileError(f"{file}: cannot read tensor '{name}' ({e})") from None
+
+    def file_bytes(self, name: str, tensor: torch.Tensor) -> FileBytes:
+        """`tensor`, as read here for `name`, described as the file bytes it holds (see `FileBytes`)."""
+        entry = self.entries[name]
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape or not tensor.is_contiguous():
+            raise ValueError(f"tensor '{name}' {tensor.dtype} {list(tensor.shape)} is not the one {entry.file} holds")
+        return FileBytes(entry.file, entry.offset, tensor.data_ptr(), entry.nbytes)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
