@@ -1,6 +1,6 @@
 """Checkpoint conversion speed and memory against a plain file copy of the same bytes, on a 4b-shaped checkpoint.
 
-    python benchmarks/convert.py [--layers 8] [--repeat 3] [--workdir /tmp] [--keep]
+    python benchmarks/convert.py [--layers 8] [--repeat 5] [--workdir /tmp] [--keep]
 
 Builds a synthetic Hugging Face checkpoint with the real names and shapes of `qwen35_preset("4b")` (random bf16,
 its MTP layer included; `--layers 32` is the full ~9 GB model, the default depth runs in a few minutes), then for
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="decoder depth (the 4b preset has 32)")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="copy / conversion pairs per direction; the median ratio is reported (noisy machines)")
     args = parser.parse_args()
 

@@ -487,15 +487,18 @@ def test_a_full_disk_during_export_is_one_error_line_and_leaves_nothing(source, 
     from megatron_qwen35.convert import safetensors_files
 
     qwen35_hf_to_megatron(source, tmp_path / "mg", progress=False)
-    real_pwrite, calls = os.pwrite, []
+    calls = []
 
-    def pwrite_until_full(fd, data, offset):
-        calls.append(1)
-        if len(calls) > 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
+    def until_full(write):  # the shards are written by pwrite (headers, computed tensors) and copy_file_range
+        def write_until_full(*args):
+            calls.append(1)
+            if len(calls) > 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args)
+        return write_until_full
 
-    monkeypatch.setattr(safetensors_files.os, "pwrite", pwrite_until_full)
+    monkeypatch.setattr(safetensors_files.os, "pwrite", until_full(os.pwrite))
+    monkeypatch.setattr(safetensors_files.os, "copy_file_range", until_full(os.copy_file_range))
     to_hf = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
     with _untouched(tmp_path / "mg"):
         assert to_hf(["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2

@@ -1,7 +1,7 @@
 """The conversion's shared machinery: lanes under a memory budget, the NaN / Inf screen, and the safetensors files
 (byte-identical to safetensors' own, written in any order, checked complete)."""
 
-import dataclasses
+import os
 import threading
 import time
 
@@ -141,29 +141,20 @@ def test_torch_dist_records_are_read_straight_into_the_callers_tensor(tmp_path, 
     reader.close()
 
 
-def test_chunks_inside_source_file_bytes_are_copied_from_the_file_into_the_same_records(tmp_path):
-    """A chunk whose memory lies inside a `FileBytes` (a tensor read from a safetensors file) is copied from that
-    file by the kernel: the data files are byte-identical to torch.save's from memory, for the whole tensor and for
-    an expert's slice of it. Guard: when the file holds other bytes than the memory, the record holds the file's
-    (so the copy path really ran); a chunk outside the memory (a transformed tensor) is written from memory."""
-    save_file({"w": torch.randn(4, 3, 8), "other": torch.randn(5)}, str(tmp_path / "src.safetensors"))
-    source = SafetensorsCheckpoint(tmp_path)
-    w = source["w"]
-    where = [source.file_bytes("w", w)]
+def test_writeback_is_started_through_libc_where_linux_has_it(tmp_path):
+    """start_writeback calls sync_file_range (not in Python's os module) through ctypes: found on Linux, and it
+    accepts a written range of a regular file."""
+    import sys
 
-    def data_file(name, mapped, chunks):
-        writer = TorchDistWriter(tmp_path / name)
-        for key, chunk, offsets in chunks:
-            writer.write_chunk(key, chunk, global_shape=(4, 3, 8), offsets=offsets, source=mapped)
-        writer.finish()
-        return (tmp_path / name / "__0_0.distcp").read_bytes()
+    from megatron_qwen35.convert import output_dir
 
-    chunks = [("whole", w, (0, 0, 0)), ("expert", w[2:3], (2, 0, 0)), ("scaled", w * 2, (0, 0, 0))]
-    assert data_file("copied", where, chunks) == data_file("saved", [], chunks)
-    lying = [dataclasses.replace(where[0], offset=where[0].offset + 3 * 8 * 4)]  # the file one expert further on
-    data_file("lying", lying, chunks)
-    reader = TorchDistReader(tmp_path / "lying")
-    assert torch.equal(reader.read("whole", (0, 0, 0), (3, 3, 8)), w[1:])  # the file's bytes, shifted by one expert
-    assert torch.equal(reader.read("expert", (2, 0, 0), (1, 3, 8)), w[3:4])
-    assert torch.equal(reader.read("scaled"), w * 2)
-    reader.close()
+    if not sys.platform.startswith("linux"):
+        assert output_dir._SYNC_FILE_RANGE is None
+        return
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"x" * 65536, 0)
+        assert output_dir._SYNC_FILE_RANGE(fd, 0, 65536, output_dir.SYNC_FILE_RANGE_WRITE) == 0
+        output_dir.start_writeback(fd, 0, 65536)
+    finally:
+        os.close(fd)

@@ -6,9 +6,10 @@ Top-down:
    (`table.HFLayout`), whether it has MTP tensors, and whether a stored head is a tied copy.
 2. `_check_source` holds every name and shape against the table and the model's own key schema (`MegatronLayout`).
 3. Every rule runs in the pipeline's lanes: its tensors are read (memory-mapped), checked for NaN / Inf, transformed,
-   stored in the dtype the model keeps them in, and appended to the lane's data file; bytes that no transform or
-   cast changed are copied there from the source file by the kernel (`torch_dist.FileBytes`). The vision tower of a VL
-   checkpoint is converted like the text model (its rules are in the same table).
+   stored in the dtype the model keeps them in, and appended to the lane's data file. A rule that only moves bytes
+   (no arithmetic, no cast: most of a release) is not run on the data: where each output row comes from is found
+   (`Transform.moved_vectors`) and the records' data are copied from the source files by the kernel (`file_bytes`).
+   The vision tower of a VL checkpoint is converted like the text model (its rules are in the same table).
 4. The writer checks that every tensor of the model was written exactly once; only then does the directory appear,
    with the conversion record (`record.ConversionRecord`) that lets the export write the source back exactly.
 """
@@ -25,6 +26,7 @@ import torch
 
 from megatron_qwen35.checkpoint import RELEASE, TRACKER, iteration_dir, write_config
 from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf
+from megatron_qwen35.convert.file_bytes import laid_out, vector_ranges
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.output_dir import output_directory
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, deal, non_finite_note, run_in_lanes
@@ -127,21 +129,31 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
     cfg, reader = source.cfg, source.reader
 
     def convert(rule: NamedRule, lane: int, writer: TorchDistWriter, bar: Progress) -> list[str]:
-        inputs = [reader[n] for n in rule.hf]
-        source = [reader.file_bytes(n, t) for n, t in zip(rule.hf, inputs, strict=True)]  # what was not transformed
+        inputs = [reader[n] for n in rule.hf]  # memory-mapped
         notes = [note for n, t in zip(rule.hf, inputs, strict=True)
                  if (note := non_finite_note(n, t, reader.directory))]
         data = target or functools.reduce(torch.promote_types, [t.dtype for t in inputs])
-        work = rule.transform.work_dtype(data)
-        outputs = rule.transform.to_megatron([t.to(work) for t in inputs], cfg)
-        if rule.transform.arithmetic:  # prove that the export gets the source back exactly
-            for n, x, y in zip(rule.hf, inputs, rule.transform.to_hf(outputs, cfg), strict=True):
-                if not torch.equal(y.to(x.dtype), x):
-                    notes.append(f"'{n}': the transform does not invert exactly in {work}; the export will differ "
-                                 "in the last bit")
-        for name, tensor in zip(rule.megatron, outputs, strict=True):
-            stored = torch.promote_types(keys.stored_dtype(name, data), work if rule.transform.arithmetic else data)
-            keys.write(writer, name, tensor.to(stored), file=lane, source=source)
+        moved = None
+        if all(t.dtype == data for t in inputs) and all(keys.stored_dtype(n, data) == data for n in rule.megatron):
+            moved = rule.transform.moved_vectors("to_megatron", [t.shape for t in inputs], cfg)
+        if moved is not None:  # the bytes only move: copied from the source files, never through memory
+            files = [[reader.file_range(n)] for n in rule.hf]
+            vector_bytes = inputs[0].shape[-1] * data.itemsize
+            for name, (shape, runs) in zip(rule.megatron, moved, strict=True):
+                placeholder = torch.empty(shape, dtype=data)  # never filled: every chunk is copied from the files
+                source = laid_out(vector_ranges(runs, files, vector_bytes), placeholder)
+                keys.write(writer, name, placeholder, file=lane, source=source, placeholder=True)
+        else:
+            work = rule.transform.work_dtype(data)
+            outputs = rule.transform.to_megatron([t.to(work) for t in inputs], cfg)
+            if rule.transform.arithmetic:  # prove that the export gets the source back exactly
+                for n, x, y in zip(rule.hf, inputs, rule.transform.to_hf(outputs, cfg), strict=True):
+                    if not torch.equal(y.to(x.dtype), x):
+                        notes.append(f"'{n}': the transform does not invert exactly in {work}; the export will "
+                                     "differ in the last bit")
+            for name, tensor in zip(rule.megatron, outputs, strict=True):
+                stored = torch.promote_types(keys.stored_dtype(name, data), work if rule.transform.arithmetic else data)
+                keys.write(writer, name, tensor.to(stored), file=lane)
         bar.update(sum(reader.entries[n].nbytes for n in rule.hf))
         return notes
 

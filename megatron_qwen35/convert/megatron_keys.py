@@ -20,7 +20,8 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.convert.torch_dist import FileBytes, TorchDistReader, TorchDistWriter
+from megatron_qwen35.convert.file_bytes import FileBytes, FileRange
+from megatron_qwen35.convert.torch_dist import TorchDistReader, TorchDistWriter
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -96,9 +97,9 @@ class MegatronLayout:
         return torch.empty(self.shape(name), device="meta")
 
     def write(self, writer: TorchDistWriter, name: str, tensor: torch.Tensor, *, file: int = 0,
-              source: Sequence[FileBytes] = ()) -> None:
-        """Table tensor `name` as the model's chunks (`source`: file bytes that its memory may hold, copied from
-        the file instead, see `TorchDistWriter.write_chunk`)."""
+              source: Sequence[FileBytes] = (), placeholder: bool = False) -> None:
+        """Table tensor `name` as the model's chunks (`source`: the file bytes its memory stands for, copied from
+        the files instead; `placeholder`: its memory was never filled; see `TorchDistWriter.write_chunk`)."""
         if tuple(tensor.shape) != self.shape(name):
             raise ValueError(f"'{name}' has shape {list(tensor.shape)}; the model needs {list(self.shape(name))}")
         for sh in self._flat_sharded_tensors(name, tensor):
@@ -107,7 +108,7 @@ class MegatronLayout:
                 raise ValueError(f"cannot write '{sh.key}': the model's sharded state holds it flattened")
             chunk = sh.data.reshape((1,) * sh.prepend_axis_num + tuple(sh.data.shape))  # expert axis etc.
             writer.write_chunk(sh.key, chunk, global_shape=sh.global_shape, offsets=sh.global_offset, file=file,
-                               source=source)
+                               source=source, placeholder=placeholder)
 
     def write_objects(self, writer: TorchDistWriter, iteration: int) -> None:
         """ShardedObjects (modules' _extra_state) and megatron's common state, as save_checkpoint stores them."""
@@ -137,6 +138,23 @@ class MegatronLayout:
             return out
         loaded = dict_list_map_outplace(lambda sh: self._read_one(reader, sh), built)
         return self.entries[name].merge_fn(loaded)
+
+    def file_ranges(self, reader: TorchDistReader, name: str) -> list[FileRange] | None:
+        """The file ranges that hold table tensor `name`'s bytes in order (to copy them file to file), when its
+        sections tile it in order and each is one stored record of plain bytes (what this converter and
+        save_checkpoint write); else None."""
+        sections = self._flat_sharded_tensors(name, self._meta(name))
+        placeholder = torch.empty(self.shape(name), dtype=reader.dtype(sections[0].key))  # addresses only, unfilled
+        views = self._flat_sharded_tensors(name, placeholder)
+        if not _tile_in_order(views, placeholder):
+            return None
+        ranges = []
+        for sh in views:
+            found = reader.file_range(sh.key, sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+            if found is None:
+                return None
+            ranges.append(found)
+        return ranges
 
     def checkpoint_dtype(self, reader: TorchDistReader, name: str) -> torch.dtype:
         """The dtype a torch_dist checkpoint holds table tensor `name` in (that of its first section)."""

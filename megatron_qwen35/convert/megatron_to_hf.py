@@ -9,7 +9,10 @@ Top-down:
 2. `_check_checkpoint` holds the checkpoint's keys and shapes against the model's own key schema (`MegatronLayout`).
 3. The plan (every output tensor's name, dtype, shape and file) is fixed before a byte is written. Every rule runs in
    the pipeline's lanes: its tensors are read region by region, checked for NaN / Inf, transformed, cast and written
-   at their planned offsets. The vision tower comes back through its rules in the same table.
+   at their planned offsets. A rule that only moves bytes (no arithmetic, no cast) is not run on the data: its
+   outputs are copied from the checkpoint's records by the kernel (`Transform.moved_vectors`, `file_bytes`), and the
+   NaN / Inf screen reads the records memory-mapped. The vision tower comes back through its rules in the same
+   table.
 4. The writer checks that every planned tensor was written exactly once before the directory appears.
 """
 
@@ -18,8 +21,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_config_to_hf
+from megatron_qwen35.convert.file_bytes import FileRange, mapped, vector_ranges
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.output_dir import output_directory
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, non_finite_note, run_in_lanes
@@ -87,8 +93,43 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         else:
             shards = ShardPlan.recorded(plan, record.shards)
         dtypes = {p.name: p.dtype for p in plan}
+        shapes = {p.name: p.shape for p in plan}
+        sizes = {p.name: p.nbytes for p in plan}
+
+        def written(name: str) -> list[str]:  # a stored tied head is a copy of the embedding (the first rule)
+            return [name, *([LM_HEAD] if name == plan[0].name and record.layout.stored_tied_head else [])]
+
+        def file_moves(rule: NamedRule) -> tuple[list[list[FileRange]], list[list[FileRange]]] | None:
+            """(each Megatron input's file ranges, each output's) when the rule only moves bytes and casts none."""
+            stored = {keys.checkpoint_dtype(reader, n) for n in rule.megatron}
+            if len(stored) != 1 or any(dtypes[n] not in stored for name in rule.hf for n in written(name)):
+                return None
+            files = [keys.file_ranges(reader, n) for n in rule.megatron]
+            moved = rule.transform.moved_vectors("to_hf", [keys.shape(n) for n in rule.megatron], cfg)
+            if moved is None or any(f is None for f in files):
+                return None
+            vector_bytes = keys.shape(rule.megatron[0])[-1] * stored.pop().itemsize
+            return files, [vector_ranges(runs, files, vector_bytes) for _, runs in moved]
+
+        def write(name: str, tensor: torch.Tensor | None, ranges: list[FileRange] | None,
+                  writer: SafetensorsShardWriter, bar: Progress) -> None:
+            for n in written(name):
+                if ranges is not None:
+                    writer.copy(n, dtypes[n], shapes[n], ranges)
+                else:
+                    writer.write(n, tensor.to(dtypes[n]))
+                bar.update(sizes[n])
 
         def convert(rule: NamedRule, writer: SafetensorsShardWriter, bar: Progress) -> list[str]:
+            found = file_moves(rule)
+            if found is not None:  # the bytes only move: copied from the checkpoint's files, never through memory
+                files, outputs = found
+                dtype = keys.checkpoint_dtype(reader, rule.megatron[0])
+                notes = [note for n, f in zip(rule.megatron, files, strict=True)
+                         if (note := non_finite_note(n, [mapped(r, dtype) for r in f], reader.directory))]
+                for name, ranges in zip(rule.hf, outputs, strict=True):
+                    write(name, None, ranges, writer, bar)
+                return notes
             inputs = [keys.read(reader, n) for n in rule.megatron]
             notes = [note for n, t in zip(rule.megatron, inputs, strict=True)
                      if (note := non_finite_note(n, t, reader.directory))]
@@ -96,14 +137,9 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
                 work = rule.transform.work_dtype(dtypes[rule.hf[0]])
                 inputs = [t.to(work) for t in inputs]
             for name, tensor in zip(rule.hf, rule.transform.to_hf(inputs, cfg), strict=True):
-                writer.write(name, tensor.to(dtypes[name]))
-                bar.update(dtypes[name].itemsize * tensor.numel())
-                if name == plan[0].name and record.layout.stored_tied_head:
-                    writer.write(LM_HEAD, tensor.to(dtypes[LM_HEAD]))
-                    bar.update(dtypes[LM_HEAD].itemsize * tensor.numel())
+                write(name, tensor, None, writer, bar)
             return notes
 
-        sizes = {p.name: p.nbytes for p in plan}
         costs = [2 * sum(sizes[n] for n in rule.hf) for rule in rules]
         with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:
             bar = Progress(sum(sizes.values()), f"Megatron -> HF {megatron_dir.name}", enabled=progress)

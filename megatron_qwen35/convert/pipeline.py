@@ -101,17 +101,20 @@ def run_in_lanes[Job](jobs: Sequence[Job], costs: Sequence[int], work: Callable[
         raise errors[0]
 
 
-def non_finite_note(name: str, tensor: torch.Tensor, where: object) -> str | None:
-    """A note naming `tensor` if it holds NaN / Inf. Such weights are carried as they are (transformers loads such
-    files too), but a diverged run or a corrupt file should not pass unnoticed."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+def non_finite_note(name: str, tensor: torch.Tensor | Sequence[torch.Tensor], where: object) -> str | None:
+    """A note naming `tensor` (or the parts it is stored in) if it holds NaN / Inf. Such weights are carried as they
+    are (transformers loads such files too), but a diverged run or a corrupt file should not pass unnoticed."""
+    parts = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
+    if not all(t.is_floating_point() for t in parts):
         return None
-    if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) and torch.isfinite(tensor.sum()):
+    if all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) and torch.isfinite(t.sum())
+           for t in parts):
         return None  # NaN and Inf survive a sum; a sum that overflows only costs the exact count below
-    bad = (~torch.isfinite(tensor.float())).sum().item()
+    bad = sum(int((~torch.isfinite(t.float())).sum()) for t in parts)
     if not bad:
         return None
-    return f"{where}: tensor '{name}' holds {bad} NaN / Inf value(s) of {tensor.numel()}; carried as they are"
+    numel = sum(t.numel() for t in parts)
+    return f"{where}: tensor '{name}' holds {bad} NaN / Inf value(s) of {numel}; carried as they are"
 
 
 class Progress:

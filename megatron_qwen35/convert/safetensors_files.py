@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from megatron_qwen35.checkpoint import CheckpointFileError
+from megatron_qwen35.convert.file_bytes import FileRange, copy_ranges
 from megatron_qwen35.convert.output_dir import start_writeback
-from megatron_qwen35.convert.torch_dist import FileBytes
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
@@ -152,12 +152,10 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         except SafetensorError as e:  # the file changed since it was checked
             raise CheckpointFileError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
-    def file_bytes(self, name: str, tensor: torch.Tensor) -> FileBytes:
-        """`tensor`, as read here for `name`, described as the file bytes it holds (see `FileBytes`)."""
+    def file_range(self, name: str) -> FileRange:
+        """Where tensor `name`'s bytes lie (to copy them file to file)."""
         entry = self.entries[name]
-        if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape or not tensor.is_contiguous():
-            raise ValueError(f"tensor '{name}' {tensor.dtype} {list(tensor.shape)} is not the one {entry.file} holds")
-        return FileBytes(entry.file, entry.offset, tensor.data_ptr(), entry.nbytes)
+        return FileRange(entry.file, entry.offset, entry.nbytes)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -272,18 +270,31 @@ class SafetensorsShardWriter:
             os.ftruncate(fd, len(head) + sum(p.nbytes for p in tensors))
             self._where.update({p.name: (fd, offsets[p.name], p) for p in tensors})
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _claim(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, int, PlannedTensor]:
         if name not in self._where:
             raise ValueError(f"tensor '{name}' is not in the export plan")
         fd, offset, p = self._where[name]
-        if tensor.dtype != p.dtype or tuple(tensor.shape) != p.shape:
-            raise ValueError(f"export wrote '{name}' {tensor.dtype} {list(tensor.shape)} where the plan expected "
+        if dtype != p.dtype or shape != p.shape:
+            raise ValueError(f"export wrote '{name}' {dtype} {list(shape)} where the plan expected "
                              f"{p.dtype} {list(p.shape)}")
         with self._lock:
             if name in self._written:
                 raise ValueError(f"export wrote tensor '{name}' twice")
             self._written.add(name)
+        return fd, offset, p
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        fd, offset, p = self._claim(name, tensor.dtype, tuple(tensor.shape))
         _pwrite_all(fd, _tensor_bytes(tensor), offset)
+        start_writeback(fd, offset, p.nbytes)
+
+    def copy(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], ranges: Sequence[FileRange]) -> None:
+        """Tensor `name` (`dtype`, `shape`) from the file bytes that hold it, in order, copied file to file."""
+        if sum(r.nbytes for r in ranges) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"file ranges of {sum(r.nbytes for r in ranges)} bytes for tensor '{name}' {dtype} "
+                             f"{list(shape)}")
+        fd, offset, p = self._claim(name, dtype, tuple(shape))
+        copy_ranges(ranges, fd, offset)
         start_writeback(fd, offset, p.nbytes)
 
     def _close_files(self) -> None:

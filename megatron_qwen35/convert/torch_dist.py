@@ -33,7 +33,6 @@ import threading
 import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_qwen35.checkpoint import CheckpointFileError
+from megatron_qwen35.convert.file_bytes import FileBytes, FileRange, copy_ranges, covering
 from megatron_qwen35.convert.output_dir import start_writeback
 
 DCP_METADATA = ".metadata"
@@ -57,36 +57,15 @@ DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VER
 MEGATRON_FORMAT = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}  # megatron-core 0.19.2
 
 
-@dataclass(frozen=True)
-class FileBytes:
-    """Memory that holds a file's bytes: [address, address + nbytes) equals `path`'s bytes from `offset` (a tensor
-    memory-mapped from a safetensors file). A chunk lying inside it is written by copying file to file
-    (os.copy_file_range, in the kernel) instead of from memory: the chunk's pages are never written from user space,
-    which had measured 73-78% of the import's lane time (memory-mapped pages written to another file)."""
-
-    path: Path
-    offset: int
-    address: int
-    nbytes: int
-
-    def offset_of(self, t: torch.Tensor) -> int | None:
-        """The file offset of contiguous `t`'s bytes, if they lie inside this memory."""
-        start = t.data_ptr() - self.address
-        if t.is_contiguous() and 0 <= start and start + t.numel() * t.element_size() <= self.nbytes:
-            return self.offset + start
-        return None
-
-
 class _CopyingWriter(io.RawIOBase):
     """What torch.save writes into, at `position` of `fd`: every write goes there, except the one of `data`'s
-    bytes (torch.save hands over the storage's memory as it is, CRC32 off), which is copied from `source_fd` at
-    `source_offset`, the same bytes. Where the kernel cannot copy between the files, those bytes are written from
-    memory after all."""
+    bytes (torch.save hands over the storage's memory as it is, CRC32 off), which is copied from `ranges` instead
+    (the same bytes; `data`'s memory is never read, so it may be a placeholder never filled)."""
 
-    def __init__(self, fd: int, position: int, data: torch.Tensor, source_fd: int, source_offset: int):
-        self.fd, self.position, self.source_fd, self.source_offset = fd, position, source_fd, source_offset
+    def __init__(self, fd: int, position: int, data: torch.Tensor, ranges: Sequence[FileRange]):
+        self.fd, self.position, self.ranges = fd, position, ranges
         self._address, self._nbytes = data.data_ptr(), data.numel() * data.element_size()
-        self.copied = 0  # bytes the kernel copied
+        self.copied = 0  # bytes taken from the ranges
 
     def writable(self):
         return True
@@ -96,18 +75,12 @@ class _CopyingWriter(io.RawIOBase):
 
     def write(self, b) -> int:
         view = memoryview(b).cast("B")
-        done = 0
-        if len(view) == self._nbytes and _address(view) == self._address:
-            with contextlib.suppress(OSError):  # EXDEV / EINVAL / ENOSYS: another file system or kernel
-                while done < len(view):
-                    n = os.copy_file_range(self.source_fd, self.fd, len(view) - done, self.source_offset + done,
-                                           self.position + done)
-                    if not n:
-                        break
-                    done += n
-            self.copied += done
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], self.position + done)
+        if len(view) == self._nbytes and _address(view) == self._address and not self.copied:
+            self.copied = copy_ranges(self.ranges, self.fd, self.position)
+        else:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], self.position + done)
         self.position += len(view)
         return len(view)
 
@@ -175,14 +148,19 @@ class TorchDistWriter:
             self._storage[index] = info
 
     def write_chunk(self, key: str, chunk: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[int],
-                    file: int = 0, source: Sequence[FileBytes] = ()) -> None:
-        """`chunk` is the block of global tensor `key` starting at `offsets` (its rank == the global rank); where
-        its memory lies inside one of `source`, its bytes are copied from that file (the same bytes)."""
+                    file: int = 0, source: Sequence[FileBytes] = (), placeholder: bool = False) -> None:
+        """`chunk` is the block of global tensor `key` starting at `offsets` (its rank == the global rank). Where
+        its memory lies in `source`, its bytes are copied from those files (`file_bytes`); a `placeholder` chunk's
+        memory was never filled, so `source` must cover it."""
         if chunk.dim() != len(global_shape) or len(offsets) != len(global_shape):
             raise ValueError(f"chunk of '{key}' has rank {chunk.dim()}, global shape {list(global_shape)}")
         if any(o + s > g for o, s, g in zip(offsets, chunk.shape, global_shape, strict=True)):
             raise ValueError(f"chunk of '{key}' at {list(offsets)} size {list(chunk.shape)} overflows "
                              f"{list(global_shape)}")
+        ranges = covering(source, chunk) if source else None
+        if ranges is None and placeholder:
+            raise ValueError(f"the chunk of '{key}' at {list(offsets)} is a placeholder that its file ranges do not "
+                             "cover")
         with self._lock:
             md = self._tensors.get(key)
             if md is None:
@@ -196,18 +174,15 @@ class TorchDistWriter:
             md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
         data = _own_storage(chunk)
         index = MetadataIndex(key, torch.Size(offsets))
-        found = next(((m.path, at) for m in source if (at := m.offset_of(data)) is not None), None)
-        if found is None:
+        if ranges is None:
             self._append(file, index, lambda f: torch.save(data, f))
             return
 
         def copy(f) -> None:  # the record as torch.save writes it, its data copied file to file
-            source_fd = os.open(found[0], os.O_RDONLY)
-            try:
-                out = _CopyingWriter(f.fileno(), f.tell(), data, source_fd, found[1])
-                torch.save(data, out)
-            finally:
-                os.close(source_fd)
+            out = _CopyingWriter(f.fileno(), f.tell(), data, ranges)
+            torch.save(data, out)
+            if out.copied != data.numel() * data.element_size():  # torch.save changed how it hands over the data
+                raise RuntimeError(f"the record of '{key}' was not written from its file ranges")
             f.seek(out.position)
 
         self._append(file, index, copy)
@@ -350,9 +325,9 @@ class TorchDistReader:
         except Exception as e:  # a cut-off data file or flipped bytes: name what was being read
             raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} ({e})") from None
 
-    def _record_data(self, index: MetadataIndex, what: str) -> tuple[int, int, torch.Tensor] | None:
-        """(fd, absolute offset of the data, the record's tensor on the meta device) when the record is one
-        contiguous tensor owning its storage, stored uncompressed (what DCP and TorchDistWriter write); else None."""
+    def _record_data(self, index: MetadataIndex, what: str) -> tuple[FileRange, torch.Tensor] | None:
+        """(where the record's data lies, its tensor on the meta device) when the record is one contiguous tensor
+        owning its storage, stored uncompressed (what DCP and TorchDistWriter write); else None."""
         info = self.metadata.storage_data[index]
         fd = self._fd(info.relative_path)
         try:
@@ -368,15 +343,16 @@ class TorchDistReader:
             return None
         local = os.pread(fd, 30, info.offset + members[0].header_offset)  # the member's local header
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return fd, info.offset + members[0].header_offset + 30 + name_len + extra_len, meta
+        start = info.offset + members[0].header_offset + 30 + name_len + extra_len
+        return FileRange(self.directory / info.relative_path, start, nbytes), meta
 
     def _read_record_into(self, index: MetadataIndex, out: torch.Tensor, what: str) -> None:
         """Fill `out` (contiguous, the record's dtype and shape) with the record's data."""
         found = self._record_data(index, what)
-        if found is None or found[2].dtype != out.dtype or found[2].shape != out.shape:
+        if found is None or found[1].dtype != out.dtype or found[1].shape != out.shape:
             out.copy_(self._load_record(index, what))
             return
-        fd, offset, _ = found
+        fd, offset = self._fd(self.metadata.storage_data[index].relative_path), found[0].offset
         view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -385,6 +361,22 @@ class TorchDistReader:
                 raise CheckpointFileError(f"{self.directory / info.relative_path}: cannot read {what} (the file "
                                           f"ends {len(view) - done} bytes early)")
             done += n
+
+    def file_range(self, key: str, offsets: Sequence[int], shape: Sequence[int]) -> FileRange | None:
+        """Where the data of global tensor `key`'s block at `offsets` of size `shape` lies, when that block is one
+        stored record of plain bytes (to copy it file to file); else None."""
+        md = self.tensors.get(key)
+        whole = [c for c in md.chunks if tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(shape)
+                 ] if md is not None else []
+        if not whole:
+            return None
+        found = self._record_data(MetadataIndex(key, whole[0].offsets), f"tensor '{key}'")
+        if found is None or found[1].dtype != md.properties.dtype or tuple(found[1].shape) != tuple(shape):
+            return None
+        info = self.metadata.storage_data[MetadataIndex(key, whole[0].offsets)]
+        if found[0].offset + found[0].nbytes > info.offset + info.length:
+            raise CheckpointFileError(f"{found[0].path}: the record of tensor '{key}' is cut off")
+        return found[0]
 
     def read(self, key: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None,
              *, out: torch.Tensor | None = None) -> torch.Tensor:

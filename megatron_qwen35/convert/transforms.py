@@ -8,7 +8,8 @@ Shape legend: H hidden, ng query groups, nq query heads, d head dim, E experts, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,45 @@ class Transform:
         if self.arithmetic and dtype in (torch.bfloat16, torch.float16):
             return torch.float32
         return dtype
+
+    def moved_vectors(self, direction: str, shapes: Sequence[Sequence[int]], cfg: Qwen35Config
+                      ) -> list[tuple[tuple[int, ...], list[tuple[int, int, int]]]] | None:
+        """Where each output's bytes come from, when this transform ("to_megatron" or "to_hf", on inputs of
+        `shapes`) only moves whole vectors along the last dimension (rows of a matrix, an expert's rows, a 1-D
+        tensor as one vector): for each output its shape and its runs (input, first vector, count), in order.
+        None when it does not (arithmetic, or a move that splits vectors).
+
+        Found by running the transform itself on labels (no second description to keep in step): each input
+        vector becomes the pair (2v, 2v + 1) of its global index v; an output whose shape is the real one's with a
+        last dimension of 2, and whose every pair is still (2v, 2v + 1), moved whole vectors, in that order."""
+        if self.arithmetic or not shapes or any(len(s) == 0 for s in shapes) or len({s[-1] for s in shapes}) != 1:
+            return None
+        fn = self.to_megatron if direction == "to_megatron" else self.to_hf
+        counts = [math.prod(s[:-1]) for s in shapes]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        try:
+            real = fn([torch.empty(tuple(s), device="meta") for s in shapes], cfg)
+            labels = [(2 * torch.arange(b, b + c)).view(*s[:-1], 1) + torch.tensor([0, 1])
+                      for b, c, s in zip(starts, counts, shapes, strict=True)]
+            moved = fn(labels, cfg)
+        except (RuntimeError, ValueError, IndexError):  # a move the labels' shapes do not allow: not whole vectors
+            return None
+        out = []
+        for r, m in zip(real, moved, strict=True):
+            if r.shape[-1:] != tuple(shapes[0][-1:]) or m.shape != r.shape[:-1] + (2,):
+                return None
+            pairs = m.reshape(-1, 2)
+            if not torch.equal(pairs[:, 1], pairs[:, 0] + 1) or bool((pairs[:, 0] % 2).any()):
+                return None
+            index = pairs[:, 0] // 2
+            source = torch.bucketize(index, torch.tensor(starts), right=True) - 1  # the input of each vector
+            breaks = (torch.nonzero((index[1:] != index[:-1] + 1) | (source[1:] != source[:-1])).flatten() + 1)
+            runs = []
+            for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)], strict=True):
+                i = int(source[lo])
+                runs.append((i, int(index[lo]) - starts[i], hi - lo))
+            out.append((tuple(r.shape), runs))
+        return out
 
 
 IDENTITY = Transform("identity", lambda t, cfg: list(t), lambda t, cfg: list(t))
