@@ -85,6 +85,23 @@ def assert_same_hf_checkpoint(want: Path, got: Path):
             assert (want / f).read_bytes() == (got / f).read_bytes(), f
 
 
+def assert_export_copies_equal_memory(megatron_dir: Path, root: Path) -> int:
+    """Export `megatron_dir` as users do (bytes that only move copied file to file) and with every tensor read into
+    memory and written from it (the path casts and arithmetic take): the same files. Returns how many tensors were
+    copied file to file, so that a caller can tell the copies ran."""
+    from unittest import mock
+
+    from megatron_qwen35.convert import safetensors_files
+    from megatron_qwen35.convert.transforms import Transform
+
+    with mock.patch.object(safetensors_files, "copy_ranges", wraps=safetensors_files.copy_ranges) as copies:
+        qwen35_megatron_to_hf(megatron_dir, root / "exported", progress=False)
+    with mock.patch.object(Transform, "moved_vectors", lambda *args: None):
+        qwen35_megatron_to_hf(megatron_dir, root / "exported-through-memory", progress=False)
+    assert_same_hf_checkpoint(root / "exported-through-memory", root / "exported")
+    return copies.call_count
+
+
 CASES = {  # name: (preset, make_hf_checkpoint options)
     "dense_tied": ("tiny", dict()),
     "moe_per_expert": ("tiny-moe", dict()),

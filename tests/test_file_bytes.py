@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from megatron_qwen35.checkpoint import CheckpointFileError
 from megatron_qwen35.config import qwen35_preset
@@ -115,7 +114,7 @@ def test_a_placeholder_written_from_file_ranges_is_the_record_torch_save_writes(
     assert copied == data_file("saved", want)
     reader = TorchDistReader(tmp_path / "copied")
     assert torch.equal(reader.read("w"), want)
-    found = reader.file_range("w", (0, 0), (5, 5))
+    [found] = reader.file_ranges("w", (0, 0), (5, 5))
     assert torch.equal(mapped(found, torch.float32).view(5, 5), want)
     reader.close()
     with pytest.raises(ValueError, match="placeholder that its file ranges do not cover"):
@@ -136,13 +135,26 @@ def test_a_source_file_shorter_than_its_ranges_is_named(tmp_path, monkeypatch):
         os.close(out)
 
 
-def test_a_file_range_is_found_for_each_stored_chunk_and_only_for_it(tmp_path):
+def test_file_ranges_follow_records_split_along_the_leading_dimension(tmp_path):
+    """Blocks saved by several ranks: rows split (tensor parallel columns, experts) give one range per record, in
+    order; a block split along its rows' length (row-parallel), or asked across a record's edge, has none."""
+    w, v = torch.randn(2, 4, 6), torch.randn(4, 6)
     writer = TorchDistWriter(tmp_path)
-    writer.write_chunk("w", torch.randn(4, 2).t(), global_shape=(2, 4), offsets=(0, 0))  # saved as a view
-    writer.write_chunk("v", torch.randn(2, 4), global_shape=(4, 4), offsets=(0, 0))
+    for e in (1, 0):  # out of order: ranges follow the block, not the file
+        for half in (1, 0):
+            writer.write_chunk("w", w[e:e + 1, 2 * half:2 * half + 2], global_shape=(2, 4, 6),
+                               offsets=(e, 2 * half, 0))
+    for half in (0, 1):
+        writer.write_chunk("v", v[:, 3 * half:3 * half + 3], global_shape=(4, 6), offsets=(0, 3 * half))
     writer.finish()
     reader = TorchDistReader(tmp_path)
-    assert reader._record_data(MetadataIndex("w", torch.Size((0, 0))), "w") is not None  # own storage: plain
-    assert reader.file_range("v", (2, 0), (2, 4)) is None  # no such chunk
-    assert reader.file_range("v", (0, 0), (2, 4)) is not None
+    for offsets, shape in (((0, 0, 0), (2, 4, 6)), ((1, 0, 0), (1, 4, 6)), ((1, 2, 0), (1, 2, 6))):
+        ranges = reader.file_ranges("w", offsets, shape)
+        got = torch.cat([mapped(r, torch.float32) for r in ranges])
+        block = w[offsets[0]:offsets[0] + shape[0], offsets[1]:offsets[1] + shape[1]]
+        assert torch.equal(got, block.reshape(-1)), (offsets, shape)
+    assert len(reader.file_ranges("w", (0, 0, 0), (2, 4, 6))) == 4
+    assert reader.file_ranges("v", (0, 0), (4, 6)) is None  # columns split: not runs of the block's bytes
+    assert reader.file_ranges("w", (0, 1, 0), (1, 2, 6)) is None  # across a record's edge
+    assert reader.file_ranges("absent", (0,), (1,)) is None
     reader.close()

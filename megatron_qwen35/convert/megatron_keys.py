@@ -141,8 +141,9 @@ class MegatronLayout:
 
     def file_ranges(self, reader: TorchDistReader, name: str) -> list[FileRange] | None:
         """The file ranges that hold table tensor `name`'s bytes in order (to copy them file to file), when its
-        sections tile it in order and each is one stored record of plain bytes (what this converter and
-        save_checkpoint write); else None."""
+        sections tile it in order and each is stored as plain bytes in records that tile it in order (what this
+        converter writes, and save_checkpoint at any TP / EP layout where the split is along the leading dimension);
+        else None."""
         sections = self._flat_sharded_tensors(name, self._meta(name))
         placeholder = torch.empty(self.shape(name), dtype=reader.dtype(sections[0].key))  # addresses only, unfilled
         views = self._flat_sharded_tensors(name, placeholder)
@@ -150,10 +151,10 @@ class MegatronLayout:
             return None
         ranges = []
         for sh in views:
-            found = reader.file_range(sh.key, sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+            found = reader.file_ranges(sh.key, sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape))
             if found is None:
                 return None
-            ranges.append(found)
+            ranges += found
         return ranges
 
     def checkpoint_dtype(self, reader: TorchDistReader, name: str) -> torch.dtype:

@@ -19,6 +19,7 @@ Top-down:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -34,14 +35,16 @@ from megatron_qwen35.convert.safetensors_files import PlannedTensor, Safetensors
 from megatron_qwen35.convert.table import LM_HEAD, HFLayout, NamedRule, check_names, hf_shapes
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 
-TRAINING_STATE_PREFIXES = ("optimizer.",)  # megatron's optimizer sharded_state_dict keys
+# megatron's optimizer sharded_state_dict keys: "optimizer.*", or "chained_{i}.optimizer.*" where a ChainedOptimizer
+# holds several (MoE expert parameters, the distributed optimizer at TP / EP > 1; megatron-core 0.19.2)
+TRAINING_STATE_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader) -> None:
     """The checkpoint holds exactly the model's keys, each with the model's global shape."""
     want = keys.checkpoint_shapes()
     # A training checkpoint also holds the optimizer's sharded state; only the model's tensors are exported.
-    model_keys = {k for k in reader.tensors if not k.startswith(TRAINING_STATE_PREFIXES)}
+    model_keys = {k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)}
     check_names(model_keys, set(want), side=f"Megatron ({reader.directory})")
     for key, shape in want.items():
         got = tuple(reader.tensors[key].size)

@@ -362,21 +362,42 @@ class TorchDistReader:
                                           f"ends {len(view) - done} bytes early)")
             done += n
 
-    def file_range(self, key: str, offsets: Sequence[int], shape: Sequence[int]) -> FileRange | None:
-        """Where the data of global tensor `key`'s block at `offsets` of size `shape` lies, when that block is one
-        stored record of plain bytes (to copy it file to file); else None."""
+    def file_ranges(self, key: str, offsets: Sequence[int], shape: Sequence[int]) -> list[FileRange] | None:
+        """Where the data of global tensor `key`'s block at `offsets` of size `shape` lies, in order (to copy it
+        file to file), when stored records of plain bytes tile the block as consecutive runs of its bytes: one
+        record, or records split along its leading dimension as tensor / expert parallel ranks save them. Else None
+        (a block split along its rows' length is read through memory)."""
         md = self.tensors.get(key)
-        whole = [c for c in md.chunks if tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(shape)
-                 ] if md is not None else []
-        if not whole:
+        if md is None:
             return None
-        found = self._record_data(MetadataIndex(key, whole[0].offsets), f"tensor '{key}'")
-        if found is None or found[1].dtype != md.properties.dtype or tuple(found[1].shape) != tuple(shape):
-            return None
-        info = self.metadata.storage_data[MetadataIndex(key, whole[0].offsets)]
-        if found[0].offset + found[0].nbytes > info.offset + info.length:
-            raise CheckpointFileError(f"{found[0].path}: the record of tensor '{key}' is cut off")
-        return found[0]
+        offsets, shape = tuple(offsets), tuple(shape)
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        found = []
+        for chunk in md.chunks:
+            lo = [c - o for c, o in zip(chunk.offsets, offsets, strict=True)]
+            size = tuple(chunk.sizes)
+            if any(a + n <= 0 or a >= s for a, n, s in zip(lo, size, shape, strict=True)):
+                continue  # outside the block
+            if any(a < 0 or a + n > s for a, n, s in zip(lo, size, shape, strict=True)):
+                return None  # a record reaching outside the block
+            first = next((d for d, n in enumerate(size) if n != 1), len(size) - 1)
+            if any(size[d] != shape[d] for d in range(first + 1, len(size))):
+                return None  # not one run of the block's bytes
+            found.append((sum(a * st for a, st in zip(lo, strides, strict=True)), chunk))
+        found.sort(key=lambda f: f[0])
+        ranges, at = [], 0
+        for start, chunk in found:
+            if start != at:
+                return None
+            record = self._record_data(MetadataIndex(key, chunk.offsets), f"tensor '{key}'")
+            if record is None or record[1].dtype != md.properties.dtype or record[1].shape != chunk.sizes:
+                return None
+            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            if record[0].offset + record[0].nbytes > info.offset + info.length:
+                raise CheckpointFileError(f"{record[0].path}: the record of tensor '{key}' is cut off")
+            ranges.append(record[0])
+            at += math.prod(chunk.sizes)
+        return ranges if at == math.prod(shape) else None
 
     def read(self, key: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None,
              *, out: torch.Tensor | None = None) -> torch.Tensor:

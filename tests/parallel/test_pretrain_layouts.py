@@ -12,7 +12,7 @@ import pytest
 
 from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 from tests.pretrain_runs import recipe
-from tests.test_convert import make_hf_checkpoint
+from tests.test_convert import assert_export_copies_equal_memory, make_hf_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,8 @@ def single(converted, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_recipe_at_layout_logs_the_single_process_losses(layout, converted, single, tmp_path):
+    """... and the checkpoint the run saves at the end (megatron's own save, each rank's records) exports the same
+    files whether its bytes are copied file to file or go through memory."""
     ranks, settings = LAYOUTS[layout]
     run = recipe(tmp_path, nproc=ranks, LOAD=str(converted), run_name=layout, **settings)
     assert sorted(single.losses) == sorted(run.losses) == [1, 2, 3], (single.losses, run.losses)
@@ -54,3 +56,4 @@ def test_recipe_at_layout_logs_the_single_process_losses(layout, converted, sing
         for what, want, got in (("lm loss", single.losses[step], run.losses[step]),
                                 ("grad norm", single.grad_norms[step], run.grad_norms[step])):
             assert abs(got - want) <= REL_TOL[step] * abs(want), (layout, step, what, got, want)
+    assert assert_export_copies_equal_memory(tmp_path / f"ckpt-{layout}", tmp_path) > 0
