@@ -40,10 +40,10 @@ class FileRange:
 
 @dataclass(frozen=True)
 class FileBytes:
-    """Memory that stands for a file's bytes: [address, address + nbytes) is (or, for a placeholder never filled,
-    would be) `path`'s bytes from `offset`: a tensor memory-mapped from a safetensors file, or a row block of a
-    transform's output whose rows come from one. A chunk lying in such memory is written by copying its file ranges
-    (`covering`)."""
+    """Memory that stands for a file's bytes: [address, address + nbytes) of a placeholder tensor (allocated, never
+    filled) whose bytes would be `path`'s from `offset`, e.g. a row block of a transform's output. The Megatron side
+    cuts a tensor into chunks by views of its memory (its sharded_state_dict); a chunk lying in such memory is
+    written by copying the file ranges it covers (`covering`)."""
 
     path: Path
     offset: int
