@@ -36,7 +36,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.layers.context_parallel import cp_rank_positions
 from megatron_qwen35.layers.rotary import InterleavedMRoPE
-from megatron_qwen35.layers.vision import Qwen35VisionModel
+from megatron_qwen35.layers.vision.model import Qwen35VisionModel
 
 
 class Qwen35VLModel(GPTModel):

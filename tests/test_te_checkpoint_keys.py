@@ -21,6 +21,7 @@ from megatron.core.extensions import transformer_engine, transformer_engine_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, save_checkpoint
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
@@ -28,23 +29,32 @@ from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.specs.layer_specs import qwen35_block_spec, qwen35_mtp_block_spec
+from megatron_qwen35.specs.vision_specs import qwen35_vision_layer_spec, vision_backend_provider
 from tests.test_convert import make_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 TE_MODULES = "megatron.core.extensions.transformer_engine"  # the wrappers and the spec provider's adapters
 
-# What each TE module puts into megatron's sharded state dict (megatron-core 0.19.2
-# core/extensions/transformer_engine.py; names are TE's parameters). Qwen3.5 has no linear biases (checked below).
-TE_SAVES = {
-    # te.pytorch.RMSNorm is a TE op, whose class overrides get_extra_state (TE pytorch/ops/op.py): always saved
-    "TENorm": ("weight", "_extra_state"),
-    "TELayerNormColumnParallelLinear": ("layer_norm_weight", "weight", "_extra_state"),
-    "TEColumnParallelLinear": ("weight", "_extra_state"),
-    "TERowParallelLinear": ("weight", "_extra_state"),
-    "TEDotProductAttention": (),  # its sharded_state_dict keeps only a learnable softmax's offset, no extra state
-    "IdentityOp": (),  # TE builds nothing here: e.g. an input norm, fused into the next linear
-}
+def te_saves(cls: str, config) -> tuple[str, ...]:
+    """What each TE module puts into megatron's sharded state dict (megatron-core 0.19.2
+    core/extensions/transformer_engine.py; names are TE's parameters) under `config`: the text model's has no
+    linear biases and RMSNorm, the vision tower's biases and LayerNorm (TE's LayerNorm has a bias, its LayerNormLinear
+    a layer_norm_bias)."""
+    bias = ("bias",) if config.add_bias_linear else ()
+    norm_bias = config.normalization == "LayerNorm"
+    return {
+        # te.pytorch.RMSNorm / LayerNorm are TE ops, whose class overrides get_extra_state (TE pytorch/ops/op.py)
+        "TENorm": ("weight", *(("bias",) if norm_bias else ()), "_extra_state"),
+        "TELayerNormColumnParallelLinear": ("layer_norm_weight", *(("layer_norm_bias",) if norm_bias else ()),
+                                            "weight", *bias, "_extra_state"),
+        "TEColumnParallelLinear": ("weight", *bias, "_extra_state"),
+        "TERowParallelLinear": ("weight", *bias, "_extra_state"),
+        "TEDotProductAttention": (),  # its sharded_state_dict keeps only a learnable softmax's offset, no extra state
+        "IdentityOp": (),  # TE builds nothing here: e.g. an input norm, fused into the next linear
+    }[cls]
+
+
 RENAMED = {"layer_norm": "final_layernorm"}  # submodule field -> module attribute (TransformerBlock, MTP layer)
 
 
@@ -126,18 +136,34 @@ def _first_tensor(entry) -> ShardedTensor:
     return next(iter(nested_values(entry.build()))) if isinstance(entry, ShardedTensorFactory) else entry
 
 
+def _tower_te_slots(model):
+    """The vision tower's TE slots: its blocks by their spec, the merger's modules by the provider that builds them."""
+    tower = model.vision_model
+    block = TransformerBlockSubmodules(layer_specs=[qwen35_vision_layer_spec(backend="te")] * len(tower.decoder.layers))
+    yield from _te_slots(block, tower.decoder, "vision_model.decoder")
+    te = vision_backend_provider("te")
+    for name, builder in (("patch_norm", te.layer_norm(rms_norm=False, for_qk=False)),
+                          ("linear_fc1", te.column_parallel_linear()), ("linear_fc2", te.row_parallel_linear())):
+        assert _te_name(builder) is not None, name
+        yield f"vision_model.merger.{name}", _te_name(builder)
+
+
 def te_model_keys(model, config, cfg) -> tuple[set[str], dict[str, str]]:
     """The checkpoint keys the TE model of `model`'s architecture asks for on load (= writes), and its TE slots."""
-    assert not config.add_bias_linear and config.softmax_type == "vanilla", "TE_SAVES assumes neither"
+    assert not config.add_bias_linear and config.softmax_type == "vanilla", "the text model's TE saves assume neither"
     assert not config.moe_grouped_gemm, "without TE the TE spec has no grouped-GEMM experts to derive keys from"
     slots = dict(_te_slots(qwen35_block_spec(config, backend="te"), model.decoder, "decoder"))
     if cfg.mtp_num_layers:
         slots.update(_te_slots(qwen35_mtp_block_spec(config, backend="te"), model.mtp, "mtp"))
+    if cfg.vision is not None:
+        slots.update(_tower_te_slots(model))
     entries = model.sharded_state_dict()  # {module path.name: entry}
     keys = {k for name, entry in entries.items() if not any(name.startswith(p + ".") for p in slots)
             for k in _checkpoint_keys(entry)}
     for path, cls in slots.items():
-        saves = TE_SAVES[cls]
+        slot_config = model.vision_model.decoder.config if path.startswith("vision_model.") else config
+        assert slot_config.softmax_type == "vanilla", path
+        saves = te_saves(cls, slot_config)
         if not saves:
             continue
         # The local module in this slot has the same weight, and the same parents give it its key and offsets (and
@@ -162,10 +188,11 @@ def stored_keys(ckpt_dir) -> set[str]:
     return set(TorchDistReader(iteration_dir(ckpt_dir, latest_iteration(ckpt_dir))).metadata.state_dict_metadata)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-vl-moe"])
 def test_cpu_checkpoints_hold_every_key_the_te_model_loads(preset, tmp_path, te_spec_as_on_gpus):
     """save_checkpoint of the local model and the HF converter both write every key (weights and `_extra_state`
-    objects) the TE model requests on load; and every key the local model requests is one the TE model writes."""
+    objects) the TE model requests on load; and every key the local model requests is one the TE model writes.
+    With a vision tower: its blocks' fused LayerNorm linears (with biases) and the merger's TE norm and linears."""
     cfg = qwen35_preset(preset)
     assert cfg.mtp_num_layers, "the MTP layer's norms are part of what this test covers"
     config = qwen35_transformer_config(cfg, params_dtype=torch.float32)
@@ -175,8 +202,12 @@ def test_cpu_checkpoints_hold_every_key_the_te_model_loads(preset, tmp_path, te_
     # The standalone norms TE builds (and whose _extra_state the local norms must stand in for), by slot name.
     norms = {path.rsplit(".", 1)[1] for path, cls in slots.items() if cls == "TENorm"}
     want = {"out_norm", "q_layernorm", "k_layernorm", "final_layernorm", "enorm", "hnorm"}
-    assert norms == want | ({"pre_mlp_layernorm"} if cfg.is_moe else set())
+    assert norms == want | ({"pre_mlp_layernorm"} if cfg.is_moe else set()) | ({"patch_norm"} if cfg.vision else set())
     assert {"TELayerNormColumnParallelLinear", "TEColumnParallelLinear", "TERowParallelLinear"} <= set(slots.values())
+    if cfg.vision is not None:  # every block's qkv and fc1 fuse their LayerNorm; the merger's norm stands alone
+        tower = {path.removeprefix("vision_model."): cls for path, cls in slots.items() if path.startswith("vision")}
+        assert sum(cls == "TELayerNormColumnParallelLinear" for cls in tower.values()) == 2 * cfg.vision.depth
+        assert tower["merger.patch_norm"] == "TENorm" and tower["merger.linear_fc2"] == "TERowParallelLinear"
 
     local_keys = {k for entry in model.sharded_state_dict().values() for k in _checkpoint_keys(entry)}
     unreadable = sorted(local_keys - te_keys)

@@ -22,8 +22,8 @@ from megatron_qwen35.convert.table import (
     vision_rules,
 )
 from megatron_qwen35.hf_reference import randomize_
-from megatron_qwen35.layers.vision import Qwen35VisionModel
 from megatron_qwen35.layers.vision.grid import patch_positions
+from megatron_qwen35.layers.vision.model import Qwen35VisionModel
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

@@ -12,9 +12,6 @@
 - `norms.py`: the local backend's LayerNorms in Transformer Engine's checkpoint layout
 
 The block's ModuleSpec is in `specs/vision_specs.py`; the conversion rules are `convert/table.py`'s `vision_rules`.
+The package imports none of its modules: `specs/vision_specs.py` takes the norms from here and `model.py` the spec
+from there, so an eager import would be circular for whoever imports the spec first.
 """
-
-from megatron_qwen35.layers.vision.model import Qwen35VisionModel
-from megatron_qwen35.layers.vision.transformer_config import vision_transformer_config
-
-__all__ = ["Qwen35VisionModel", "vision_transformer_config"]
