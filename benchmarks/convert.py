@@ -1,12 +1,12 @@
 """Checkpoint conversion speed and memory against a plain file copy of the same bytes, on a 4b-shaped checkpoint.
 
-    python benchmarks/convert.py [--layers 8] [--repeat 5] [--workdir /tmp] [--keep]
+    python benchmarks/convert.py [--layers 8] [--repeat 5] [--cold-source] [--workdir /tmp] [--keep]
 
-Builds a synthetic Hugging Face checkpoint with the real names and shapes of `qwen35_preset("4b")` (random bf16,
-its MTP layer included; `--layers 32` is the full ~9 GB model, the default depth runs in a few minutes), then for
-each direction prints throughput / copy throughput (goal >= 0.8; the median of --repeat alternating copy /
-conversion pairs, both ending in a sync) and the converting process's peak RSS
-(goal <= 2 GB + 2 x the largest tensor, sampled with psutil every 10 ms). Each conversion runs in a fresh
+Builds a synthetic Hugging Face checkpoint with the real names and shapes of `qwen35_preset("4b")` (random bf16, its
+MTP layer included; `--layers 32` is the full ~9 GB model, the default depth runs in a few minutes), then for each
+direction prints throughput / copy throughput (goal >= 0.8; the median of --repeat alternating copy / conversion
+pairs, both ending in a sync; `--cold-source` makes both read the source from the disk) and the converting process's
+peak RSS (goal <= 2 GB + 2 x the largest tensor, sampled with psutil every 10 ms). Each conversion runs in a fresh
 process so its peak RSS is its own.
 """
 
@@ -58,6 +58,19 @@ def _synthetic_hf(path: Path, layers: int) -> tuple[int, int]:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    """Evict `path`'s files from the page cache (after writing back what is dirty), so that the next reader reads
+    the disk, as it does for a checkpoint larger than memory."""
+    os.sync()
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _copy_seconds(src: Path, dst: Path) -> float:
@@ -117,6 +130,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="decoder depth (the 4b preset has 32)")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--cold-source", action="store_true",
+                        help="evict the source from the page cache before each copy and each conversion (default: "
+                             "both read it from the cache, where the previous step left it)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="copy / conversion pairs per direction; the median ratio is reported (noisy machines)")
     args = parser.parse_args()
@@ -135,7 +151,11 @@ def main() -> None:
             for i in range(args.repeat):  # copy and conversion alternate, so slow phases of the machine hit both
                 if i:
                     shutil.rmtree(dst)
+                if args.cold_source:
+                    _drop_from_page_cache(src)
                 copy = _copy_seconds(src, root / "copy")
+                if args.cold_source:
+                    _drop_from_page_cache(src)
                 pairs.append((copy, *_run(direction, src, dst)))
             ratios = [copy / seconds for copy, seconds, _, _ in pairs]  # same bytes: throughput ratio == time ratio
             copy, seconds, setup, rss = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]  # the median pair
