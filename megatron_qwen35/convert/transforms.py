@@ -53,7 +53,7 @@ class Transform:
             labels = [(2 * torch.arange(b, b + c)).view(*s[:-1], 1) + torch.tensor([0, 1])
                       for b, c, s in zip(starts, counts, shapes, strict=True)]
             moved = fn(labels, cfg)
-        except (RuntimeError, ValueError, IndexError):  # a move the labels' shapes do not allow: not whole vectors
+        except (RuntimeError, ValueError, IndexError, TypeError):  # a move the labels do not allow: not whole vectors
             return None
         out = []
         for r, m in zip(real, moved, strict=True):
