@@ -144,8 +144,7 @@ class MegatronLayout:
         sections tile it in order and each is stored as plain bytes in records that tile it in order (what this
         converter writes, and save_checkpoint at any TP / EP layout where the split is along the leading dimension);
         else None."""
-        sections = self._flat_sharded_tensors(name, self._meta(name))
-        placeholder = torch.empty(self.shape(name), dtype=reader.dtype(sections[0].key))  # addresses only, unfilled
+        placeholder = torch.empty(self.shape(name), dtype=self.checkpoint_dtype(reader, name))  # addresses only
         views = self._flat_sharded_tensors(name, placeholder)
         if not _tile_in_order(views, placeholder):
             return None

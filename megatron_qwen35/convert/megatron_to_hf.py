@@ -102,8 +102,9 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         def written(name: str) -> list[str]:  # a stored tied head is a copy of the embedding (the first rule)
             return [name, *([LM_HEAD] if name == plan[0].name and record.layout.stored_tied_head else [])]
 
-        def file_moves(rule: NamedRule) -> tuple[list[list[FileRange]], list[list[FileRange]]] | None:
-            """(each Megatron input's file ranges, each output's) when the rule only moves bytes and casts none."""
+        def file_moves(rule: NamedRule) -> tuple[torch.dtype, list[list[FileRange]], list[list[FileRange]]] | None:
+            """(the dtype, each Megatron input's file ranges, each output's) when the rule only moves bytes and casts
+            none."""
             stored = {keys.checkpoint_dtype(reader, n) for n in rule.megatron}
             if len(stored) != 1 or any(dtypes[n] not in stored for name in rule.hf for n in written(name)):
                 return None
@@ -111,8 +112,9 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
             moved = rule.transform.moved_vectors("to_hf", [keys.shape(n) for n in rule.megatron], cfg)
             if moved is None or any(f is None for f in files):
                 return None
-            vector_bytes = keys.shape(rule.megatron[0])[-1] * stored.pop().itemsize
-            return files, [vector_ranges(runs, files, vector_bytes) for _, runs in moved]
+            dtype = stored.pop()
+            vector_bytes = keys.shape(rule.megatron[0])[-1] * dtype.itemsize
+            return dtype, files, [vector_ranges(runs, files, vector_bytes) for _, runs in moved]
 
         def write(name: str, tensor: torch.Tensor | None, ranges: list[FileRange] | None,
                   writer: SafetensorsShardWriter, bar: Progress) -> None:
@@ -126,8 +128,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         def convert(rule: NamedRule, writer: SafetensorsShardWriter, bar: Progress) -> list[str]:
             found = file_moves(rule)
             if found is not None:  # the bytes only move: copied from the checkpoint's files, never through memory
-                files, outputs = found
-                dtype = keys.checkpoint_dtype(reader, rule.megatron[0])
+                dtype, files, outputs = found
                 notes = [note for n, f in zip(rule.megatron, files, strict=True)
                          if (note := non_finite_note(n, [mapped(r, dtype) for r in f], reader.directory))]
                 for name, ranges in zip(rule.hf, outputs, strict=True):
