@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.file_names import plain_file_name
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "qwen35_config.json"
@@ -129,7 +130,7 @@ def check_checkpoint_files(source: Path | str) -> None:
         raise CheckpointFileError(f"{source}: its .metadata cannot be read ({type(e).__name__}: {e})") from None
     sizes: dict[str, int] = {}
     for index, info in metadata.storage_data.items():
-        path = source / info.relative_path
+        path = source / plain_file_name(info.relative_path, source=source / ".metadata")
         if info.relative_path not in sizes:
             sizes[info.relative_path] = path.stat().st_size if path.is_file() else -1
         size = sizes[info.relative_path]

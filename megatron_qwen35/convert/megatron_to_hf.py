@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_qwen35.checkpoint import iteration_dir, latest_iteration, read_config
+from megatron_qwen35.checkpoint import CONFIG, iteration_dir, latest_iteration, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_config_to_hf
 from megatron_qwen35.convert.file_bytes import FileRange, mapped, vector_ranges
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
-from megatron_qwen35.convert.output_dir import output_directory
+from megatron_qwen35.convert.output_dir import output_directory, write_file
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, non_finite_note, run_in_lanes
 from megatron_qwen35.convert.record import ConversionRecord
 from megatron_qwen35.convert.safetensors_files import PlannedTensor, SafetensorsShardWriter, ShardPlan
@@ -82,7 +82,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
     `out_dir`, which appears only once everything is written."""
     megatron_dir = Path(megatron_dir)
     cfg, metadata = read_config(megatron_dir)
-    record = ConversionRecord.from_metadata(metadata)
+    record = ConversionRecord.from_metadata(metadata, source=megatron_dir / CONFIG)
     reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
     try:
         keys = MegatronLayout(cfg)
@@ -94,7 +94,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         if max_shard_size is not None or record.shards is None:
             shards = ShardPlan.split(plan, *([max_shard_size] if max_shard_size is not None else []))
         else:
-            shards = ShardPlan.recorded(plan, record.shards)
+            shards = ShardPlan.recorded(plan, record.shards, source=megatron_dir / CONFIG)
         dtypes = {p.name: p.dtype for p in plan}
         shapes = {p.name: p.shape for p in plan}
         sizes = {p.name: p.nbytes for p in plan}
@@ -156,7 +156,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
                 writer.abort()
                 raise
             for file, text in _hf_texts(cfg, record).items():
-                (tmp / file).write_text(text)
+                write_file(tmp, file, text.encode(), source=str(megatron_dir / CONFIG))
     finally:
         reader.close()
     return Path(out_dir)

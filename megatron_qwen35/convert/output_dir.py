@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_qwen35.file_names import plain_file_name
+
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
     """Temporary siblings of `out_dir` that a killed run left behind (its pid is in the name and no longer alive on
@@ -72,6 +74,33 @@ def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Se
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def create_file(directory: Path | str, name: str, *, source: str) -> int:
+    """A new file `name` inside `directory`, open for writing (its descriptor). `name` must be a plain name
+    (`file_names.plain_file_name`; `source` says where it was read); the file is opened relative to the directory,
+    never through a symbolic link, and never replaces an existing file: two outputs under one name (a crafted index
+    naming a shard 'config.json') are an error, not an overwrite."""
+    name = plain_file_name(name, source=source)
+    folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                       dir_fd=folder)
+    except FileExistsError:
+        raise ValueError(f"{source} names the file {name!r} for two outputs") from None
+    finally:
+        os.close(folder)
+
+
+def write_file(directory: Path | str, name: str, data: bytes, *, source: str) -> None:
+    """`data` as the new file `name` inside `directory` (`create_file`'s rules)."""
+    fd = create_file(directory, name, source=source)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _sync_file_range():

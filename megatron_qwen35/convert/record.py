@@ -11,11 +11,13 @@ optional on reading.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, HFLayout
+from megatron_qwen35.file_names import plain_file_name
 
 HF_TEXT_FILES = ("config.json", "generation_config.json")  # carried verbatim
 
@@ -64,13 +66,38 @@ class ConversionRecord:
         }
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> ConversionRecord:
+    def from_metadata(cls, metadata: dict[str, Any], *, source: str | Path = "the conversion record"
+                      ) -> ConversionRecord:
+        """The record in a checkpoint's metadata (`source` names the file, for errors). Every file name in it is
+        data: the text files are the ones an import carries (HF_TEXT_FILES) and each shard a plain name, else a
+        ValueError before anything is read or written."""
         if metadata.get("source") != "huggingface":
             return cls.absent()
         experts = metadata.get("expert_layout") or {}
         layout = HFLayout(metadata.get("hf_prefix", TEXT_ONLY_PREFIX), experts.get("decoder", "per_expert"),
                           experts.get("mtp", "per_expert"), bool(metadata.get("tied_lm_head_in_source")))
+        hf_files = dict(metadata.get("hf_files") or {})
+        for name, text in hf_files.items():
+            if name not in HF_TEXT_FILES or not isinstance(text, str):
+                raise ValueError(f"{source} records the file {name!r} among the Hugging Face side files; an import "
+                                 f"carries only {list(HF_TEXT_FILES)} (a crafted or damaged record)")
+        shards = metadata.get("hf_shards")
+        if shards is not None:
+            _check_shards(shards, source=f"{source} (hf_shards)")
         return cls(layout, dtype_from_name(metadata["source_dtype"]),
                    {n: dtype_from_name(d) for n, d in (metadata.get("hf_dtypes") or {}).items()},
-                   dict(metadata.get("hf_files") or {}), metadata.get("hf_shards"),
-                   bool(metadata.get("mtp_in_source", True)))
+                   hf_files, shards, bool(metadata.get("mtp_in_source", True)))
+
+
+def _check_shards(shards: Any, *, source: str) -> None:
+    """A recorded shard layout: {"index": the index's text} or {"file": one plain file name}."""
+    from megatron_qwen35.convert.safetensors_files import index_weight_map
+
+    if not isinstance(shards, dict) or len(shards) != 1 or not isinstance(next(iter(shards.values())), str):
+        raise ValueError(f"{source}: expected {{'index': text}} or {{'file': name}}, found {shards!r:.200}")
+    if "file" in shards:
+        plain_file_name(shards["file"], source=source)
+    elif "index" in shards:
+        index_weight_map(shards["index"], source=source)
+    else:
+        raise ValueError(f"{source}: expected {{'index': text}} or {{'file': name}}, found keys {sorted(shards)}")

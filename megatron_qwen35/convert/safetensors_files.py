@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 
 from megatron_qwen35.checkpoint import CheckpointFileError
 from megatron_qwen35.convert.file_bytes import FileRange, copy_ranges
-from megatron_qwen35.convert.output_dir import start_writeback
+from megatron_qwen35.convert.output_dir import create_file, start_writeback, write_file
+from megatron_qwen35.file_names import plain_file_name
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
@@ -97,6 +98,20 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointFileError(f"{path}: corrupt safetensors header ({message})") from None
 
 
+def index_weight_map(text: str, *, source: str | Path) -> dict[str, str]:
+    """{tensor: shard file} of an index file's text, every file a plain name inside the index's folder (names read
+    from a file are data: `file_names`); `source` names the file in errors."""
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointFileError(f"{source}: malformed index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise CheckpointFileError(f"{source}: malformed index (weight_map is not an object of tensor names)")
+    for file in weight_map.values():
+        plain_file_name(file, source=f"{source} (weight_map)")
+    return weight_map
+
+
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     """The tensors of a Hugging Face checkpoint directory, read lazily by name; files checked on opening.
 
@@ -113,10 +128,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         index = self.directory / INDEX_NAME
         if index.is_file():
             self.index_text = index.read_text()
-            try:
-                weight_map = json.loads(self.index_text)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointFileError(f"{index}: malformed index ({e})") from None
+            weight_map = index_weight_map(self.index_text, source=index)
             files = sorted(set(weight_map.values()))
             for file in files:
                 if not (self.directory / file).is_file():
@@ -193,6 +205,7 @@ class ShardPlan:
 
     files: dict[str, list[PlannedTensor]]
     index_text: str | None
+    source: str = "the export's shard plan"  # where the file names come from, for errors
 
     @classmethod
     def split(cls, tensors: Sequence[PlannedTensor], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
@@ -211,11 +224,13 @@ class ShardPlan:
         return cls(files, json.dumps(index, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
 
     @classmethod
-    def recorded(cls, tensors: Sequence[PlannedTensor], shards: Mapping[str, str]) -> ShardPlan:
-        """The files of a recorded source: its index verbatim ({"index": text}) or its one file ({"file": name})."""
+    def recorded(cls, tensors: Sequence[PlannedTensor], shards: Mapping[str, str], *,
+                 source: str | Path = "the conversion record") -> ShardPlan:
+        """The files of a recorded source: its index verbatim ({"index": text}) or its one file ({"file": name});
+        `source` names where the record was read, for errors."""
         if "file" in shards:
-            return cls({shards["file"]: list(tensors)}, None)
-        weight_map = json.loads(shards["index"])["weight_map"]
+            return cls({plain_file_name(shards["file"], source=source): list(tensors)}, None, str(source))
+        weight_map = index_weight_map(shards["index"], source=source)
         if set(weight_map) != {p.name for p in tensors}:
             stray = sorted(set(weight_map) ^ {p.name for p in tensors})
             raise ValueError(f"the recorded source index does not list the model's tensors (first difference "
@@ -223,7 +238,7 @@ class ShardPlan:
         files: dict[str, list[PlannedTensor]] = {}
         for p in tensors:
             files.setdefault(weight_map[p.name], []).append(p)
-        return cls(files, shards["index"])
+        return cls(files, shards["index"], str(source))
 
 
 def _file_layout(tensors: list[PlannedTensor]) -> tuple[bytes, dict[str, int]]:
@@ -264,7 +279,7 @@ class SafetensorsShardWriter:
         self._lock = threading.Lock()
         for file, tensors in plan.files.items():
             head, offsets = _file_layout(tensors)
-            fd = os.open(self.directory / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            fd = create_file(self.directory, file, source=plan.source)
             self._fds.append(fd)
             _pwrite_all(fd, memoryview(head), 0)
             os.ftruncate(fd, len(head) + sum(p.nbytes for p in tensors))
@@ -312,7 +327,7 @@ class SafetensorsShardWriter:
         if missing:
             raise ValueError(f"export stopped before tensor '{missing[0]}' ({len(missing)} unwritten)")
         if self.plan.index_text is not None:
-            (self.directory / INDEX_NAME).write_text(self.plan.index_text)
+            write_file(self.directory, INDEX_NAME, self.plan.index_text.encode(), source=self.plan.source)
 
 
 def write_safetensors(path: Path | str, tensors: Mapping[str, torch.Tensor]) -> None:

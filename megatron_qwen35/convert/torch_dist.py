@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.metadata import (
 from megatron_qwen35.checkpoint import CheckpointFileError
 from megatron_qwen35.convert.file_bytes import FileBytes, FileRange, copy_ranges, covering
 from megatron_qwen35.convert.output_dir import start_writeback
+from megatron_qwen35.file_names import plain_file_name
 
 DCP_METADATA = ".metadata"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION in torch 2.13
@@ -297,6 +298,8 @@ class TorchDistReader:
                 self.metadata: Metadata = _MetadataUnpickler(f).load()
             except (pickle.UnpicklingError, EOFError) as e:
                 raise CheckpointFileError(f"{path}: unreadable checkpoint metadata ({e})") from None
+        for info in self.metadata.storage_data.values():  # names read from a file are data (file_names.py)
+            plain_file_name(info.relative_path, source=path)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
         self._fds: dict[str, int] = {}

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from megatron_qwen35.config import Qwen35VisionConfig
 from megatron_qwen35.data.preprocess_vl import ARRAYS, FORMAT, INDEX, VISION_FIELDS
+from megatron_qwen35.file_names import plain_file_name
 from megatron_qwen35.layers.rotary import mrope_position_ids
 
 LIMITS = ("image_patches", "images", "video_patches", "videos")  # a batch slot's vision rows (P, I, Pv, V)
@@ -52,6 +53,8 @@ class Qwen35VLSamples:
         self.eod_id = self.index["eod_id"]
         self.patch_dim = self.index["patch_dim"]
         shard, local, per_shard = [], [], {}
+        for entry in self.index["shards"]:  # names read from a file are data (file_names.py)
+            plain_file_name(entry["file"], source=f"{index_file} (shards)")
         for s, entry in enumerate(self.index["shards"]):
             with safe_open(self.dir / entry["file"], "pt") as f:
                 for name in [o for o, _ in ARRAYS.values()] + ["vision_extent", "source"]:

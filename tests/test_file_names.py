@@ -1,0 +1,181 @@
+"""File names read from a checkpoint are data, never paths: a crafted index, conversion record or torch_dist metadata
+cannot make the converters (or training, or the VL data reader) read or write outside the folders named on the
+command line. Each hostile form is refused by name, through the command lines users run, with every byte of the
+surrounding tree unchanged and no output created; a Hugging Face cache (shards as links into a blob store) still
+converts."""
+
+import json
+import os
+import pickle
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_qwen35.checkpoint import CONFIG
+from megatron_qwen35.convert.safetensors_files import INDEX_NAME
+from megatron_qwen35.file_names import UnsafeFileName, plain_file_name
+from tests.test_convert import REPO, assert_same_hf_checkpoint, make_hf_checkpoint
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+TO_MEGATRON = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")["main"]
+TO_HF = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
+
+
+def hostile_names(root: Path) -> dict[str, str]:
+    """Each form a crafted name takes, for a file `x.safetensors` (the outside targets exist under `root`)."""
+    return {"parent": "../outside/x.safetensors", "absolute": str(root / "outside" / "x.safetensors"),
+            "subfolder": "sub/x.safetensors", "dot-dot": "..", "empty": "", "backslash": "..\\x.safetensors"}
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root`: a file's bytes, a link's target, a folder's marker."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        out[key] = f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes() if p.is_file() else "<dir>"
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_source(tmp_path_factory):
+    """A sharded tiny checkpoint (save_pretrained with an index) and its conversion."""
+    root = tmp_path_factory.mktemp("named")
+    hf = make_hf_checkpoint(root / "hf", "tiny")
+    assert (hf / INDEX_NAME).is_file() and len(list(hf.glob("*.safetensors"))) > 1
+    assert TO_MEGATRON(["--hf-dir", str(hf), "--out-dir", str(root / "mg"), "--no-progress"]) == 0
+    return hf, root / "mg"
+
+
+@pytest.fixture
+def world(sharded_source, tmp_path):
+    """A copy of the source and its conversion under tmp_path, beside an `outside` folder holding a valid shard and a
+    user's file that a crafted name could reach."""
+    hf, mg = sharded_source
+    shutil.copytree(hf, tmp_path / "hf")
+    shutil.copytree(mg, tmp_path / "mg")
+    (tmp_path / "outside").mkdir()
+    shutil.copy(next(iter(sorted(hf.glob("*.safetensors")))), tmp_path / "outside" / "x.safetensors")
+    (tmp_path / "outside" / "victim.txt").write_text("a user's file\n")
+    return tmp_path
+
+
+def refused(run, root: Path, capsys, *, named: str, why: str = "not a plain file name") -> str:
+    """`run()` exits 2 with one error line naming `named` and saying `why`, and leaves every byte under `root` as
+    it was."""
+    before = tree(root)
+    assert run() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert repr(named) in err and why in err, err
+    assert tree(root) == before
+    return err
+
+
+@pytest.mark.parametrize("form", list(hostile_names(Path("/"))))
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused_on_import(world, capsys, form):
+    name = hostile_names(world)[form]
+    index = json.loads((world / "hf" / INDEX_NAME).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (world / "hf" / INDEX_NAME).write_text(json.dumps(index))
+    if form == "subfolder":  # a real shard there, so only the name's form can refuse it
+        (world / "hf" / "sub").mkdir()
+        shutil.copy(world / "outside" / "x.safetensors", world / "hf" / "sub" / "x.safetensors")
+    err = refused(lambda: TO_MEGATRON(["--hf-dir", str(world / "hf"), "--out-dir", str(world / "out"),
+                                       "--no-progress"]), world, capsys, named=name)
+    assert INDEX_NAME in err and not (world / "out").exists()
+
+
+def _crafted_record(mg: Path, change) -> None:
+    config = json.loads((mg / CONFIG).read_text())
+    change(config["metadata"])
+    (mg / CONFIG).write_text(json.dumps(config))
+
+
+def export(world: Path):
+    return lambda: TO_HF(["--megatron-dir", str(world / "mg"), "--out-dir", str(world / "out"), "--no-progress"])
+
+
+@pytest.mark.parametrize("form", list(hostile_names(Path("/"))))
+@pytest.mark.parametrize("field", ["text file", "index shard", "single file"])
+def test_a_record_naming_files_outside_the_export_folder_is_refused(world, capsys, form, field):
+    """The export writes the recorded source's files back: crafted names there would create or replace files
+    anywhere (a user's file truncated and replaced by a shard, `../escaped.txt` beside --out-dir)."""
+    name = hostile_names(world)[form]
+    if field == "text file":  # an import carries config.json and generation_config.json, nothing else
+        name = name.replace("x.safetensors", "victim.txt")
+        change = lambda meta: meta["hf_files"].update({name: "{}"})  # noqa: E731
+    elif field == "index shard":
+        def change(meta):
+            index = json.loads(meta["hf_shards"]["index"])
+            index["weight_map"][next(iter(index["weight_map"]))] = name
+            meta["hf_shards"]["index"] = json.dumps(index)
+    else:
+        change = lambda meta: meta.update(hf_shards={"file": name})  # noqa: E731
+    _crafted_record(world / "mg", change)
+    why = "among the Hugging Face side files" if field == "text file" else "not a plain file name"
+    err = refused(export(world), world, capsys, named=name, why=why)
+    assert str(world / "mg" / CONFIG) in err and not (world / "out").exists()
+
+
+def test_a_recorded_shard_named_like_a_side_file_is_not_written_over_it(world, capsys):
+    """A plain name, but the one config.json is written under: two outputs, one name, refused (never overwritten)."""
+    def change(meta):
+        index = json.loads(meta["hf_shards"]["index"])
+        index["weight_map"] = {k: "config.json" for k in index["weight_map"]}
+        meta["hf_shards"]["index"] = json.dumps(index)
+
+    _crafted_record(world / "mg", change)
+    refused(export(world), world, capsys, named="config.json", why="for two outputs")
+    assert not (world / "out").exists()
+
+
+@pytest.mark.parametrize("form", ["parent", "absolute", "subfolder"])
+def test_torch_dist_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(world, capsys, form):
+    """`.metadata` names each record's data file: the export reads none outside the checkpoint's folder."""
+    from megatron_qwen35.convert.torch_dist import TorchDistReader
+
+    release = world / "mg" / "release"
+    metadata = TorchDistReader(release).metadata
+    shutil.copy(release / "__0_0.distcp", world / "outside" / "x.safetensors")  # the same bytes, outside
+    name = hostile_names(world)[form]
+    for index, info in list(metadata.storage_data.items()):
+        if info.relative_path == "__0_0.distcp":
+            metadata.storage_data[index] = type(info)(name, info.offset, info.length)
+    with open(release / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    refused(export(world), world, capsys, named=name)
+
+
+def test_a_hugging_face_cache_with_linked_shards_converts(sharded_source, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/ holds links into blobs/; plain names that are links inside the input
+    folder are followed for reading."""
+    hf, _ = sharded_source
+    snapshot, blobs = tmp_path / "cache" / "snapshots" / "abc123", tmp_path / "cache" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(hf.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    assert TO_MEGATRON(["--hf-dir", str(snapshot), "--out-dir", str(tmp_path / "mg"), "--no-progress"]) == 0
+    assert TO_HF(["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert_same_hf_checkpoint(hf, tmp_path / "out")
+
+
+def test_a_vl_dataset_index_naming_a_shard_outside_its_folder_is_refused(tmp_path):
+    from megatron_qwen35.data.preprocess_vl import FORMAT, INDEX
+    from megatron_qwen35.data.vl_dataset import Qwen35VLSamples
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / INDEX).write_text(json.dumps({"format": FORMAT, "vision": {}, "eod_id": 0, "patch_dim": 1,
+                                                       "shards": [{"file": "../x.safetensors", "samples": 1}]}))
+    with pytest.raises(UnsafeFileName, match=r"'\.\./x\.safetensors', which is not a plain file name"):
+        Qwen35VLSamples(tmp_path / "data")
+
+
+@pytest.mark.parametrize("name", ["model-00001-of-00002.safetensors", "..hidden", "a..b", ".config"])
+def test_plain_names_pass(name):
+    assert plain_file_name(name, source="x") == name
