@@ -7,14 +7,17 @@
 is Megatron's own flags. Every machine runs `megatron.training.pretrain`: where CUDA is absent, the register of
 run-time patches (megatron_qwen35/runtime/register.py) adapts megatron-core and megatron.training to the CPU and
 training/launch.py adds the flags a CPU needs (local backend, gloo, no fusions), so the same command runs on a
-laptop and on a GPU node.
+laptop and on a GPU node. Before megatron builds anything, the launch is checked (training/preflight.py: flags,
+layout, data, the --load checkpoint); a refusal is one `error:` line and exit code 2, with nothing written.
 """
 
+import os
 import sys
 
 from megatron_qwen35.runtime import apply_runtime_patches
-from megatron_qwen35.training.launch import parse_qwen35_args, prepare_checkpoint_config
+from megatron_qwen35.training.launch import datasets_after_load, parse_qwen35_args
 from megatron_qwen35.training.model_provider import model_provider
+from megatron_qwen35.training.preflight import LaunchRefused
 from megatron_qwen35.training.steps import forward_step, train_valid_test_datasets_provider
 
 
@@ -24,9 +27,13 @@ def main(argv: list[str]) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     apply_runtime_patches()  # upstream fixes everywhere; the CPU adaptations where CUDA is absent
-    args, cfg = parse_qwen35_args(argv)
-    prepare_checkpoint_config(args, cfg)
-    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+    try:  # every rank checks the same launch (training/preflight.py); a refusal is one line, on rank 0
+        args, _ = parse_qwen35_args(argv)
+    except LaunchRefused as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    pretrain(pretrain_cfg_container_from_args(args), datasets_after_load(train_valid_test_datasets_provider),
              ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 
 

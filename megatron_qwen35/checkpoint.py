@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from megatron.core import dist_checkpointing
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.file_names import plain_file_name
 
+# megatron's optimizer sharded_state_dict keys: "optimizer.*", or "chained_{i}.optimizer.*" where a ChainedOptimizer
+# holds several (MoE expert parameters, the distributed optimizer at TP / EP > 1; megatron-core 0.19.2): a training
+# checkpoint's state beside the model's tensors
+TRAINING_STATE_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "qwen35_config.json"
 RELEASE = "release"  # the tracker's word (and the directory) for weights without a training state

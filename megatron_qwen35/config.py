@@ -423,6 +423,7 @@ class MegatronField:
     value: Any  # Callable[[Qwen35Config], Any]
     config_field: str | None = ""  # "" = the same name as dest; None = not a TransformerConfig field (GPTModel's)
     moe_only: bool = False  # checked for MoE models only (megatron ignores these flags for dense ones)
+    may_be_off: bool = False  # a run may turn it off (None or 0): a training aid beside the model, not its function
 
     @property
     def field(self) -> str | None:
@@ -475,7 +476,9 @@ MEGATRON_ARCHITECTURE: tuple[MegatronField, ...] = (
     _F("vocab_size", lambda c: c.vocab_size, None),
     _F("make_vocab_size_divisible_by", _fixed(1), None),  # the checkpoint's vocabulary, unpadded
     _F("untie_embeddings_and_output_weights", lambda c: not c.tie_word_embeddings, None),
-    _F("mtp_num_layers", lambda c: c.mtp_num_layers or None),
+    # the multi-token-prediction layer trains beside the model (transformers' model never runs it): a run may leave it
+    # out (--mtp-num-layers 0), e.g. to fine-tune a checkpoint saved without it
+    _F("mtp_num_layers", lambda c: c.mtp_num_layers or None, may_be_off=True),
     _F("num_experts", lambda c: c.num_experts, "num_moe_experts"),
     _F("moe_router_topk", lambda c: c.moe_router_topk, moe_only=True),
     _F("moe_ffn_hidden_size", lambda c: c.moe_ffn_hidden_size, moe_only=True),

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.config import Qwen35Config, megatron_fields
 from megatron_qwen35.layers.rotary import qwen35_position_embedding_kwargs
+from megatron_qwen35.model import Qwen35GPTModel
 from megatron_qwen35.parallel_layout import check_transformer_config_layout
 from megatron_qwen35.runtime import apply_runtime_patches
 from megatron_qwen35.specs.layer_specs import default_backend, qwen35_block_spec, qwen35_mtp_block_spec
@@ -27,7 +27,7 @@ def resolve_backend(config: TransformerConfig, backend: str | None = None) -> st
 
 def qwen35_gpt_model(cfg: Qwen35Config, config: TransformerConfig, *, backend: str | None = None,
                      pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                     seq_length: int | None = None) -> GPTModel:
+                     seq_length: int | None = None) -> Qwen35GPTModel:
     """The (stage of the) Qwen3.5 model described by `cfg` (with its vision tower when it has one), parallelised as
     `config` says (`seq_length`, the training sequence length when known, is checked against context parallelism)."""
     _check_consistent(cfg, config)
@@ -39,7 +39,7 @@ def qwen35_gpt_model(cfg: Qwen35Config, config: TransformerConfig, *, backend: s
 
         model_class = partial(Qwen35VLModel, cfg, backend=backend)
     else:
-        model_class = GPTModel
+        model_class = Qwen35GPTModel
     return model_class(
         config=config,
         transformer_layer_spec=qwen35_block_spec(config, backend=backend, vp_stage=vp_stage),

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.layers.context_parallel import cp_rank_positions
 from megatron_qwen35.layers.rotary import InterleavedMRoPE
 from megatron_qwen35.layers.vision.model import Qwen35VisionModel
+from megatron_qwen35.model import Qwen35GPTModel
 
 
-class Qwen35VLModel(GPTModel):
-    """GPTModel + the vision tower (`vision_model`, first stage only) + interleaved mRoPE."""
+class Qwen35VLModel(Qwen35GPTModel):
+    """Qwen35GPTModel + the vision tower (`vision_model`, first stage only) + interleaved mRoPE."""
 
     def __init__(self, cfg: Qwen35Config, config: TransformerConfig, *, backend: str, **gpt_kwargs):
         if cfg.vision is None:

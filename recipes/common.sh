@@ -45,6 +45,9 @@ fi
 DATA_ARGS+=(--tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044)  # data is pre-tokenized (Qwen3.5 vocab)
 
 MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python -m megatron_qwen35.training.flags)
+# MTP=0: train without the multi-token-prediction layer (the model itself is unchanged; a checkpoint without MTP
+# weights, e.g. transformers' save_pretrained output, otherwise starts the layer from its initialisation)
+[ "${MTP:-}" = 0 ] && MODEL_ARGS+=(--mtp-num-layers 0)
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP"
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
@@ -64,6 +67,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then  # print the pretrain_qwen35.py arguments, one 
   printf '%s\n' "${ARGS[@]}"
   exit 0
 fi
+# Checked in one process before torchrun starts a rank: the flags, the layout against the model, the data, the --load
+# checkpoint (training/preflight.py). A refusal is one error line and exit code 2; nothing is written.
+WORLD_SIZE=$((GPUS_PER_NODE * NNODES)) RANK=0 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PYTHON" -m megatron_qwen35.training.preflight "${ARGS[@]}"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # needed for TP/SP communication overlap
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -19,25 +19,25 @@ Top-down:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from megatron_qwen35.checkpoint import CONFIG, iteration_dir, latest_iteration, read_config
+from megatron_qwen35.checkpoint import CONFIG, TRAINING_STATE_KEY, iteration_dir, latest_iteration, read_config
 from megatron_qwen35.config import Qwen35Config, qwen35_config_to_hf
 from megatron_qwen35.convert.file_bytes import FileRange, mapped, vector_ranges
 from megatron_qwen35.convert.megatron_keys import MegatronLayout
 from megatron_qwen35.convert.output_dir import output_directory, write_file
 from megatron_qwen35.convert.pipeline import DEFAULT_LANES, Progress, non_finite_note, run_in_lanes
 from megatron_qwen35.convert.record import ConversionRecord
-from megatron_qwen35.convert.safetensors_files import PlannedTensor, SafetensorsShardWriter, ShardPlan
+from megatron_qwen35.convert.safetensors_files import (
+    PlannedTensor,
+    SafetensorsShardWriter,
+    ShardPlan,
+    index_weight_map,
+)
 from megatron_qwen35.convert.table import LM_HEAD, HFLayout, NamedRule, check_names, hf_shapes
 from megatron_qwen35.convert.torch_dist import TorchDistReader
-
-# megatron's optimizer sharded_state_dict keys: "optimizer.*", or "chained_{i}.optimizer.*" where a ChainedOptimizer
-# holds several (MoE expert parameters, the distributed optimizer at TP / EP > 1; megatron-core 0.19.2)
-TRAINING_STATE_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader) -> None:
@@ -73,6 +73,17 @@ def _plan(rules: list[NamedRule], keys: MegatronLayout, reader: TorchDistReader,
     return plan
 
 
+def _shard_plan(plan: list[PlannedTensor], record: ConversionRecord, max_shard_size: int | str | None, *,
+                source: Path) -> ShardPlan:
+    """The recorded source's files, unless a shard size is asked for or the model holds other tensors than the
+    source did (a run that added an MTP layer to a source without one, or left it out): then transformers' plan."""
+    if max_shard_size is None and record.shards is not None:
+        if "file" in record.shards or (set(index_weight_map(record.shards["index"], source=source))
+                                       == {p.name for p in plan}):
+            return ShardPlan.recorded(plan, record.shards, source=source)
+    return ShardPlan.split(plan, *([max_shard_size] if max_shard_size is not None else []))
+
+
 def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False,
                           max_shard_size: int | str | None = None, progress: bool = True,
                           lanes: int = DEFAULT_LANES) -> Path:
@@ -91,10 +102,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         rules = layout.rules(cfg)
         check_names(set(keys.entries), {n for r in rules for n in r.megatron}, side="Megatron model")
         plan = _plan(rules, keys, reader, cfg, record)
-        if max_shard_size is not None or record.shards is None:
-            shards = ShardPlan.split(plan, *([max_shard_size] if max_shard_size is not None else []))
-        else:
-            shards = ShardPlan.recorded(plan, record.shards, source=megatron_dir / CONFIG)
+        shards = _shard_plan(plan, record, max_shard_size, source=megatron_dir / CONFIG)
         dtypes = {p.name: p.dtype for p in plan}
         shapes = {p.name: p.shape for p in plan}
         sizes = {p.name: p.nbytes for p in plan}

@@ -39,6 +39,22 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
+def new_parents(path: Path | str) -> Iterator[None]:
+    """`path`'s missing parent folders, created for the block and removed again (those still empty) when it fails:
+    a refused input or a failed write leaves no empty output folder behind."""
+    path = Path(path)
+    created = [p for p in path.parents if not p.exists()]  # nearest first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Sequence[Path | str] = ()
                      ) -> Iterator[Path]:
     """A temporary directory beside `out_dir`, renamed to `out_dir` only when the block succeeds.
@@ -56,14 +72,14 @@ def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Se
             raise ValueError(f"output {out_dir} would replace the input {source}; choose another output directory")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with new_parents(out_dir):
+        _remove_stale_temporaries(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)

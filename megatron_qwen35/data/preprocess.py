@@ -7,6 +7,7 @@ The output appears only when complete: files are written under temporary names a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megatron_qwen35.convert.output_dir import new_parents
 from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
 
 _TOKENIZER: Qwen35Tokenizer | None = None
@@ -83,11 +85,13 @@ def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input {path} does not exist")
     tmp_bin, tmp_idx = (Path(f"{output_prefix}.tmp{os.getpid()}{s}") for s in (".bin", ".idx"))
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=np.int32)  # 248320 ids do not fit in uint16
     docs = tokens = 0
-    try:
+    with new_parents(output_prefix), _removed_on_exit(tmp_bin, tmp_idx):
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=np.int32)  # 248320 ids do not fit in uint16
         with Pool(workers, initializer=_init_worker, initargs=(hf_tokenizer_dir,)) as pool, \
                 tqdm(unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in inputs:
@@ -100,7 +104,13 @@ def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int
         builder.finalize(str(tmp_idx))
         tmp_bin.rename(f"{output_prefix}.bin")
         tmp_idx.rename(f"{output_prefix}.idx")
-    finally:
-        for tmp in (tmp_bin, tmp_idx):
-            tmp.unlink(missing_ok=True)
     return {"documents": docs, "tokens": tokens}
+
+
+@contextlib.contextmanager
+def _removed_on_exit(*paths: Path):
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from megatron_qwen35.data.preprocess_vl import ARRAYS, FORMAT, INDEX, VISION_FIE
 from megatron_qwen35.file_names import plain_file_name
 from megatron_qwen35.layers.rotary import mrope_position_ids
 
+DEFAULT_SPLIT = "969,30,1"  # megatron's --split default for --data-path
 LIMITS = ("image_patches", "images", "video_patches", "videos")  # a batch slot's vision rows (P, I, Pv, V)
 _SPLITS = ("train", "valid", "test")
 
@@ -207,7 +208,7 @@ def qwen35_vl_batch_shapes(data_dir: str | Path, seq_length: int, micro_batch_si
 
 def build_vl_datasets(data_dir: str | Path, seq_length: int, train_valid_test_num_samples, *,
                       vision: Qwen35VisionConfig,
-                      split: str = "969,30,1", seed: int = 1234, limits: dict[str, int] | None = None):
+                      split: str = DEFAULT_SPLIT, seed: int = 1234, limits: dict[str, int] | None = None):
     """(train, valid, test) datasets of a preprocessed directory for megatron.training's
     `train_valid_test_datasets_provider`: the samples split in order by `split` (Megatron's --split, e.g.
     "98,2,0"), each dataset as long as megatron asks (None where it asks for none). `vision` is the model's

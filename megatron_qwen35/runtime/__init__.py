@@ -5,12 +5,14 @@ Public API:
                              megatron-core and megatron.training where CUDA is absent (idempotent; register.py)
     initialize_parallel(...) torch.distributed + parallel_state + RNG tracker (tests, load_model, converters)
     destroy_parallel()       tear down parallel_state (and the process group we created)
+    one_rank_world()         a one-rank parallel state for a meta build, gone afterwards (launch checks)
     compute_device()         cuda current device, else cpu
     transformer_engine_available()  whether Transformer Engine imports here (GPU nodes with TE installed)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -22,6 +24,7 @@ __all__ = [
     "apply_runtime_patches",
     "initialize_parallel",
     "destroy_parallel",
+    "one_rank_world",
     "compute_device",
     "transformer_engine_available",
     "cpu_patches",
@@ -139,6 +142,39 @@ def initialize_parallel(
     # Looked up on the package at call time so the CPU wrapper (if applied) is used.
     mtp.model_parallel_cuda_manual_seed(seed)
     _CURRENT_LAYOUT = (layout, seed)
+
+
+@contextlib.contextmanager
+def one_rank_world(seed: int = 1234):
+    """megatron's model-parallel state for a one-process build (a model on the meta device whose keys and shapes are
+    read, e.g. by the launch check), gone afterwards. Where a one-rank state already exists it is used as it is.
+    Otherwise a one-rank gloo group on an in-memory store (no port, no file; a torchrun job's environment is not
+    read) is created and destroyed with megatron's state, so a later `initialize_megatron` sets up the job's own."""
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mtp
+
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size(),
+                 parallel_state.get_expert_model_parallel_world_size(),
+                 parallel_state.get_context_parallel_world_size())
+        if sizes != (1, 1, 1, 1):
+            raise RuntimeError(f"a one-rank build needs one-rank parallel state; TP, PP, EP, CP = {sizes} is set up")
+        yield
+        return
+    owns_group = not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    elif torch.distributed.get_world_size() != 1:
+        raise RuntimeError("a one-rank build inside a job of several ranks needs its model-parallel state set up")
+    parallel_state.initialize_model_parallel()
+    try:
+        mtp.model_parallel_cuda_manual_seed(seed)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if owns_group:
+            torch.distributed.destroy_process_group()
 
 
 def destroy_parallel() -> None:

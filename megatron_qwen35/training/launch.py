@@ -2,11 +2,11 @@
 
 - `qwen35_argv`: the architecture flags (flags.py), the project's defaults and, where CUDA is absent, the flags a CPU
   needs, in front of the user's own flags, so a user passes the same flags on a laptop as on a GPU node;
-- `parse_qwen35_args`: megatron.training's own `parse_and_validate_args`, then every flag that contradicts the
-  architecture refused by name, before anything is built;
-- `prepare_checkpoint_config`: `qwen35_config.json` beside megatron.training's checkpoints (load_model and the
-  exporter read it), carrying a loaded checkpoint's conversion record; a `--load` checkpoint of another model refused
-  with the differing fields named.
+- `parse_qwen35_args`: megatron.training's own parsing and validation, with every launch check (preflight.py) before
+  megatron sets anything up: a flag that contradicts the architecture, a layout, data or checkpoint that cannot
+  work is refused by name before anything is built or written;
+- `datasets_after_load`: `qwen35_config.json` into --save once the load has succeeded (load_model and the exporter
+  read it), carrying a loaded checkpoint's conversion record.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from megatron_qwen35.training.flags import (
     qwen35_config_from_args,
     qwen35_megatron_flags,
 )
+from megatron_qwen35.training.preflight import LaunchRefused, check_launch
 
 # Defaults on every machine (a user's later flag wins where megatron has one for it).
 PROJECT_FLAGS = (
@@ -81,47 +82,92 @@ def _single_process_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def parse_qwen35_args(argv: list[str]):
-    """megatron.training's parsed and validated args for `argv` (set as its global args), and the architecture."""
-    from megatron.training.arguments import parse_and_validate_args
+def _parse_and_validate(argv: list[str]):
+    """megatron.training's parse_and_validate_args without its last step (set_global_variables, which builds the
+    tokenizer and the TensorBoard writer): parsing and validating write nothing. Megatron's own refusals (its
+    asserts) become one line."""
+    from megatron.training.arguments import parse_args, validate_args
 
-    _single_process_environment()
     saved, sys.argv = sys.argv, [sys.argv[0], *qwen35_argv(argv)]
     try:
-        args = parse_and_validate_args(extra_args_provider=add_qwen35_args, args_defaults=ARGS_DEFAULTS)
+        args = parse_args(add_qwen35_args)
     finally:
         sys.argv = saved
     cfg = qwen35_config_from_args(args)
     check_args_match(args, cfg)
+    if not args.mtp_num_layers:
+        args.mtp_num_layers = None  # megatron's "no MTP" (some of its checks read 0 as on)
+    try:
+        if args.use_checkpoint_args:  # as megatron's parse_and_validate_args
+            from megatron.training.checkpointing import load_args_from_checkpoint
+
+            load_args_from_checkpoint(args)
+        if args.yaml_cfg is not None:
+            from megatron.training.yaml_arguments import validate_yaml
+
+            args = validate_yaml(args, ARGS_DEFAULTS)
+        else:
+            validate_args(args, ARGS_DEFAULTS)
+    except AssertionError as e:
+        raise LaunchRefused(f"megatron's argument check: {e}") from None
+    return args, cfg
+
+
+def parse_qwen35_args(argv: list[str], *, set_globals: bool = True):
+    """megatron.training's parsed and validated args for `argv` and the architecture, after every launch check
+    (training/preflight.py; LaunchRefused names what is wrong). With `set_globals`, megatron's global args,
+    tokenizer and writers are then set up, and rank 0 prints the checks' notes."""
+    from megatron.training.global_vars import set_global_variables
+
+    _single_process_environment()
+    args, cfg = _parse_and_validate(argv)
+    notes = check_launch(args, cfg)
+    if set_globals:
+        set_global_variables(args)
+        if args.rank == 0:
+            for note in notes:
+                print(f"note: {note}", flush=True)
     return args, cfg
 
 
 def architecture_differences(saved: Qwen35Config, run: Qwen35Config) -> dict[str, tuple]:
     """{field: (checkpoint's, run's)} for the fields that fix the model's weights and function (the vision tower's
-    included)."""
-    ignored = {"name", "router_aux_loss_coef", "max_position_embeddings", "full_attention_interval"}
+    included; not the MTP layer, a training aid beside the model: training/checkpoint_check.py decides about it)."""
+    ignored = {"name", "router_aux_loss_coef", "max_position_embeddings", "full_attention_interval", "mtp_num_layers"}
     a, b = saved.to_dict(), run.to_dict()
     return {k: (a[k], b[k]) for k in a if k not in ignored and a[k] != b[k]}
 
 
-def prepare_checkpoint_config(args, cfg: Qwen35Config) -> None:
-    """Refuse a --load checkpoint of another model; write qwen35_config.json into --save, keeping the loaded
-    checkpoint's conversion record (rank 0)."""
-    saved_cfg, metadata = cfg, {}
-    if args.load and (Path(args.load) / CONFIG).is_file():
-        saved_cfg, metadata = read_config(args.load)
-        differences = architecture_differences(saved_cfg, cfg)
-        if differences:
-            detail = "; ".join(f"{k}: checkpoint {v[0]!r}, this run {v[1]!r}" for k, v in differences.items())
-            raise SystemExit(f"error: --load {args.load} holds another model than this run's "
-                             f"'{cfg.name}' ({detail}); give the matching --qwen35-preset / --hf-config, or another "
-                             "--load")
+def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
+    """qwen35_config.json into --save (rank 0): the loaded checkpoint's config and conversion record (load_model and
+    the exporter read them), or the run's architecture for a run from scratch; the MTP layers are the run's (what
+    it trains is what its checkpoints hold). Called once the load has succeeded (`datasets_after_load`): a refused
+    or failed run writes nothing into --save, which may be the --load it failed to load."""
     if not args.save or args.rank != 0:
         return
+    saved, metadata = cfg, {}
+    if args.load and (Path(args.load) / CONFIG).is_file():
+        saved, metadata = read_config(args.load)
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
-    write_config(save, saved_cfg, metadata)
+    write_config(save, saved.replace(mtp_num_layers=cfg.mtp_num_layers), metadata)
+
+
+def datasets_after_load(provider):
+    """megatron.training's datasets provider, first writing qwen35_config.json into --save: pretrain() calls the
+    provider right after the model is built and its checkpoint loaded, before the first save."""
+    from megatron.training import get_args
+
+    from megatron_qwen35.training.flags import qwen35_config_from_args
+
+    def provide(train_val_test_num_samples, vp_stage=None):
+        args = get_args()
+        write_checkpoint_config(args, qwen35_config_from_args(args))
+        return provider(train_val_test_num_samples, vp_stage)
+
+    provide.is_distributed = getattr(provider, "is_distributed", False)
+    return provide
 
 
 __all__ = ["PROJECT_FLAGS", "NO_CUDA_FLAGS", "ARGS_DEFAULTS", "qwen35_argv", "parse_qwen35_args",
-           "prepare_checkpoint_config", "architecture_differences"]
+           "architecture_differences", "write_checkpoint_config", "datasets_after_load"]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qwen35.model import Qwen35GPTModel
 from megatron_qwen35.provider import qwen35_gpt_model
 from megatron_qwen35.training.flags import check_args_match, qwen35_config_from_args
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                   config: TransformerConfig | None = None, pg_collection=None) -> GPTModel:
+                   config: TransformerConfig | None = None, pg_collection=None) -> Qwen35GPTModel:
     """pretrain_gpt's model_provider signature (megatron.training's get_model calls it once per virtual stage)."""
     from megatron.training import get_args
 
@@ -22,5 +22,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
         config = core_transformer_config_from_args(args)
     backend = "local" if args.transformer_impl == "local" else None
-    return qwen35_gpt_model(cfg, config, backend=backend, pre_process=pre_process, post_process=post_process,
-                            vp_stage=vp_stage, seq_length=args.seq_length)
+    model = qwen35_gpt_model(cfg, config, backend=backend, pre_process=pre_process, post_process=post_process,
+                             vp_stage=vp_stage, seq_length=args.seq_length)
+    # the launch check found no MTP weights in the --load checkpoint (training/checkpoint_check.py)
+    model.mtp_absent_from_load = getattr(args, "qwen35_mtp_absent_from_load", False)
+    return model

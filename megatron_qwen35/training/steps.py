@@ -173,8 +173,14 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
     if getattr(args, "vl_data_path", None):  # a script of the user's may parse without our flags
         return _vl_datasets(args, train_val_test_num_samples)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    config = gpt_dataset_config_from_args(args)
+    if config.split_matrix is not None:
+        # megatron builds every part its --split names, also one it asks no samples of (evaluation off): a validation
+        # part without a full sequence then asserts, and one without a document never finishes indexing
+        config.split_matrix = [None if not wanted else part
+                               for part, wanted in zip(config.split_matrix, train_val_test_num_samples, strict=True)]
     return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, is_dataset_built_on_rank,
-                                         gpt_dataset_config_from_args(args)).build()
+                                         config).build()
 
 
 # megatron.training.pretrain reads this to build datasets on every rank that needs them.
@@ -189,6 +195,12 @@ def _vl_datasets(args, train_val_test_num_samples):
     cfg = qwen35_config_from_args(args)
     if cfg.vision is None:
         raise SystemExit(f"error: --vl-data-path needs a model with a vision tower; '{cfg.name}' has none")
-    split = {} if args.split is None else {"split": args.split}  # megatron sets its default only for --data-path
     return build_vl_datasets(args.vl_data_path, args.seq_length, train_val_test_num_samples, vision=cfg.vision,
-                             seed=args.seed, **split)
+                             seed=args.seed, split=vl_split(args))
+
+
+def vl_split(args) -> str:
+    """--split for VL data (megatron sets its default only for --data-path)."""
+    from megatron_qwen35.data.vl_dataset import DEFAULT_SPLIT
+
+    return args.split if args.split is not None else DEFAULT_SPLIT

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from megatron_qwen35.convert.cli import run_conversion
+    from megatron_qwen35.cli import run_conversion
     from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 
     lanes = {"lanes": args.threads} if args.threads else {}

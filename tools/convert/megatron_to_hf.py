@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from megatron_qwen35.convert.cli import run_conversion
+    from megatron_qwen35.cli import run_conversion
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 
     size = int(args.max_shard_size) if (args.max_shard_size or "").isdigit() else args.max_shard_size

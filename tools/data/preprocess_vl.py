@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_qwen35.cli import run_tool
 from megatron_qwen35.config import qwen35_config_from_hf, qwen35_preset
 from megatron_qwen35.data.preprocess_vl import qwen35_preprocess_vl
 from megatron_qwen35.data.vl_processor import QWEN35_IMAGE_PIXELS, QWEN35_VIDEO_PIXELS
@@ -33,18 +34,16 @@ def main(argv=None):
                    help="the same over all frames of a video")
     p.add_argument("--shard-mb", type=int, default=1024, help="about this many MiB of arrays per shard")
     a = p.parse_args(argv)
-    try:
+
+    def preprocess() -> str:
         cfg = qwen35_preset(a.qwen35_preset) if a.qwen35_preset else qwen35_config_from_hf(a.hf_config)
         counts = qwen35_preprocess_vl(a.input, a.output_dir, cfg, workers=a.workers, hf_tokenizer_dir=a.tokenizer_dir,
                                       image_pixels=tuple(a.image_pixels), video_pixels=tuple(a.video_pixels),
                                       shard_bytes=a.shard_mb << 20, overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input, named in the message (file and line)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output_dir}: {counts['samples']} samples ({counts['tokens']} tokens, {counts['images']} images, "
-          f"{counts['videos']} videos) in {counts['shards']} shards")
-    return 0
+        return (f"wrote {a.output_dir}: {counts['samples']} samples ({counts['tokens']} tokens, {counts['images']} "
+                f"images, {counts['videos']} videos) in {counts['shards']} shards")
 
+    return run_tool(preprocess, doing="preprocessing")  # bad input (named by file and line) or an unwritable output
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,133 @@
+"""The --load checkpoint against the run's model, checked before anything is built (training/preflight.py).
+
+- Nothing to load yet (no tracker file): megatron starts from scratch, as when a recipe's LOAD=SAVE is still empty;
+  a Hugging Face folder given as --load is named (it needs converting first).
+- Every data file the checkpoint's `.metadata` names is a plain name that exists and is long enough.
+- The architecture: from our qwen35_config.json where the checkpoint has one (the differing fields named), else from
+  the checkpoint's own tensor metadata against the keys and shapes the run's model saves (the first differing
+  tensors named): a checkpoint written by another tool loads when it holds this model.
+- The conversion record it carries (copied into --save by training) is checked like the exporter checks it.
+- The multi-token-prediction layer may differ, within what megatron can load: a weights-only (release, or
+  --finetune) checkpoint without MTP weights (what transformers' save_pretrained writes) starts the run's MTP layer
+  from its initialisation (the model hides it from the load: `model.Qwen35GPTModel.hide_loss_modules`), and a run
+  with MTP off leaves a checkpoint's MTP weights unread; a resumed iteration needs the MTP it was saved with (its
+  optimizer state covers exactly those parameters).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from megatron_qwen35.checkpoint import (
+    CONFIG,
+    RELEASE,
+    TRACKER,
+    TRAINING_STATE_KEY,
+    CheckpointFileError,
+    check_checkpoint_files,
+    iteration_dir,
+    latest_iteration,
+    read_config,
+)
+from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.training.preflight import LaunchRefused
+
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
+
+
+def model_checkpoint_shapes(cfg: Qwen35Config) -> dict[str, tuple[int, ...]]:
+    """{checkpoint key: global shape} of every tensor `cfg`'s model saves, read off the model built on the meta
+    device (convert/megatron_keys.py) in a one-rank world of its own that is gone afterwards."""
+    from megatron_qwen35.convert.megatron_keys import MegatronLayout
+    from megatron_qwen35.runtime import one_rank_world
+
+    with one_rank_world():
+        return MegatronLayout(cfg).checkpoint_shapes()
+
+
+def _mtp_layers(keys) -> int:
+    return len({m.group(1) for k in keys if (m := _MTP_LAYER.match(k))})
+
+
+def _tensor_differences(directory: Path, cfg: Qwen35Config) -> tuple[list[str], int]:
+    """(what differs between the checkpoint's model tensors and `cfg`'s, MTP left aside; its MTP layers)."""
+    from megatron_qwen35.convert.torch_dist import TorchDistReader
+
+    reader = TorchDistReader(directory)
+    try:
+        present = {k: tuple(md.size) for k, md in reader.tensors.items() if not TRAINING_STATE_KEY.match(k)}
+    finally:
+        reader.close()
+    saved_mtp = _mtp_layers(present)
+    expected = model_checkpoint_shapes(cfg.replace(mtp_num_layers=saved_mtp) if saved_mtp else cfg)
+    if not saved_mtp:
+        expected = {k: v for k, v in expected.items() if not _MTP_LAYER.match(k)}
+    differences = [f"the model's '{k}' is missing" for k in sorted(set(expected) - set(present))]
+    differences += [f"'{k}' is not this model's" for k in sorted(set(present) - set(expected))]
+    differences += [f"'{k}' is {list(present[k])}, the model's {list(v)}" for k, v in expected.items()
+                    if k in present and present[k] != v]
+    return differences, saved_mtp
+
+
+def _mtp_note(args, cfg: Qwen35Config, saved_mtp: int, weights_only: bool) -> list[str]:
+    """What happens to the MTP layer when the checkpoint's and the run's differ (see the module docstring)."""
+    run_mtp = cfg.mtp_num_layers
+    if saved_mtp == run_mtp:
+        return []
+    if not weights_only:
+        raise LaunchRefused(
+            f"--load {args.load} resumes an iteration saved with {saved_mtp or 'no'} MTP layer(s), this run has "
+            f"{run_mtp or 'none'}: its optimizer state covers the parameters it was saved with; resume with "
+            f"{'--mtp-num-layers 0 (MTP=0)' if not saved_mtp else 'MTP on (no --mtp-num-layers 0)'}, or start a "
+            "new run from its weights with --finetune")
+    if not saved_mtp:
+        args.finetune = True  # megatron then asks the model to hide its loss modules while loading
+        args.qwen35_mtp_absent_from_load = True  # model_provider: the MTP layer is what the model hides
+        return [f"--load {args.load} holds no MTP weights (transformers' save_pretrained drops them): the run's "
+                f"{run_mtp} MTP layer(s) start from their initialisation and train with the model; MTP=0 "
+                "(--mtp-num-layers 0) trains without"]
+    return [f"--load {args.load} holds {saved_mtp} MTP layer(s), which this run leaves out (--mtp-num-layers 0): "
+            "they are not loaded, and its checkpoints and exports hold none"]
+
+
+def check_load(args, cfg: Qwen35Config) -> list[str]:
+    """Refuse (LaunchRefused) a --load checkpoint the run cannot load; return notes on what the load will do."""
+    if not args.load:
+        return []
+    load = Path(args.load)
+    if not (load / TRACKER).is_file():
+        if load.is_dir() and (any(load.glob("*.safetensors")) or (load / "config.json").is_file()):
+            raise LaunchRefused(f"--load {load} is a Hugging Face checkpoint, not a Megatron one: convert it first "
+                                f"(python tools/convert/hf_to_megatron.py --hf-dir {load} --out-dir DIR) and "
+                                "--load DIR")
+        return []  # nothing saved there yet: megatron starts from scratch
+    try:
+        iteration = latest_iteration(load)
+        directory = iteration_dir(load, iteration)
+        if not directory.is_dir():
+            raise CheckpointFileError(f"{load / TRACKER} names {directory.name}, which is missing")
+        check_checkpoint_files(directory)
+        if (load / CONFIG).is_file():
+            from megatron_qwen35.convert.record import ConversionRecord
+            from megatron_qwen35.training.launch import architecture_differences
+
+            saved, metadata = read_config(load)
+            ConversionRecord.from_metadata(metadata, source=load / CONFIG)
+            detail = [f"{k}: checkpoint {v[0]!r}, this run {v[1]!r}"
+                      for k, v in architecture_differences(saved, cfg).items()]
+            saved_mtp, how = saved.mtp_num_layers, f"its {CONFIG}"
+        else:
+            detail, saved_mtp = _tensor_differences(directory, cfg)
+            how = f"no {CONFIG}; its tensors"
+    except (ValueError, OSError) as e:
+        raise LaunchRefused(f"--load {load}: {e}") from None
+    if detail:
+        more = f" (and {len(detail) - 5} more)" if len(detail) > 5 else ""
+        raise LaunchRefused(f"--load {load} holds another model than this run's '{cfg.name}' ({how}: "
+                            f"{'; '.join(detail[:5])}{more}); give the matching --qwen35-preset / --hf-config, or "
+                            "another --load")
+    return _mtp_note(args, cfg, saved_mtp, weights_only=iteration == RELEASE or args.finetune)
+
+
+__all__ = ["check_load", "model_checkpoint_shapes"]

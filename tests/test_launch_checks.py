@@ -1,0 +1,211 @@
+"""Launch mistakes are refused before any rank starts, in one line, with nothing written; valid inputs that used to be
+refused (a checkpoint without MTP weights, a small corpus with evaluation off) train. Everything through the commands
+users run: recipes/common.sh (its preflight, then torchrun), pretrain_qwen35.py launched directly, the data tools."""
+
+import json
+import os
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_qwen35.checkpoint import CONFIG
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+from megatron_qwen35.convert.safetensors_files import SafetensorsCheckpoint
+from tests.pretrain_runs import REPO, TINY_RUN, pretrain, recipe
+from tests.test_convert import make_hf_checkpoint
+from tests.test_file_names import tree
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+def assert_refused_in_one_line(run, *, says: str) -> str:
+    """The launch printed exactly one line, the error, and exited 2: no rank started, no traceback."""
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines[-40:]
+    return lines[0]
+
+
+def recipe_refused(tmp_path: Path, *, says: str, nproc: int = 1, **settings) -> str:
+    """The recipe refuses the launch in one line and leaves tmp_path exactly as it was (no --save, no TensorBoard
+    folder, nothing changed in its inputs)."""
+    before = tree(tmp_path)
+    run = recipe(tmp_path, nproc=nproc, check=False, **settings)
+    line = assert_refused_in_one_line(run, says=says)
+    assert tree(tmp_path) == before
+    return line
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """tiny-moe with MTP weights, converted: a release checkpoint."""
+    root = tmp_path_factory.mktemp("converted")
+    hf = make_hf_checkpoint(root / "hf", "tiny-moe", how="packed", mtp_layout="per_expert", seed=3)
+    return qwen35_hf_to_megatron(hf, root / "megatron", progress=False)
+
+
+@pytest.fixture
+def checkpoint(converted, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(converted, copy)
+    return copy
+
+
+def test_a_layout_the_heads_cannot_split_is_refused_before_any_rank_starts(tmp_path):
+    """tiny has 2 GDN key heads: TP4 was a megatron-core assert deep in the build, on every rank (159 lines)."""
+    recipe_refused(tmp_path, nproc=4, PRESET="tiny", TP="4",
+                   says="linear_num_key_heads=2 is not divisible by tensor_parallel=4")
+
+
+def test_pretrain_launched_directly_refuses_on_rank_0_only_and_without_a_traceback(tmp_path):
+    """3 KV heads at TP2, launched as `torchrun pretrain_qwen35.py` (no recipe): every rank runs the same check,
+    rank 0 says it once, no rank prints a traceback, nothing is written."""
+    hf = make_config_json("tiny", num_key_value_heads=3, num_attention_heads=6)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    base = tuple(str(tmp_path / "config.json") if a == "tiny-moe" else "--hf-config" if a == "--qwen35-preset"
+                 else a for a in TINY_RUN)
+    before = tree(tmp_path)
+    run = pretrain(tmp_path, "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "save"),
+                   "--save-interval", "1", nproc=2, base=base, check=False)
+    out = run.stdout + run.stderr
+    assert out.count("num_query_groups=3 neither divides nor is divisible by tensor_parallel=2") == 1, out[-3000:]
+    assert "pretrain_qwen35.py\", line" not in out and not run.losses
+    assert tree(tmp_path) == before
+
+
+def make_config_json(preset: str, **changes) -> dict:
+    from megatron_qwen35.config import qwen35_config_to_hf, qwen35_preset
+
+    hf = qwen35_config_to_hf(qwen35_preset(preset))
+    hf.update(changes)
+    return hf
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
+    recipe_refused(tmp_path, TRAIN_ITERS="100", WARMUP="2000", says="--lr-warmup-iters 2000 (WARMUP) must be below")
+
+
+def test_a_missing_data_path_is_refused(tmp_path):
+    recipe_refused(tmp_path, MOCK_DATA="0", DATA_PATH=str(tmp_path / "corpus"),
+                   says=f"--data-path {tmp_path / 'corpus'}: {tmp_path / 'corpus'}.bin and")
+
+
+def test_a_vl_data_folder_without_samples_is_refused(tmp_path):
+    (tmp_path / "vl").mkdir()
+    recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),
+                   says=f"--vl-data-path {tmp_path / 'vl'}: {tmp_path / 'vl'} is not a VL dataset directory")
+
+
+def test_another_tools_checkpoint_of_another_model_is_named_by_its_tensors_and_left_unchanged(checkpoint, tmp_path):
+    """No qwen35_config.json (a checkpoint another tool wrote), --load = --save as the recipes default: refused from
+    its own tensor metadata, naming the first differing tensors, and the checkpoint is not written to."""
+    (checkpoint / CONFIG).unlink()
+    line = recipe_refused(tmp_path, PRESET="tiny", LOAD=str(checkpoint), SAVE=str(checkpoint),
+                          says=f"--load {checkpoint} holds another model than this run's 'tiny' (no {CONFIG}; "
+                               "its tensors:")
+    assert "decoder.layers.0.mlp.linear_fc1.weight' is missing" in line
+
+
+def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path):
+    """... and one that holds this model loads, and the run then writes its qwen35_config.json into --save."""
+    (checkpoint / CONFIG).unlink()
+    run = recipe(tmp_path, LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"), TRAIN_ITERS="1", WARMUP="0")
+    assert list(run.losses) == [1] and (tmp_path / "tuned" / CONFIG).is_file()
+
+
+def test_a_crafted_conversion_record_in_the_loaded_checkpoint_is_refused_at_launch(checkpoint, tmp_path):
+    """Training copies the record into --save: a crafted one is refused before it travels."""
+    config = json.loads((checkpoint / CONFIG).read_text())
+    config["metadata"]["hf_files"]["../escaped.txt"] = "x"
+    (checkpoint / CONFIG).write_text(json.dumps(config))
+    recipe_refused(tmp_path, LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"),
+                   says="'../escaped.txt' among the Hugging Face side files")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """201 short documents, tokenized with the real tokenizer (the README's fine-tuning flow on a small corpus)."""
+    root = tmp_path_factory.mktemp("small")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": f"Document {i}: a short line."}) + "\n"
+                                             for i in range(201)))
+    tool = runpy.run_path(str(REPO / "tools/data/preprocess.py"), run_name="cli")["main"]
+    assert tool(["--input", str(root / "docs.jsonl"), "--output-prefix", str(root / "corpus")]) == 0
+    return root / "corpus"
+
+
+def test_a_small_corpus_fine_tunes_with_evaluation_off(small_corpus, tmp_path):
+    """--split 99,1,0 (the recipe's) leaves a validation part without one full sequence; with EVAL_ITERS=0 nothing
+    needs it (megatron asserted 'no sample to consume: 0' on every rank after building the model)."""
+    run = recipe(tmp_path, PRESET="tiny-demo", MOCK_DATA="0", DATA_PATH=str(small_corpus), SEQ_LEN="256",
+                 TRAIN_ITERS="1", WARMUP="0", EVAL_ITERS="0")
+    assert list(run.losses) == [1]
+
+
+def test_an_empty_validation_part_is_named_when_evaluation_is_on(small_corpus, tmp_path):
+    recipe_refused(tmp_path, PRESET="tiny-demo", MOCK_DATA="0", DATA_PATH=str(small_corpus), SEQ_LEN="256",
+                   EVAL_ITERS="1", says=f"--split 99,1,0 leaves the validation part of {small_corpus} 2 of 201 "
+                                        "documents")
+
+
+@pytest.fixture(scope="module")
+def without_mtp(tmp_path_factory):
+    """A tiny-moe checkpoint as transformers' save_pretrained writes it (no MTP weights), converted."""
+    root = tmp_path_factory.mktemp("no_mtp")
+    hf = make_hf_checkpoint(root / "hf", "tiny-moe", seed=4)
+    assert not any(n.startswith("mtp.") for n in SafetensorsCheckpoint(hf))
+    return hf, qwen35_hf_to_megatron(hf, root / "megatron", progress=False)
+
+
+@pytest.mark.parametrize("mtp", ["fresh", "off"])
+def test_a_checkpoint_without_mtp_weights_fine_tunes_through_the_recipe(without_mtp, tmp_path, mtp):
+    """The recipe of its size (MTP on) starts the MTP layer from its initialisation, saying so; MTP=0 trains
+    without. At learning rate 0 the export is the source to the bit (the load took every weight), plus the MTP
+    layer the run trained (none with MTP=0)."""
+    hf, converted = without_mtp
+    settings = dict(LOAD=str(converted), SAVE=str(tmp_path / "tuned"), TRAIN_ITERS="1", WARMUP="0", LR="0", MIN_LR="0",
+                    **({"MTP": "0"} if mtp == "off" else {}))
+    run = recipe(tmp_path, "--weight-decay", "0", **settings)
+    assert list(run.losses) == [1]
+    assert ("MTP layer(s) start from their initialisation" in run.stdout + run.stderr) == (mtp == "fresh")
+    qwen35_megatron_to_hf(tmp_path / "tuned", tmp_path / "export", progress=False)
+    source, export = SafetensorsCheckpoint(hf), SafetensorsCheckpoint(tmp_path / "export")
+    mtp_names = {n for n in export if n.startswith("mtp.")}
+    assert bool(mtp_names) == (mtp == "fresh")
+    assert set(export) - mtp_names == set(source)
+    for name in source:
+        assert export[name].equal(source[name]), name
+
+
+def test_resuming_an_iteration_with_another_mtp_setting_is_refused(without_mtp, tmp_path):
+    """An iteration's optimizer state covers the parameters it was saved with."""
+    _, converted = without_mtp
+    save = tmp_path / "run"
+    recipe(tmp_path, LOAD=str(converted), SAVE=str(save), TRAIN_ITERS="1", WARMUP="0", SAVE_INTERVAL="1", MTP="0")
+    recipe_refused(tmp_path, LOAD=str(save), SAVE=str(save), TRAIN_ITERS="2",
+                   says="resumes an iteration saved with no MTP layer(s), this run has 1")
+
+
+def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from megatron.core.datasets import indexed_dataset
+
+    tool = runpy.run_path(str(REPO / "tools/data/preprocess.py"), run_name="cli")["main"]
+    (tmp_path / "a.txt").write_text("One paragraph.\n")
+
+    def unwritable(self, path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(indexed_dataset.IndexedDatasetBuilder, "__init__", unwritable)
+    assert tool(["--input", str(tmp_path / "a.txt"), "--output-prefix", str(tmp_path / "out" / "corpus")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Permission denied") and "corpus.tmp" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_preprocess_of_a_rejected_input_leaves_no_output_folder(tmp_path, capsys):
+    tool = runpy.run_path(str(REPO / "tools/data/preprocess.py"), run_name="cli")["main"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    assert tool(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "out" / "c")]) == 2
+    assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
