@@ -277,7 +277,9 @@ def _child(fn_name: str, args: tuple, queue) -> None:
     import psutil
 
     import megatron_qwen35.provider  # noqa: F401  (megatron-core, transformers)
+    from megatron_qwen35.runtime import apply_runtime_patches
 
+    apply_runtime_patches()  # each child is an entry point
     setup = time.perf_counter() - start
     me, peak, done = psutil.Process(), [0, 0], threading.Event()
 

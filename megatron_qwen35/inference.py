@@ -31,7 +31,7 @@ from megatron_qwen35.layers.inference_context import Qwen35InferenceContext
 from megatron_qwen35.layers.rotary import mrope_position_ids
 from megatron_qwen35.parallel_layout import check_parallel_layout
 from megatron_qwen35.provider import qwen35_gpt_model
-from megatron_qwen35.runtime import initialize_parallel
+from megatron_qwen35.runtime import apply_runtime_patches, initialize_parallel
 
 
 class Qwen35CausalLM(torch.nn.Module):
@@ -128,10 +128,17 @@ def _unfused_rope(config):
 
 
 def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **config_overrides) -> Qwen35CausalLM:
-    """The model saved in `checkpoint_dir`, in eval mode; `config_overrides` go to TransformerConfig."""
+    """The model saved in `checkpoint_dir`, in eval mode; `config_overrides` go to TransformerConfig.
+
+    An entry point: it applies the run-time patches (runtime/register.py) and, where no parallel state exists, sets
+    up a one-process one. On a CUDA machine the model runs on Transformer Engine (`backend="te"`, which must import)
+    unless `backend="local"` says otherwise; elsewhere on the local backend."""
+    apply_runtime_patches()
     cfg, _ = read_config(checkpoint_dir)
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = backend or ("te" if device == "cuda" else "local")
     # No random initialisation: the strict load below overwrites every weight, and on CPU the initialisation's
     # temporaries fragment the heap (a 35b-a3b slice held 22.4 GiB for 13.2 GiB of fp32 parameters).
     overrides = dict(params_dtype=torch.float32, perform_initialization=False,
@@ -143,7 +150,8 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **conf
                         expert_parallel=overrides["expert_model_parallel_size"])
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("load_model runs the whole model on each rank; use pipeline_parallel=1")
-    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, **overrides), backend=backend)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, backend=backend, device=device, **overrides),
+                             backend=backend)
     load_checkpoint(model, checkpoint_dir)
     return Qwen35CausalLM(model, cfg).eval()
 

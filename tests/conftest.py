@@ -7,6 +7,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser compil
 import pytest
 import torch
 
+from megatron_qwen35.runtime import apply_runtime_patches
+
+apply_runtime_patches()  # the tests are an entry point: nothing in the package applies the register on its own
+
 
 @pytest.fixture(scope="session")
 def megatron_single_process():

@@ -43,10 +43,10 @@ def _fla_kernels_only() -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("gdn_ops took its torch path although Triton's interpreter is enabled")
 
-    gdn_ops._torch_chunk_gated_delta_rule = refuse
-    gdn_ops._torch_causal_conv1d = refuse
-    gdn_ops._torch_causal_conv1d_with_state = refuse
-    gdn_ops._torch_recurrent_steps = refuse
+    gdn_ops.torch_chunk.torch_chunk_gated_delta_rule = refuse
+    gdn_ops.torch_chunk.torch_causal_conv1d = refuse
+    gdn_ops.decode.torch_causal_conv1d_with_state = refuse
+    gdn_ops.decode.torch_recurrent_steps = refuse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,36 +246,39 @@ def test_fla_generation_kernels_equal_torch_path():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_fla_kernel_chosen_under_interpreter_unless_deterministic(monkeypatch):
-    """With the interpreter (faked) on, a CPU tensor goes to FLA, except with deterministic=True (megatron's
-    deterministic_mode, which its own GDN honours with its torch path); with it off, a CPU tensor always takes the
-    torch path."""
+def test_fla_kernel_chosen_under_interpreter_unless_the_torch_path_is_chosen(monkeypatch):
+    """With the interpreter (faked) on, a CPU tensor goes to FLA, except with kernels='torch' (--gdn-kernels torch) or
+    deterministic=True (megatron's deterministic_mode, which its own GDN honours with its torch path); with it off, a
+    CPU tensor always takes the torch path."""
+    from megatron_qwen35.layers.gdn_ops import fla
+
     cpu = torch.zeros(1)
     monkeypatch.setattr(triton_interpreter, "triton_interpreter_enabled", lambda: True)
-    assert gdn_ops._fla_kernel(lambda: "fla", cpu, deterministic=False) == "fla"
-    assert gdn_ops._fla_kernel(lambda: "fla", cpu, deterministic=True) is None
+    monkeypatch.setattr(fla, "_load", lambda name: (f"fla {name}", None))
+    assert fla.kernel("causal_conv1d", cpu, kernels="fla", deterministic=False) == "fla causal_conv1d"
+    assert fla.kernel("causal_conv1d", cpu, kernels="fla", deterministic=True) is None
+    assert fla.kernel("causal_conv1d", cpu, kernels="torch", deterministic=False) is None
     monkeypatch.setattr(triton_interpreter, "triton_interpreter_enabled", lambda: False)
-    assert gdn_ops._fla_kernel(lambda: "fla", cpu, deterministic=False) is None
+    assert fla.kernel("causal_conv1d", cpu, kernels="fla", deterministic=False) is None
 
 
-def test_deterministic_kernel_calls_never_load_fla(monkeypatch):
-    """chunk_gated_delta_rule and causal_conv1d with deterministic=True compute on the torch path even where FLA
-    would run; without it they ask for FLA's kernel (here a loader that raises)."""
-    def no_fla():
-        raise LookupError("FLA requested")
+def test_fla_that_does_not_import_where_it_would_run_is_an_error_naming_why(monkeypatch):
+    """No quiet switch to the (slower) torch path: the import failure is named, with the explicit way out; choosing
+    the torch path (or deterministic mode) computes there."""
+    from megatron_qwen35.layers.gdn_ops import fla
 
     monkeypatch.setattr(triton_interpreter, "triton_interpreter_enabled", lambda: True)
-    monkeypatch.setattr(gdn_ops, "_fla_chunk_gated_delta_rule", no_fla)
-    monkeypatch.setattr(gdn_ops, "_fla_causal_conv1d", no_fla)
+    monkeypatch.setattr(fla, "_load", lambda name: (None, ImportError("libcuda.so.1: cannot open shared object")))
     (q, k, v, g, beta, _), _ = _grouped_inputs()
     x, weight = torch.randn(1, 20, 6), torch.randn(6, 4)
-    out, _ = gdn_ops.chunk_gated_delta_rule(q, k, v, g, beta, deterministic=True)
-    assert out.shape == v.shape
-    assert gdn_ops.causal_conv1d(x, weight, deterministic=True).shape == x.shape
-    with pytest.raises(LookupError):
+    with pytest.raises(fla.FLAUnavailable, match=r"chunk_gated_delta_rule does not import on this machine "
+                                                 r"\(ImportError: libcuda.so.1.*--gdn-kernels torch"):
         gdn_ops.chunk_gated_delta_rule(q, k, v, g, beta)
-    with pytest.raises(LookupError):
+    with pytest.raises(fla.FLAUnavailable, match="causal_conv1d does not import"):
         gdn_ops.causal_conv1d(x, weight)
+    assert gdn_ops.chunk_gated_delta_rule(q, k, v, g, beta, kernels="torch")[0].shape == v.shape
+    assert gdn_ops.chunk_gated_delta_rule(q, k, v, g, beta, deterministic=True)[0].shape == v.shape
+    assert gdn_ops.causal_conv1d(x, weight, kernels="torch").shape == x.shape
 
 
 def test_installed_triton_and_fla_are_the_releases_the_interpreter_adaptations_were_written_for():

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from megatron_qwen35.hf_reference import torch_chunk_gated_delta_rule
 from megatron_qwen35.layers import gdn_ops
-from megatron_qwen35.layers.gdn_ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from megatron_qwen35.layers.gdn_ops import causal_conv1d, chunk_gated_delta_rule
+from tests.gdn_reference import recurrent_gated_delta_rule
 
 ATOL = 1e-5
 
@@ -141,7 +142,7 @@ def test_chunked_backward_passes_float64_gradcheck():
     cu_seqlens = torch.tensor([0, 6, 11])
 
     def fn(q, k, v, g, beta, h0):
-        return gdn_ops._torch_chunk_gated_delta_rule(
+        return gdn_ops.torch_chunk.torch_chunk_gated_delta_rule(
             q, k, v, g, beta, None, h0, True, cu_seqlens, True, chunk_size=4
         )
 

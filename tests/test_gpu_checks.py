@@ -1,6 +1,8 @@
 """benchmarks/gpu_checks.py --dry-run, as CI runs it: every check's code path on CPU, FLA's kernels under Triton's
-interpreter. What needs a GPU (bf16 inside FLA, Transformer Engine, timings) is reported as skipped, never as ok."""
+interpreter. What needs a GPU (bf16 inside FLA, Transformer Engine, timings) is reported as skipped, never as ok.
+The launcher runs the package benchmarks/gpu/; its bounds live in benchmarks/gpu/tolerances.py only."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "benchmarks" / "gpu"
 
 # (start of a `check` line, how it must end): one entry per line the dry run prints
 EXPECTED = [
@@ -44,3 +47,26 @@ def test_dry_run_prints_every_check_and_passes_on_cpu():
     assert len(checks) == len(EXPECTED), proc.stdout
     summary = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")]
     assert len(summary) == 1 and " 0 FAIL," in summary[0], proc.stdout
+
+
+def test_without_dry_run_on_a_machine_without_cuda_exits_1_naming_the_flag():
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_checks.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-4000:]
+    assert "gpu_checks.py needs a CUDA device; on CPU run it with --dry-run" in proc.stderr
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("check ")]
+
+
+def test_every_bound_comes_from_tolerances():
+    """No module of the package but tolerances.py compares a result with a float literal: a bound written in a check
+    would escape the one table of bounds and their reasons."""
+    literals = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "tolerances.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                literals += [f"{path.relative_to(ROOT)}:{node.lineno}" for operand in [node.left, *node.comparators]
+                             if isinstance(operand, ast.Constant) and isinstance(operand.value, float)]
+    assert not literals, literals

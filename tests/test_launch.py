@@ -70,15 +70,15 @@ def test_gradient_accumulation_fusion_is_off_where_apex_cannot_fuse(monkeypatch)
     assert "--no-gradient-accumulation-fusion" not in launch.qwen35_argv(["--qwen35-preset", "tiny"])
 
 
-def test_rope_fusion_is_on_only_where_transformer_engine_runs_it(monkeypatch):
-    """On a CUDA machine without Transformer Engine, asking for megatron's fused rope makes TransformerConfig raise:
-    the converter, load_model and the GPU checks all build one."""
-    from megatron_qwen35 import runtime
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: False)
-    config = qwen35_transformer_config(PRESETS["tiny"], use_cpu_initialization=True)
-    assert config.apply_rope_fusion is False
+def test_the_config_builder_takes_device_and_backend_from_its_caller(monkeypatch):
+    """Nothing probes the machine: megatron's fused rope (Transformer Engine's) is on only for backend 'te' on CUDA
+    (a CUDA machine without TE raised in TransformerConfig when it was probed), CUDA fusions only on CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what the machine says does not matter
+    cpu = qwen35_transformer_config(PRESETS["tiny"])
+    assert (cpu.transformer_impl, cpu.apply_rope_fusion, cpu.use_cpu_initialization) == ("local", False, True)
+    local_cuda = qwen35_transformer_config(PRESETS["tiny"], backend="local", device="cuda",
+                                           use_cpu_initialization=True)
+    assert (local_cuda.apply_rope_fusion, local_cuda.masked_softmax_fusion) == (False, True)
 
 
 def test_refused_flag_stops_before_anything_is_built(tmp_path):
@@ -143,3 +143,33 @@ def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
                    base=base, check=False)
     assert "outside the 512-token vocabulary of the model 'tiny'" in run.stderr + run.stdout
     assert f"--data-path {tmp_path / 'corpus'}" in run.stderr + run.stdout
+
+
+def test_a_chosen_transformer_engine_that_does_not_import_is_an_error_naming_why(monkeypatch):
+    """No quiet switch to the local backend (slower; found out from the step time): the import failure is named,
+    with the explicit ways to choose the local backend."""
+    from megatron_qwen35 import provider
+
+    config = qwen35_transformer_config(PRESETS["tiny"], backend="te")
+    monkeypatch.setattr(provider, "transformer_engine_import_error",
+                        lambda: ImportError("libtransformer_engine.so: cannot open shared object file"))
+    with pytest.raises(RuntimeError, match=r"transformer_engine does not import here \(ImportError: "
+                                           r"libtransformer_engine.so.*--transformer-impl local"):
+        provider.qwen35_gpt_model(PRESETS["tiny"], config)
+    assert provider.resolve_backend(config, "local") == "local"
+
+
+def test_the_key_schema_leaves_no_process_group_behind():
+    """Reading a model's checkpoint keys (converters, the launch check) builds it in a one-rank world of its own."""
+    import subprocess
+
+    code = ("import torch; from megatron.core import parallel_state as ps;"
+            "from megatron_qwen35.runtime import apply_runtime_patches; apply_runtime_patches();"
+            "from megatron_qwen35.config import qwen35_preset;"
+            "from megatron_qwen35.convert.megatron_keys import MegatronLayout;"
+            "keys = MegatronLayout(qwen35_preset('tiny-moe'));"
+            "assert keys.checkpoint_shapes() and keys.read is not None;"
+            "assert not torch.distributed.is_initialized() and not ps.model_parallel_is_initialized(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "TORCHDYNAMO_DISABLE": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

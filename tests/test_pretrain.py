@@ -27,7 +27,7 @@ def test_forward_step_loss_equals_hand_computation(megatron_single_process, monk
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
     monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(
         create_attention_mask_in_dataloader=False, micro_batch_size=2, seq_length=12, mtp_num_layers=1,
-        padded_vocab_size=cfg.vocab_size))
+        padded_vocab_size=cfg.vocab_size, check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=False))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
@@ -43,6 +43,32 @@ def test_forward_step_loss_equals_hand_computation(megatron_single_process, monk
     assert int(num_tokens) == int(loss_mask.sum())
     assert torch.allclose(loss, hand, rtol=1e-6, atol=0)
     assert torch.allclose(report["lm loss"], torch.stack([hand, loss_mask.sum()]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_loss_stops_the_step_with_megatrons_message(megatron_single_process, monkeypatch, bad):
+    """loss_func runs pretrain_gpt's checks through megatron's rerun state machine (on by default)."""
+    import megatron.training.global_vars as global_vars
+
+    from megatron_qwen35.training.steps import loss_func
+
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(check_for_nan_in_loss_and_grad=True,
+                                                               check_for_spiky_loss=False))
+    per_token = torch.tensor([[1.0, bad, 2.0]])
+    what = "NaN" if bad != bad else "Inf"
+    with pytest.raises(RuntimeError, match=f"found {what} in local forward loss calculation"):
+        loss_func(torch.ones(1, 3), per_token)
+    loss, count, _ = loss_func(torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1.0, 5.0, 2.0]]))
+    assert float(loss) == 3.0 and int(count) == 2
+
+
+def test_a_diverging_run_stops_at_the_nan_with_megatrons_message(tmp_path):
+    """Through the entry point: a learning rate that blows the weights up ends the run at the first NaN loss."""
+    run = pretrain(tmp_path, "--train-iters", "6", "--lr", "1e12", "--min-lr", "1e11", "--clip-grad", "0",
+                   check=False)
+    out = run.stdout + run.stderr
+    assert "found NaN in local forward loss calculation" in out or "found Inf in local forward loss calculation" in out
+    assert "Unexpected result" in out and 1 in run.losses and 6 not in run.losses
 
 
 def test_resume_continues_exactly(tmp_path):

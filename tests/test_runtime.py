@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_qwen35 import runtime
-from megatron_qwen35.runtime import cpu_patches, register
+from megatron_qwen35.runtime import no_cuda, register
 from megatron_qwen35.runtime.patching import original
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-runtime tests")
@@ -207,7 +207,7 @@ def test_cuda_literals_allocate_on_cpu(cpu_runtime):
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.utils import get_default_causal_mask
 
-    assert isinstance(schedules.torch, cpu_patches.CpuTorchProxy)
+    assert isinstance(schedules.torch, no_cuda.torch_cuda.CpuTorchProxy)
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert schedules.torch.Tensor is torch.Tensor  # everything else is the real torch
     mask = get_default_causal_mask(4)
@@ -352,7 +352,7 @@ def test_optimizer_modules_allocate_on_cpu(cpu_runtime):
     from megatron.core.optimizer import optimizer as optimizer_module
 
     for module in (optimizer_module, clip_grads, grad_scaler):
-        assert isinstance(module.torch, cpu_patches.CpuTorchProxy)
+        assert isinstance(module.torch, no_cuda.torch_cuda.CpuTorchProxy)
         assert module.torch.tensor([0], dtype=torch.int, device="cuda").device.type == "cpu"
     scaler = grad_scaler.DynamicGradScaler(initial_scale=2.0**8, min_scale=1.0, growth_factor=2.0,
                                            backoff_factor=0.5, growth_interval=2, hysteresis=1)
@@ -479,7 +479,7 @@ def test_pipeline_embedding_copy_skips_cuda_move(cpu_runtime):
 
     assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "__wrapped__")
     x = torch.ones(2)
-    with cpu_patches.tensor_cuda_is_identity():
+    with no_cuda.torch_cuda.tensor_cuda_is_identity():
         assert x.cuda() is x
     # restored on exit: the real method again, which fails without CUDA
     with pytest.raises((RuntimeError, AssertionError)):

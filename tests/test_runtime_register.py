@@ -24,6 +24,38 @@ def test_patch_is_tied_to_the_upstream_source_it_replaces(patch):
         f"{register.WRITTEN_FOR['megatron-core']} / torch {register.WRITTEN_FOR['torch']}")
 
 
+@pytest.mark.parametrize("dependency", register.DEPENDENCIES, ids=lambda d: d.name)
+def test_upstream_code_we_depend_on_is_what_it_was_read_as(dependency):
+    """Code we call or subclass without replacing it (the GDN base class and its extension points, the TP-shared
+    gradients' reduction, megatron.training's --finetune hook, the rerun checks): a changed source after an upgrade
+    fails here; re-read it for `dependency.how` and record the new fingerprint."""
+    assert dependency.how and dependency.targets
+    assert fingerprint(dependency.targets) == dependency.fingerprint, (
+        f"{dependency.name}: {', '.join(dependency.targets)} changed upstream; re-read them for: {dependency.how}")
+
+
+def test_nothing_in_the_package_changes_megatron_on_import_or_build():
+    """A program that embeds the package (an RL trainer, a notebook) gets megatron changed only when it asks:
+    importing the package and building a model apply no patch; a build where a needed patch is missing names the
+    call to make."""
+    code = ("import torch, megatron_qwen35.provider, megatron_qwen35.inference, megatron_qwen35.convert.megatron_keys;"
+            "from megatron_qwen35.runtime import register, one_rank_world;"
+            "from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config;"
+            "from megatron_qwen35.provider import qwen35_gpt_model;"
+            "assert register.applied_patches() == [], register.applied_patches();"
+            "cfg = qwen35_preset('tiny');"
+            "tc = qwen35_transformer_config(cfg, perform_initialization=False);\n"
+            "try:\n"
+            "    with one_rank_world(), torch.device('meta'): qwen35_gpt_model(cfg, tc)\n"
+            "except RuntimeError as e: print(e)\n"
+            "assert register.applied_patches() == []")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "TORCHDYNAMO_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    if not __import__("torch").cuda.is_available():  # this machine needs the no-CUDA rows to build
+        assert "call megatron_qwen35.runtime.apply_runtime_patches() once first" in done.stdout, done.stdout
+
+
 def test_patch_names_are_unique_and_the_pinned_versions_are_installed():
     names = [p.name for p in register.PATCHES]
     assert len(names) == len(set(names))

@@ -38,6 +38,8 @@ def _arguments(argv):
     p.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel size")
     p.add_argument("--expert-parallel", type=int, default=1, help="under torchrun: expert-parallel size")
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
+    p.add_argument("--backend", choices=["te", "local"], default=None,
+                   help="modules to run (default: Transformer Engine on CUDA, which must import; local elsewhere)")
     return p.parse_args(argv)
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         if not prompt_ids:
             raise ValueError("--prompt is empty: there is nothing to continue")
         initialize_parallel(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
-        model = load_model(args.checkpoint)
+        model = load_model(args.checkpoint, backend=args.backend)
         if model.config.vocab_size <= max(prompt_ids):
             raise ValueError(f"the prompt's token ids reach {max(prompt_ids)}, outside the {model.config.vocab_size}"
                              f"-token vocabulary of the checkpoint {args.checkpoint}: it was not trained with the "

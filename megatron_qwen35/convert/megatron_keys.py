@@ -1,10 +1,11 @@
 """The Megatron side's key schema, asked of the model itself: which checkpoint keys each table tensor is saved under,
 with which shapes, sections and dtypes.
 
-Nothing here is re-derived: `MegatronLayout` builds the model on the meta device at TP=1 and reads its own
-`sharded_state_dict`, so a converted checkpoint is exactly what `save_checkpoint` of that model writes, and loads at
-any TP / EP / PP layout. A factory entry (a fused projection saved as named sections, GLU halves) is built and merged
-by megatron's own functions.
+Nothing here is re-derived: `MegatronLayout` builds the model on the meta device at TP=1 (in a one-rank world of
+its own, `runtime.one_rank_world`: no process group is left behind) and reads its own `sharded_state_dict`, so a
+converted checkpoint is exactly what `save_checkpoint` of that model writes, and loads at any TP / EP / PP layout. A
+factory entry (a fused projection saved as named sections, GLU halves) is built and merged by megatron's own
+functions.
 
 The model is built in bf16, so the parameters it keeps in fp32 whatever the precision (Gated DeltaNet's A_log and
 output-norm weight, `layers/gated_delta_net.FP32_PARAMETERS`) show up as fp32 here: the converter stores them so.
@@ -42,29 +43,21 @@ class MegatronLayout:
     splits the tensor into named sections), plus its ShardedObjects. Built on the meta device: no weights."""
 
     def __init__(self, cfg: Qwen35Config):
-        from megatron.core import parallel_state
-
         from megatron_qwen35.config import qwen35_transformer_config
-        from megatron_qwen35.convert.model_state import table_names
+        from megatron_qwen35.convert.names import checkpoint_names
         from megatron_qwen35.provider import qwen35_gpt_model
-        from megatron_qwen35.runtime import initialize_parallel
+        from megatron_qwen35.runtime import one_rank_world
 
-        if not parallel_state.model_parallel_is_initialized():
-            initialize_parallel()
-        sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_pipeline_model_parallel_world_size(),
-                 parallel_state.get_expert_model_parallel_world_size())
-        if sizes != (1, 1, 1):
-            raise RuntimeError(f"checkpoint conversion runs in one process (TP, PP, EP = {sizes}); the converted "
-                               "checkpoint loads at any layout afterwards")
         # No initialisation: on the meta device it only costs time (most of the build for 512 experts).
         transformer_config = qwen35_transformer_config(cfg, params_dtype=torch.bfloat16, perform_initialization=False)
-        with torch.device("meta"):
-            model = qwen35_gpt_model(cfg, transformer_config, backend="local")
-        names = table_names(model)
+        with one_rank_world():  # a one-rank build (conversion is parallelism-agnostic), leaving no process group
+            with torch.device("meta"):
+                model = qwen35_gpt_model(cfg, transformer_config, backend="local")
+            sharded = model.sharded_state_dict()
+        names = checkpoint_names(model)
         self.entries: dict[str, ShardedTensor | ShardedTensorFactory] = {}
         self.objects: list[ShardedObject] = []
-        for sd_name, entry in model.sharded_state_dict().items():
+        for sd_name, entry in sharded.items():
             if isinstance(entry, ShardedObject):
                 self.objects.append(entry)
             elif isinstance(entry, (ShardedTensor, ShardedTensorFactory)):

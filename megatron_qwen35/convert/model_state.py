@@ -1,8 +1,7 @@
 """A live megatron model's tensors under the conversion table's (checkpoint) names, and in-process HF loading.
 
-Local-backend layers keep their input norms as separate modules; the checkpoint (and Transformer Engine) name them
-after the fused linear. `megatron_named_tensors` applies each layer's own `sharded_state_dict_keys_map`, so the
-table sees one naming whichever backend built the model.
+Names come from `convert/names.py` (the one owner of a parameter's checkpoint name), so the table sees one naming
+whichever backend built the model and whatever wraps it.
 """
 
 from __future__ import annotations
@@ -10,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.convert.names import checkpoint_names
 from megatron_qwen35.convert.table import (
     VISION_PREFIX,
     NamedRule,
@@ -23,27 +22,9 @@ from megatron_qwen35.convert.table import (
 )
 
 
-def table_names(model: torch.nn.Module) -> dict[str, str]:
-    """{state_dict name: checkpoint-style (table) name} of every tensor in `model`'s state dict."""
-    renames: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, TransformerLayer):
-            for old, new in module.submodules_config.sharded_state_dict_keys_map.items():
-                renames[f"{name}.{old}"] = f"{name}.{new}"
-    out = {}
-    for name in model.state_dict(keep_vars=True):
-        table_name = name
-        for old, new in renames.items():
-            if name.startswith(old):
-                table_name = new + name[len(old):]
-                break
-        out[name] = table_name
-    return out
-
-
 def megatron_named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{checkpoint-style name: live parameter tensor} of an unsharded (TP=1, PP=1, EP=1) model."""
-    names = table_names(model)
+    names = checkpoint_names(model)
     return {names[name]: tensor for name, tensor in model.state_dict(keep_vars=True).items()
             if not name.endswith("_extra_state")}
 
@@ -108,5 +89,5 @@ def export_hf_vision_state_dict(tower: torch.nn.Module, cfg: Qwen35Config,
     return out
 
 
-__all__ = ["table_names", "megatron_named_tensors", "load_hf_state_dict", "export_hf_state_dict", "qwen35_rules",
+__all__ = ["megatron_named_tensors", "load_hf_state_dict", "export_hf_state_dict", "qwen35_rules",
            "load_hf_vision_state_dict", "export_hf_vision_state_dict"]

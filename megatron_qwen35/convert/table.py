@@ -294,6 +294,11 @@ def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: Qwen35Config,
         yield from zip(rule.hf, out, strict=True)
 
 
+def rules_by_megatron_name(rules: list[NamedRule]) -> dict[str, NamedRule]:
+    """Which rule owns each Megatron name (a tensor's transform and Hugging Face names come from its rule)."""
+    return {name: rule for rule in rules for name in rule.megatron}
+
+
 def check_names(available: set[str], expected: set[str], *, side: str) -> None:
     """Every tensor present must be mapped and every mapped one present: a clear error names the first stray."""
     unexpected, missing = sorted(available - expected), sorted(expected - available)

@@ -8,7 +8,11 @@ one TP size loads at another) we inherit unchanged:
 - the forward sends every kernel (causal conv, gated delta rule, q/k L2 norm) through `gdn_ops`, which chooses
   FLA's Triton kernels for CUDA tensors and pure PyTorch elsewhere; megatron's calls FLA unconditionally;
 - the gated output norm's weight is shared by all value heads, which tensor parallelism splits across ranks, so
-  its gradient is summed over the TP group (megatron sums it only under sequence parallelism);
+  its gradient is summed over the TP group, by megatron's finalize_model_grads once per step (megatron sums it only
+  under sequence parallelism);
+- one mixing core (`_mix`) serves training (plain and packed) and generation; of megatron's forward only its
+  extension points are used (`_setup_variant_attrs`, `_compute_g_and_beta`, `_apply_gated_norm`), and every upstream
+  function this file depends on is fingerprinted (runtime/register.py's DEPENDENCIES);
 - context parallelism goes through megatron's all-to-all to head parallelism (each rank runs the whole sequence for
   1/cp of the heads), then into natural token order by `context_parallel.load_balanced_positions`, which also
   knows packed (THD) batches, whose every document is spread over all CP ranks;
@@ -22,8 +26,6 @@ softplus(a + dt_bias) in fp32, beta = sigmoid(b), out = out_proj(rmsnorm(o) * w 
 from functools import partial
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet
@@ -45,17 +47,23 @@ FP32_PARAMETERS = ("A_log", "out_norm.weight")
 
 class Qwen35GatedDeltaNet(GatedDeltaNet):
     """megatron-core's GatedDeltaNet parameters and checkpoint layout, with a device-agnostic forward and the
-    FP32_PARAMETERS kept in fp32 under --bf16 / --fp16 (their parameters, gradients, optimizer state, checkpoints)."""
+    FP32_PARAMETERS kept in fp32 under --bf16 / --fp16 (their parameters, gradients, optimizer state, checkpoints).
 
-    def __init__(self, *args, **kwargs):
+    `kernels`: "fla" (FLA's Triton kernels where Triton runs the tensors; an error where they do not import) or
+    "torch" (the PyTorch path everywhere), the user's --gdn-kernels; CPU tensors always take the PyTorch path."""
+
+    def __init__(self, *args, kernels: str = "fla", **kwargs):
         super().__init__(*args, **kwargs)
         if self.conv_bias:
             raise ValueError("Qwen3.5's Gated DeltaNet conv has no bias; conv_bias=True is not supported")
+        if kernels not in gdn_ops.KERNELS:
+            raise ValueError(f"unknown Gated DeltaNet kernels {kernels!r}; choose one of {gdn_ops.KERNELS}")
+        self.kernels = kernels
         for name in FP32_PARAMETERS:  # megatron builds them in params_dtype; their initial values are exact in fp32
             param = self.get_parameter(name)
             param.data = param.data.float()
         if self.tp_size > 1:
-            _sum_grad_over_group(self.out_norm.weight, self.pg_collection.tp)
+            _reduce_grad_over_tp_once_per_step(self.out_norm.weight, self.tp_size)
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that a cast to a 16-bit float (megatron's Float16Module calls module.bfloat16())
@@ -78,42 +86,21 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         inference_context = inference_context if inference_context is not None else inference_params
         if inference_context is not None:
             return self._forward_inference(hidden_states, inference_context)
-        cp = self.pg_collection.cp
         qkvzba, _ = self.in_proj(hidden_states)  # [s(/cp), b, in_proj_dim / tp]; SP gathers the sequence here
         cp_positions = None
         if self.cp_size > 1:  # context -> head parallel: every rank gets the whole sequence of 1/cp of the heads
             head_perm = _build_head_perm_for_split_sections(self.in_proj_split_sections, self.cp_size,
                                                             qkvzba.device)
-            qkvzba = tensor_a2a_cp2hp(qkvzba.index_select(-1, head_perm), seq_dim=0, head_dim=-1, cp_group=cp,
+            qkvzba = tensor_a2a_cp2hp(qkvzba.index_select(-1, head_perm), seq_dim=0, head_dim=-1,
+                                      cp_group=self.pg_collection.cp,
                                       undo_attention_load_balancing=False)  # ranks' tokens one after another
         seq_len, batch = qkvzba.shape[:2]
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, seq_len, batch)
         if self.cp_size > 1:  # the recurrence needs natural order, per packed sequence
             cp_positions = load_balanced_positions(seq_len, self.cp_size, cu_seqlens, device=qkvzba.device)
             qkvzba = qkvzba.index_select(0, natural_order_index(cp_positions))
-        qkvzba = qkvzba.transpose(0, 1)  # [b, s, x]
-        qkv, gate, beta, alpha = torch.split(qkvzba, list(self.feat_dim_split), dim=-1)
+        core, gate, _ = self._mix(qkvzba.transpose(0, 1), cu_seqlens=cu_seqlens)  # [b, s, x] in
 
-        qk_dim, v_dim = self.qk_dim_local_tp // self.cp_size, self.v_dim_local_tp // self.cp_size
-        conv_weight = get_parameter_local_cp(self.conv1d.weight.squeeze(1), dim=0, cp_group=cp,
-                                             split_sections=[self.qk_dim_local_tp, self.qk_dim_local_tp,
-                                                             self.v_dim_local_tp])  # this rank's heads' channels
-        qkv = gdn_ops.causal_conv1d(qkv, conv_weight, cu_seqlens=cu_seqlens, activation="silu",
-                                    deterministic=self.config.deterministic_mode)
-        query, key, value = torch.split(qkv, [qk_dim, qk_dim, v_dim], -1)
-        query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
-        key = key.reshape(batch, seq_len, -1, self.key_head_dim)
-        value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
-
-        a_log = get_parameter_local_cp(self.A_log, dim=0, cp_group=cp)
-        dt_bias = get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp)
-        g = -a_log.float().exp() * F.softplus(alpha.float() + dt_bias.float())  # fp32: bf16 decay underflows
-        beta = beta.sigmoid()
-        core, _ = self.gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens,
-                                        use_qk_l2norm=self.use_qk_l2norm,
-                                        deterministic=self.config.deterministic_mode)  # [b, s, h, dv]
-
-        gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
         norm = partial(self._gated_norm, batch=batch, seq_len=seq_len, cp_positions=cp_positions)
         if self.recompute_norm_out:
             # fp8 must be the config's (None or a recipe name): megatron reads `fp8 is not None`, so the default False
@@ -127,10 +114,50 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
             self.norm_out_checkpoint.discard_output_and_register_recompute(out)
         return out, out_bias
 
+    def _mix(self, qkvzba, *, cu_seqlens=None, states=None):
+        """The token mixing every forward shares, on in_proj's output [b, s, x] in natural token order: split, causal
+        conv (SiLU), q / k / v heads, decay and beta (megatron's `_compute_g_and_beta`: fp32, since in bf16 the
+        decay underflows), gated delta rule. Returns core [b, s, h, dv], the output gate z [b, s, h, dv] and, for
+        generation (`states`: the conv state [b, c, k] and recurrent state [b, h, dk, dv] the earlier tokens left),
+        the states after these tokens (None in training). Training runs the chunked kernels over whole (packed,
+        `cu_seqlens`) sequences; generation continues from `states`, the prompt through the chunked kernel and a
+        single token through the recurrent one."""
+        batch, seq_len = qkvzba.shape[:2]
+        qkv, gate, beta, alpha = torch.split(qkvzba, list(self.feat_dim_split), dim=-1)
+        cp = self.pg_collection.cp
+        kernel_choice = dict(kernels=self.kernels, deterministic=self.config.deterministic_mode)
+        conv_weight = get_parameter_local_cp(self.conv1d.weight.squeeze(1), dim=0, cp_group=cp,
+                                             split_sections=[self.qk_dim_local_tp, self.qk_dim_local_tp,
+                                                             self.v_dim_local_tp])  # this rank's heads' channels
+        if states is None:
+            qkv = gdn_ops.causal_conv1d(qkv, conv_weight, cu_seqlens=cu_seqlens, activation="silu", **kernel_choice)
+        else:
+            qkv, conv_state = gdn_ops.causal_conv1d_with_state(qkv, conv_weight, states[0], activation="silu",
+                                                               **kernel_choice)
+        qk_dim, v_dim = self.qk_dim_local_tp // self.cp_size, self.v_dim_local_tp // self.cp_size
+        query, key, value = torch.split(qkv, [qk_dim, qk_dim, v_dim], -1)
+        query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]: FLA reads shared key heads
+        key = key.reshape(batch, seq_len, -1, self.key_head_dim)
+        value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
+        g, beta = self._compute_g_and_beta(get_parameter_local_cp(self.A_log, dim=0, cp_group=cp),
+                                           get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp), alpha, beta)
+        gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
+        rule = dict(use_qk_l2norm=self.use_qk_l2norm, **kernel_choice)
+        if states is None:
+            core, _ = self.gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens, **rule)
+            return core, gate, None
+        if seq_len == 1:
+            core, recurrent_state = gdn_ops.fused_recurrent_gated_delta_rule(query, key, value, g, beta,
+                                                                             initial_state=states[1], **rule)
+        else:
+            core, recurrent_state = self.gated_delta_rule(query, key, value, g, beta, initial_state=states[1],
+                                                          output_final_state=True, **rule)
+        return core, gate, (conv_state, recurrent_state)
+
     def _forward_inference(self, hidden_states, context):
         """One forward of generation: the prompt (`sequence_len_offset` 0) or the tokens after it, continuing the conv
         and recurrent states kept in megatron's static inference context under this layer's number (as megatron's
-        Mamba layers keep theirs). The prompt runs the chunked kernel, a single token the recurrent one."""
+        Mamba layers keep theirs)."""
         if not context.is_static_batching():
             raise ValueError("Qwen35GatedDeltaNet generates with a static inference context (megatron's "
                              "StaticInferenceContext or megatron_qwen35's Qwen35InferenceContext); dynamic batching is "
@@ -142,30 +169,10 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         padding = context.padding(seq_len) if isinstance(context, Qwen35InferenceContext) else None  # [b, s]
         if padding is not None:  # transformers' apply_mask_to_padding_states: pads leave both states untouched
             hidden_states = hidden_states.masked_fill(padding.t().unsqueeze(-1), 0.0)
-        conv_state, recurrent_state = self._inference_states(context, batch, hidden_states)
-
+        states = self._inference_states(context, batch, hidden_states)
         qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]
-        qkv, gate, beta, alpha = torch.split(qkvzba.transpose(0, 1), list(self.feat_dim_split), dim=-1)  # [b, s, x]
-        qkv, conv_state = gdn_ops.causal_conv1d_with_state(qkv, self.conv1d.weight.squeeze(1), conv_state,
-                                                           activation="silu",
-                                                           deterministic=self.config.deterministic_mode)
-        query, key, value = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], -1)
-        query = query.reshape(batch, seq_len, -1, self.key_head_dim)  # [b, s, hk, dk]
-        key = key.reshape(batch, seq_len, -1, self.key_head_dim)
-        value = value.reshape(batch, seq_len, -1, self.value_head_dim)  # [b, s, h, dv]
-        g = -self.A_log.float().exp() * F.softplus(alpha.float() + self.dt_bias.float())  # fp32: bf16 decay underflows
-        beta = beta.sigmoid()
-        if seq_len == 1:
-            core, recurrent_state = gdn_ops.fused_recurrent_gated_delta_rule(
-                query, key, value, g, beta, initial_state=recurrent_state, use_qk_l2norm=self.use_qk_l2norm,
-                deterministic=self.config.deterministic_mode)
-        else:
-            core, recurrent_state = self.gated_delta_rule(
-                query, key, value, g, beta, initial_state=recurrent_state, output_final_state=True,
-                use_qk_l2norm=self.use_qk_l2norm, deterministic=self.config.deterministic_mode)
-        context.key_value_memory_dict[self.layer_number] = (conv_state, recurrent_state)
-
-        gate = gate.reshape(batch, seq_len, -1, self.value_head_dim)
+        core, gate, states = self._mix(qkvzba.transpose(0, 1), states=states)
+        context.key_value_memory_dict[self.layer_number] = states
         normed = self._gated_norm(core, gate, batch=batch, seq_len=seq_len, cp_positions=None)
         return self.out_proj(normed)  # row-parallel: reduce over TP
 
@@ -212,13 +219,12 @@ def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None, seq_len: int, 
     return cu
 
 
-def _sum_grad_over_group(param: torch.nn.Parameter, group) -> None:
-    """Make `param`'s gradient the sum over `group` of the per-rank gradients (params shared by sharded heads)."""
-    def hook(grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-
-    param.register_hook(hook)
-    # Sequence parallelism must not sum it a second time in finalize_model_grads.
+def _reduce_grad_over_tp_once_per_step(param: torch.nn.Parameter, tp_size: int) -> None:
+    """`param` is shared by all value heads, which tensor parallelism splits: its gradient is the sum of the TP
+    ranks' gradients. megatron's finalize_model_grads all-reduces the gradients of parameters marked
+    `average_gradients_across_tp_domain` over TP, once per step together with the layer norms' (an average); each
+    rank's gradient is scaled by the TP size on its way in (local, no communication), so the average is the sum.
+    Not marked sequence parallel: megatron would then sum it a second time under SP."""
+    param.average_gradients_across_tp_domain = True
     param.sequence_parallel = False
+    param.register_hook(lambda grad: grad * tp_size)

@@ -2,12 +2,15 @@
 
 Public API:
     apply_runtime_patches()  the register's patches: upstream-bug fixes everywhere, the no-CUDA adaptations of
-                             megatron-core and megatron.training where CUDA is absent (idempotent; register.py)
+                             megatron-core and megatron.training where CUDA is absent (idempotent; register.py);
+                             only entry points and library callers apply them, never an import or a build
+    check_runtime_patches(doing)  raise, naming that call, where a needed patch is missing
     initialize_parallel(...) torch.distributed + parallel_state + RNG tracker (tests, load_model, converters)
     destroy_parallel()       tear down parallel_state (and the process group we created)
     one_rank_world()         a one-rank parallel state for a meta build, gone afterwards (launch checks)
     compute_device()         cuda current device, else cpu
     transformer_engine_available()  whether Transformer Engine imports here (GPU nodes with TE installed)
+    transformer_engine_import_error()  why it does not (the error a run that chose TE reports)
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import socket
 
 import torch
 
-from megatron_qwen35.runtime import cpu_patches, register
+from megatron_qwen35.runtime import no_cuda, register
 
 __all__ = [
     "apply_runtime_patches",
+    "check_runtime_patches",
     "initialize_parallel",
     "destroy_parallel",
     "one_rank_world",
     "compute_device",
     "transformer_engine_available",
-    "cpu_patches",
+    "transformer_engine_import_error",
+    "no_cuda",
     "register",
 ]
 
@@ -42,6 +47,18 @@ def apply_runtime_patches() -> list[str]:
     return register.apply_patches()
 
 
+def check_runtime_patches(doing: str) -> None:
+    """Raise, naming the call to make, when this process lacks a register row this machine needs for `doing`.
+    Nothing in the package applies the register on its own (a program that embeds it keeps megatron as it was):
+    the entry points (pretrain_qwen35.py, the tools, load_model, initialize_parallel) do, and so does a library
+    caller, once, with `apply_runtime_patches()`."""
+    missing = register.missing_patches()
+    if missing:
+        raise RuntimeError(f"{doing} needs megatron_qwen35's run-time patches on this machine ({', '.join(missing)}); "
+                           "call megatron_qwen35.runtime.apply_runtime_patches() once first (the project's entry "
+                           "points do)")
+
+
 def compute_device() -> torch.device:
     """The device tensors should live on: the current CUDA device, else the CPU."""
     if torch.cuda.is_available():
@@ -49,13 +66,19 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def transformer_engine_available() -> bool:
-    """Whether Transformer Engine imports on this machine (it raises its own error, not ImportError, without CUDA)."""
+def transformer_engine_import_error() -> Exception | None:
+    """Why Transformer Engine does not import on this machine, or None when it does (it raises its own errors, not
+    only ImportError, where CUDA or its libraries are missing)."""
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the failure is the answer
+        return e
+    return None
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine imports on this machine."""
+    return transformer_engine_import_error() is None
 
 
 def _free_port() -> int:
@@ -153,6 +176,7 @@ def one_rank_world(seed: int = 1234):
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp
 
+    check_runtime_patches("a one-rank model build")
     if parallel_state.model_parallel_is_initialized():
         sizes = (parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_pipeline_model_parallel_world_size(),

@@ -1,4 +1,5 @@
-"""The register of every run-time change this project makes to megatron-core, megatron.training and torch.cuda.
+"""The register of every run-time change this project makes to megatron-core, megatron.training and torch.cuda, and
+of the upstream code it depends on without changing it (DEPENDENCIES).
 
 One row per patch: its name; its kind, NO_CUDA (an adaptation to a machine without CUDA, applied only there) or
 UPSTREAM_BUG (a defect of the pinned release that also stops or skews GPU runs, applied everywhere); the upstream
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_qwen35.runtime import cpu_patches, training_patches, upstream_fixes
+from megatron_qwen35.runtime import no_cuda, training_patches, upstream_fixes
 
 NO_CUDA = "no-CUDA adaptation"
 UPSTREAM_BUG = "upstream bug"
@@ -40,66 +41,66 @@ class Patch:
 
 _TRAINING = "megatron.training.training"
 PATCHES: tuple[Patch, ...] = (
-    # ---- megatron-core without CUDA (cpu_patches.py) ----
+    # ---- megatron-core without CUDA (no_cuda/) ----
     Patch("torch_cuda_current_device", NO_CUDA, ("torch.cuda:current_device",),
           "megatron allocates on torch.cuda.current_device() in ~100 places: resolve it to the CPU",
-          cpu_patches.patch_torch_cuda_current_device, "6e9804168a5c"),
+          no_cuda.torch_cuda.patch_torch_cuda_current_device, "6e9804168a5c"),
     Patch("torch_cuda_synchronize", NO_CUDA, ("torch.cuda:synchronize",),
           "p2p, dist_checkpointing, parallel_state and timers synchronize: every CPU op already is",
-          cpu_patches.patch_torch_cuda_synchronize, "7055e6143ffe"),
+          no_cuda.torch_cuda.patch_torch_cuda_synchronize, "7055e6143ffe"),
     Patch("torch_cuda_current_stream", NO_CUDA, ("torch.cuda:current_stream",),
           "DDP's grad sync waits on the current stream every step: one CPU stream whose waits are no-ops",
-          cpu_patches.patch_torch_cuda_current_stream, "ca5387f64ee1"),
+          no_cuda.torch_cuda.patch_torch_cuda_current_stream, "ca5387f64ee1"),
     Patch("rng_tracker", NO_CUDA, ("megatron.core.tensor_parallel.random",),
           "the model-parallel RNG states (init, dropout) live on the CUDA generator: keep them on the CPU one",
-          cpu_patches.patch_rng_tracker, "c2bc8b53e27f"),
+          no_cuda.rng.patch_rng_tracker, "c2bc8b53e27f"),
     Patch("cuda_literals", NO_CUDA, ("megatron.core.pipeline_parallel.schedules", "megatron.core.transformer.utils",
                                      "megatron.core.dist_checkpointing.strategies.state_dict_saver"),
           "device='cuda' literals in the schedules, transformer masks and checkpoint plan check -> CPU",
-          cpu_patches.patch_cuda_literals, "35459ab0d8c2"),
+          no_cuda.literals.patch_cuda_literals, "35459ab0d8c2"),
     Patch("moe_alltoall_dispatcher", NO_CUDA,
           ("megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",),
           "the alltoall dispatcher moves split sizes to host on a CUDA side stream: no stream, numpy splits",
-          cpu_patches.patch_moe_alltoall_dispatcher, "306811df7107"),
+          no_cuda.moe.patch_moe_alltoall_dispatcher, "306811df7107"),
     Patch("uneven_first_dim_collectives", NO_CUDA,
           ("megatron.core.tensor_parallel.mappings:_gather_along_first_dim",
            "megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim"),
           "MoE alltoall with TP gathers uneven token counts; gloo needs equal shapes",
-          cpu_patches.patch_uneven_first_dim_collectives, "68e18bab0836"),
+          no_cuda.collectives.patch_uneven_first_dim_collectives, "68e18bab0836"),
     Patch("disable_dynamo", NO_CUDA, ("megatron.core.jit",),
           "jit_fuser is torch.compile: compiling on CPU costs ~7 s a function and changes no number",
-          cpu_patches.patch_disable_dynamo, "0de81ea1c3a8"),
+          no_cuda.dynamo.patch_disable_dynamo, "0de81ea1c3a8"),
     Patch("optimizer_cuda_literals", NO_CUDA,
           ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
            "megatron.core.optimizer.grad_scaler"),
           "device='cuda' literals in the optimizers, clip_grads and the grad scaler -> CPU",
-          cpu_patches.patch_optimizer_cuda_literals, "a837a823b598"),
+          no_cuda.literals.patch_optimizer_cuda_literals, "a837a823b598"),
     Patch("grad_norm_fallback", NO_CUDA, ("megatron.core.utils:local_multi_tensor_l2_norm",),
           "the no-TE/no-apex l2-norm fallback returns its norm on 'cuda'",
-          cpu_patches.patch_grad_norm_fallback, "01526c55444a"),
+          no_cuda.literals.patch_grad_norm_fallback, "01526c55444a"),
     Patch("cuda_type_name_checks", NO_CUDA,
           ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
            "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
            "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32"),
           "the optimizers sort parameters by type() == 'torch.cuda.FloatTensor': CPU tensors name the CUDA type there",
-          cpu_patches.patch_cuda_type_name_checks, "efa4d987119e"),
+          no_cuda.optimizer.patch_cuda_type_name_checks, "efa4d987119e"),
     Patch("distopt_torch_adam_step", NO_CUDA,
           ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
            "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict"),
           "the distributed optimizer over torch Adam (no TE/apex) mishandles Adam's step before step 1 and on load",
-          cpu_patches.patch_distopt_torch_adam_step, "1ae032f2a0e9"),
+          no_cuda.optimizer.patch_distopt_torch_adam_step, "1ae032f2a0e9"),
     Patch("pipeline_embedding_copy", NO_CUDA,
           ("megatron.core.models.common.language_module.language_module:LanguageModule."
            "setup_embeddings_and_output_layer",),
           "PP: the last stage's embedding copy is synced after weight.data.cuda()",
-          cpu_patches.patch_pipeline_embedding_copy, "9cdf2778ee6d"),
+          no_cuda.pipeline.patch_pipeline_embedding_copy, "9cdf2778ee6d"),
     Patch("rope_context_parallel_slice", NO_CUDA,
           ("megatron.core.models.common.embeddings.rope_utils:get_pos_emb_on_this_cp_rank",),
           "CP: this rank's rows of the rotary table are picked with a pinned index tensor moved by .cuda()",
-          cpu_patches.patch_rope_context_parallel_slice, "ab7c5cb71dce"),
+          no_cuda.rope.patch_rope_context_parallel_slice, "ab7c5cb71dce"),
     Patch("training_device_arch", NO_CUDA, ("megatron.training.arguments:get_device_arch_version",),
           "validate_args reads the GPU generation when TP or CP > 1",
-          cpu_patches.patch_training_device_arch, "b7e375abfdb1"),
+          no_cuda.literals.patch_training_device_arch, "b7e375abfdb1"),
     # ---- megatron.training without CUDA (training_patches.py) ----
     Patch("training_torch_on_cpu", NO_CUDA, training_patches.MODULES_WITH_CUDA_CALLS,
           "megatron.training's bookkeeping tensors on 'cuda' and its torch.cuda stream/memory/device/RNG calls",
@@ -124,9 +125,10 @@ PATCHES: tuple[Patch, ...] = (
           "refuses: every MTP run with a layer pattern raises when it first logs",
           upstream_fixes.fix_flops_count_with_mtp, "f9ed9b380e17"),
     Patch("mtp_loss_under_context_parallelism", UPSTREAM_BUG,
-          ("megatron.core.transformer.multi_token_prediction:roll_tensor",),
-          "under CP each rank divides its MTP loss by its own token count, which differ across ranks",
-          upstream_fixes.fix_mtp_loss_under_context_parallelism, "576f3fcb1c36", "NVIDIA/Megatron-LM#7498"),
+          ("megatron.core.transformer.multi_token_prediction:roll_tensor",
+           "megatron.core.models.gpt.gpt_model:process_mtp_loss"),
+          "under CP each rank weighs its MTP loss by its own token counts, which differ across ranks",
+          upstream_fixes.fix_mtp_loss_under_context_parallelism, "c5d770803efb", "NVIDIA/Megatron-LM#7498"),
     Patch("distributed_optimizer_with_fp32_params", UPSTREAM_BUG,
           ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups",),
           "the distributed optimizer's checkpoint index counts a group's params in model order, its inner optimizer "
@@ -138,6 +140,46 @@ PATCHES: tuple[Patch, ...] = (
           "the bf16 optimizer maps checkpoint param ids over its float16 params only: a bf16 model with fp32 params "
           "cannot save or resume",
           upstream_fixes.fix_float16_optimizer_with_fp32_params, "0739fff7fa6d"),
+)
+
+@dataclass(frozen=True)
+class Dependency:
+    """Upstream code this project calls, subclasses or relies on without replacing it: a version bump that changes
+    its source fails the fingerprint test naming the row, and `how` says what to re-read it for."""
+
+    name: str
+    targets: tuple[str, ...]  # "pkg.module:qualname", as Patch.replaces
+    how: str
+    fingerprint: str  # runtime.patching.fingerprint of `targets`, at WRITTEN_FOR
+
+
+_GDN = "megatron.core.ssm.gated_delta_net"
+DEPENDENCIES: tuple[Dependency, ...] = (
+    Dependency("gated_delta_net_base",
+               (f"{_GDN}.common:_GDNBase.__init__", f"{_GDN}.common:_GDNBase.sharded_state_dict",
+                f"{_GDN}.gdn:GatedDeltaNet._setup_variant_attrs"),
+               "layers/gated_delta_net.py inherits the parameters, their TP sharding, the split sizes its forward "
+               "reads (feat_dim_split, in_proj_split_sections) and the checkpoint layout", "e026a775a96c"),
+    Dependency("gated_delta_net_extension_points",
+               (f"{_GDN}.common:_GDNBase._compute_g_and_beta", f"{_GDN}.common:_GDNBase._apply_gated_norm"),
+               "the mixing core calls them: the decay and beta in fp32, the gated output norm", "28aee4b9c72b"),
+    Dependency("gated_delta_net_context_parallel",
+               (f"{_GDN}.common:_build_head_perm_for_split_sections", f"{_GDN}.common:get_parameter_local_cp",
+                f"{_GDN}.common:tensor_a2a_cp2hp", f"{_GDN}.common:tensor_a2a_hp2cp"),
+               "the forward's context -> head parallel all-to-alls and each rank's slice of conv, A_log, dt_bias",
+               "c87634be4513"),
+    Dependency("tp_shared_gradients_in_finalize",
+               ("megatron.core.distributed.finalize_model_grads:_allreduce_non_tensor_model_parallel_grads",),
+               "the GDN output norm's gradient, shared by TP ranks, is reduced there (average_gradients_across_"
+               "tp_domain) once per step", "591de3cbdd75"),
+    Dependency("finetune_hides_loss_modules", ("megatron.training.checkpointing:load_checkpoint",),
+               "under --finetune it enters the model's hide_loss_modules while building the state dict it loads: a "
+               "checkpoint without MTP weights loads (model.Qwen35GPTModel)", "4f03d48a7938"),
+    Dependency("rerun_state_machine_checks",
+               ("megatron.core.rerun_state_machine:RerunStateMachine.validate_result",
+                "megatron.core.rerun_state_machine:RerunStateMachine.is_unexpectedly_large"),
+               "training/steps.loss_func runs pretrain_gpt's NaN / Inf / spiky-loss checks through them",
+               "ead757101879"),
 )
 
 _APPLIED: list[str] = []
@@ -169,10 +211,16 @@ def apply_patches(*, without_cuda: bool | None = None) -> list[str]:
     return list(_APPLIED)
 
 
+def missing_patches(*, without_cuda: bool | None = None) -> list[str]:
+    """The rows this machine needs (as `apply_patches` chooses them) that this process has not applied."""
+    without_cuda = not torch.cuda.is_available() if without_cuda is None else without_cuda
+    return [p.name for p in PATCHES if (p.kind == UPSTREAM_BUG or without_cuda) and p.name not in _APPLIED]
+
+
 def applied_patches() -> list[str]:
     """Names of the patches applied in this process, in order."""
     return list(_APPLIED)
 
 
-__all__ = ["NO_CUDA", "UPSTREAM_BUG", "WRITTEN_FOR", "Patch", "PATCHES", "apply_patches", "applied_patches",
-           "version_mismatches"]
+__all__ = ["NO_CUDA", "UPSTREAM_BUG", "WRITTEN_FOR", "Patch", "PATCHES", "Dependency", "DEPENDENCIES",
+           "apply_patches", "applied_patches", "missing_patches", "version_mismatches"]

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from megatron_qwen35.runtime.cpu_patches import CpuTorchProxy, tensor_cuda_is_identity
+from megatron_qwen35.runtime.no_cuda.torch_cuda import CpuTorchProxy, tensor_cuda_is_identity
 from megatron_qwen35.runtime.patching import replace
 
 
@@ -47,7 +47,7 @@ def _no_cuda_generator_state(*args, **kwargs) -> torch.Tensor:
 
 class CpuCuda:
     """`torch.cuda` as megatron.training sees it without CUDA: one device, the CPU; what is not listed is the real
-    `torch.cuda` (whose `current_device` / `synchronize` / `current_stream` cpu_patches already answer)."""
+    `torch.cuda` (whose `current_device` / `synchronize` / `current_stream` no_cuda.torch_cuda already answers)."""
 
     device_count = staticmethod(lambda: 1)  # "a device exists": initialize_megatron then builds model-parallel state
     set_device = set_stream = empty_cache = staticmethod(_noop)

@@ -7,6 +7,7 @@ do what it documents. Each goes when the pinned release fixes it; the register's
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import torch
@@ -62,32 +63,63 @@ def fix_flops_count_with_mtp() -> None:
         replace(training, "num_floating_point_operations", _flops_with_mtp_layer_pattern(flops))
 
 
-def _roll_with_cp_mean_count(roll_tensor):
+# Whether the MTP loss being computed is normalised per token (config.calculate_per_token_loss): set around each call
+# of process_mtp_loss, read by the roll below (megatron's roll_tensor has no config).
+_PER_TOKEN_MTP_LOSS: contextvars.ContextVar[bool] = contextvars.ContextVar("qwen35_per_token_mtp_loss", default=False)
+
+
+def _roll_with_sequence_count(roll_tensor):
     @functools.wraps(roll_tensor)
-    def roll_tensor_cp_mean_count(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
-        """megatron's MTP roll, whose token count becomes the CP group's mean count (n / cp on every rank)."""
+    def roll_tensor_sequence_count(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        """megatron's MTP roll, whose count makes each CP rank weigh its tokens as the whole sequence does: n_rolled
+        / cp (megatron divides each rank's sum by it, then averages the ranks), or, normalised per token, this
+        rank's tokens before the roll x n_rolled / n_before (megatron scales the rank's sum by before / count)."""
         rolled, count = roll_tensor(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
                                     packed_seq_params=packed_seq_params)
-        if cp_group is not None and cp_group.size() > 1:
-            count = count.detach().to(torch.float64).clone()
-            torch.distributed.all_reduce(count, group=cp_group)
-            count = (count / cp_group.size()).to(rolled.dtype if rolled.is_floating_point() else torch.float32)
-        return rolled, count
+        if cp_group is None or cp_group.size() == 1:
+            return rolled, count
+        before = tensor.detach().sum().to(torch.float64)
+        totals = torch.stack([before, count.detach().to(torch.float64)])  # [n_before, n_rolled] over the CP group
+        torch.distributed.all_reduce(totals, group=cp_group)
+        if _PER_TOKEN_MTP_LOSS.get():
+            count = before * totals[1] / totals[0].clamp(min=1)
+        else:
+            count = totals[1] / cp_group.size()
+        return rolled, count.to(rolled.dtype if rolled.is_floating_point() else torch.float32)
 
-    return roll_tensor_cp_mean_count
+    return roll_tensor_sequence_count
+
+
+def _with_normalisation_known(process_mtp_loss):
+    @functools.wraps(process_mtp_loss)
+    def process_mtp_loss_normalisation_known(*args, **kwargs):
+        """megatron's MTP loss, with its config's normalisation visible to the roll above."""
+        config = kwargs.get("config", args[8] if len(args) > 8 else None)
+        token = _PER_TOKEN_MTP_LOSS.set(bool(config.calculate_per_token_loss))
+        try:
+            return process_mtp_loss(*args, **kwargs)
+        finally:
+            _PER_TOKEN_MTP_LOSS.reset(token)
+
+    return process_mtp_loss_normalisation_known
 
 
 def fix_mtp_loss_under_context_parallelism() -> None:
-    # megatron divides each CP rank's MTP loss sum by that rank's own count of rolled target tokens, and the counts
-    # differ by construction (the sequence's last position, which has no next token, sits on CP rank 0): each token
-    # weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096). The count is the divisor of
-    # both the back-propagated and the logged MTP loss, later averaged over DP x CP, so n / cp on every rank makes both
-    # exact. Only the MTP module's binding changes; its rolls of ids and positions ignore the count; without CP (or
-    # with a CP group of one) nothing changes.
+    # megatron weighs each CP rank's MTP loss by that rank's own count of rolled target tokens, and the counts differ
+    # by construction (the sequence's last position, which has no next token, sits on CP rank 0): per micro-batch,
+    # each token weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096); per token, each
+    # rank's sum is scaled by its own before / after ratio instead of the sequence's. The roll's count (the divisor
+    # of both the back-propagated and the logged MTP loss) becomes the one that weighs tokens as the whole sequence
+    # does, for the normalisation the model's config asks for; one all-reduce of two numbers per roll, only under CP.
+    # Only the MTP module's roll and GPTModel's binding of process_mtp_loss change; the rolls of ids and positions
+    # ignore the count; without CP (or with a CP group of one) nothing changes.
+    from megatron.core.models.gpt import gpt_model
     from megatron.core.transformer import multi_token_prediction as mtp
 
     if not hasattr(mtp.roll_tensor, "__wrapped__"):
-        replace(mtp, "roll_tensor", _roll_with_cp_mean_count(mtp.roll_tensor))
+        replace(mtp, "roll_tensor", _roll_with_sequence_count(mtp.roll_tensor))
+    if not hasattr(gpt_model.process_mtp_loss, "__wrapped__"):
+        replace(gpt_model, "process_mtp_loss", _with_normalisation_known(gpt_model.process_mtp_loss))
 
 
 def _main_params_in_model_order(build):

@@ -23,13 +23,12 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_qwen35.config.megatron import BACKENDS
 from megatron_qwen35.layers.core_attention import Qwen35CoreAttention
 from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
 from megatron_qwen35.layers.norms import Qwen35FusedInputRMSNorm, Qwen35RMSNorm
-from megatron_qwen35.runtime import transformer_engine_available
 
 GDN, ATTENTION = "gdn", "attention"
-BACKENDS = ("te", "local")
 
 
 class Qwen35LocalSpecProvider(LocalSpecProvider):
@@ -43,12 +42,9 @@ class Qwen35LocalSpecProvider(LocalSpecProvider):
         return Qwen35CoreAttention
 
 
-def default_backend() -> str:
-    """'te' where Transformer Engine imports (GPU nodes), else 'local'."""
-    return "te" if transformer_engine_available() else "local"
-
-
 def backend_provider(backend: str) -> BackendSpecProvider:
+    """megatron's provider of the modules of `backend` (specs are data: building them needs no TE; building a model
+    on "te" checks that it imports, provider.resolve_backend)."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
@@ -67,14 +63,14 @@ def layer_pattern(config: TransformerConfig) -> list[tuple[str, bool]]:
     return [(GDN if f == 1 else ATTENTION, is_moe) for f in freq]
 
 
-def _mixer_spec(mixer: str, provider: BackendSpecProvider) -> ModuleSpec:
+def _mixer_spec(mixer: str, provider: BackendSpecProvider, *, gdn_kernels: str) -> ModuleSpec:
     fused = provider.fuse_layernorm_and_linear()
     in_linear = provider.column_parallel_layer_norm_linear() if fused else provider.column_parallel_linear()
     if mixer == GDN:
-        return ModuleSpec(module=Qwen35GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
-            in_proj=in_linear,
-            out_norm=provider.layer_norm(rms_norm=True, for_qk=False),
-            out_proj=provider.row_parallel_linear()))
+        submodules = GatedDeltaNetSubmodules(in_proj=in_linear,
+                                             out_norm=provider.layer_norm(rms_norm=True, for_qk=False),
+                                             out_proj=provider.row_parallel_linear())
+        return ModuleSpec(module=Qwen35GatedDeltaNet, params={"kernels": gdn_kernels}, submodules=submodules)
     qk_norm = provider.layer_norm(rms_norm=True, for_qk=True)
     return ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                       submodules=SelfAttentionSubmodules(
@@ -82,8 +78,10 @@ def _mixer_spec(mixer: str, provider: BackendSpecProvider) -> ModuleSpec:
                           linear_proj=provider.row_parallel_linear(), q_layernorm=qk_norm, k_layernorm=qk_norm))
 
 
-def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, backend: str) -> ModuleSpec:
-    """One TransformerLayer: a token mixer and an MLP, each behind a (1 + w) RMSNorm and a residual."""
+def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, backend: str,
+                      gdn_kernels: str = "fla") -> ModuleSpec:
+    """One TransformerLayer: a token mixer and an MLP, each behind a (1 + w) RMSNorm and a residual. `gdn_kernels`:
+    the Gated DeltaNet's kernels ("fla" or "torch", layers/gdn_ops/fla.py)."""
     provider = backend_provider(backend)
     fused = provider.fuse_layernorm_and_linear()
     norm = provider.layer_norm(rms_norm=True, for_qk=False)
@@ -102,7 +100,7 @@ def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, ba
     fused_norm = IdentityOp if fused else Qwen35FusedInputRMSNorm
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=fused_norm,
-        self_attention=_mixer_spec(mixer, provider),
+        self_attention=_mixer_spec(mixer, provider, gdn_kernels=gdn_kernels),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=norm if is_moe else fused_norm,  # MoE routes the normed input: its norm stays separate
         mlp=mlp,
@@ -110,15 +108,16 @@ def qwen35_layer_spec(mixer: str, is_moe: bool, config: TransformerConfig, *, ba
         sharded_state_dict_keys_map=keys_map))
 
 
-def qwen35_layer_specs(config: TransformerConfig, *, backend: str) -> list[ModuleSpec]:
+def qwen35_layer_specs(config: TransformerConfig, *, backend: str, gdn_kernels: str = "fla") -> list[ModuleSpec]:
     """The specs of all decoder layers, in order."""
-    return [qwen35_layer_spec(mixer, is_moe, config, backend=backend) for mixer, is_moe in layer_pattern(config)]
+    return [qwen35_layer_spec(mixer, is_moe, config, backend=backend, gdn_kernels=gdn_kernels)
+            for mixer, is_moe in layer_pattern(config)]
 
 
 def qwen35_block_spec(config: TransformerConfig, *, backend: str, vp_stage: int | None = None,
-                      pp_rank: int | None = None) -> TransformerBlockSubmodules:
+                      pp_rank: int | None = None, gdn_kernels: str = "fla") -> TransformerBlockSubmodules:
     """The decoder layers this pipeline (and virtual pipeline) stage builds, and the final norm."""
-    specs = qwen35_layer_specs(config, backend=backend)
+    specs = qwen35_layer_specs(config, backend=backend, gdn_kernels=gdn_kernels)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     provider = backend_provider(backend)

@@ -29,6 +29,10 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="public size (0.8b ... 397b-a17b) or tiny/tiny-moe; fills every architecture flag")
     group.add_argument("--hf-config", type=str, default=None,
                        help="a Hugging Face Qwen3.5 config.json (or its directory); fills every architecture flag")
+    group.add_argument("--gdn-kernels", choices=["fla", "torch"], default="fla",
+                       help="Gated DeltaNet kernels on CUDA: FLA's Triton kernels (default; a run stops, naming why, "
+                            "where they do not import) or the PyTorch path (slower, more memory); CPUs always run "
+                            "the PyTorch path")
     group.add_argument("--vl-data-path", type=str, default=None,
                        help="image / video + text samples written by tools/data/preprocess_vl.py (instead of "
                             "--data-path / --mock-data); needs a model with a vision tower")

@@ -34,6 +34,9 @@ PROJECT_FLAGS = (
     # megatron's data loader would build an s x s mask per sample (1 GiB at 32k) that no Qwen3.5 layer reads: TE's
     # attention and ours are causal by type, and the mask would turn off the local attention's flash path
     "--no-create-attention-mask-in-dataloader",
+    # the loss is the mean over every loss token of the global batch, not a mean of micro-batch means: packing,
+    # masked (prompt, padding) tokens and context parallelism's split then leave the objective as it is
+    "--calculate-per-token-loss",
 )
 # Where CUDA is absent: the unfused paths (same numbers), the local backend, gloo, weights built on the CPU.
 NO_CUDA_FLAGS = (
@@ -122,6 +125,9 @@ def parse_qwen35_args(argv: list[str], *, set_globals: bool = True):
     _single_process_environment()
     args, cfg = _parse_and_validate(argv)
     notes = check_launch(args, cfg)
+    if torch.cuda.is_available() and not gradient_accumulation_fusion_available():
+        notes.append("APEX's fused weight-gradient kernel (fused_weight_gradient_mlp_cuda) does not import here: "
+                     "gradient-accumulation fusion is off (--no-gradient-accumulation-fusion); install apex for it")
     if set_globals:
         set_global_variables(args)
         if args.rank == 0:

@@ -21,9 +21,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
-    backend = "local" if args.transformer_impl == "local" else None
+    backend = "local" if args.transformer_impl == "local" else "te"  # TE must then import: no quiet switch
     model = qwen35_gpt_model(cfg, config, backend=backend, pre_process=pre_process, post_process=post_process,
-                             vp_stage=vp_stage, seq_length=args.seq_length)
+                             vp_stage=vp_stage, seq_length=args.seq_length,
+                             gdn_kernels=getattr(args, "gdn_kernels", "fla"))  # a user's script may lack our flags
     # the launch check found no MTP weights in the --load checkpoint (training/checkpoint_check.py)
     model.mtp_absent_from_load = getattr(args, "qwen35_mtp_absent_from_load", False)
     return model

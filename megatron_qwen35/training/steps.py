@@ -104,27 +104,46 @@ def _vl_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Tensor | N
     return {**text, "attention_mask": None, "cu_seqlens": None, **vision}
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, per_token: bool = False):
-    """Summed masked token loss and the token count; the schedule divides (per-token or per-micro-batch).
+SPIKY_LOSS_FACTOR = 10  # pretrain_gpt's: a loss this many times its running value is reported as spiky
 
-    Under context parallelism with megatron's default (per micro-batch) normalisation, megatron divides each rank's
-    sum by that rank's own count and averages the ranks: a mean of means, which is the sequence's mean only when
-    every rank holds as many loss tokens -- not so when padding or masked vision tokens fall unevenly. The sum that
-    is back-propagated is therefore weighted by n_rank x CP / N (N the sequence's count over the CP group), which
-    makes the average over ranks sum / N exactly; the logged sum and count stay as they are (megatron's log sums
-    both over the ranks). Per-token normalisation (`per_token`: --calculate-per-token-loss) divides by the summed
-    counts and needs nothing."""
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed masked token loss and the token count. The schedule divides by the counts summed over the whole global
+    batch (--calculate-per-token-loss, which pretrain_qwen35.py sets): so how documents are packed, which tokens are
+    masked and how context parallelism splits a sequence change nothing in the objective, and no rank's sum is
+    weighted here. First, the checks pretrain_gpt runs through megatron's rerun state machine: a NaN or Inf in this
+    rank's loss stops the run (--check-for-nan-in-loss-and-grad, on by default), a spiky one is reported
+    (--check-for-spiky-loss)."""
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
+    _check_loss(loss)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
-    cp_group = mpu.get_context_parallel_group(check_initialized=False)
-    if cp_group is not None and cp_group.size() > 1 and not per_token:
-        total = num_tokens.clone()
-        torch.distributed.all_reduce(total, group=cp_group)
-        loss = loss * (num_tokens * cp_group.size() / total.clamp(min=1))
     return loss, num_tokens, {"lm loss": report}
+
+
+def _check_loss(loss: torch.Tensor) -> None:
+    """pretrain_gpt's checks, as megatron.training's args ask (its defaults where a schedule of the user's runs
+    without them: NaN / Inf checked, spikes not)."""
+    from argparse import Namespace
+
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
+
+    try:
+        args = get_args()
+    except AssertionError:  # megatron.training's args are not set up
+        args = Namespace(check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=False)
+    machine = get_rerun_state_machine()
+    if args.check_for_nan_in_loss_and_grad:
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
+                                    message=f"found {what} in local forward loss calculation")
+    if args.check_for_spiky_loss:
+        machine.validate_result(result=loss, rejection_func=partial(machine.is_unexpectedly_large,
+                                                                    threshold=SPIKY_LOSS_FACTOR, context="loss"),
+                                message="Spiky loss", tolerance=0.0, fatal=False)
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
@@ -132,10 +151,14 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     vp_stage = get_attr_wrapped_model(model, "vp_stage")  # the model arrives wrapped: DDP(Float16Module(GPTModel))
     batch = get_batch(data_iterator, vp_stage)
     vision = {k: batch[k] for k in (*VISION_INPUTS, "full_input_ids") if batch.get(k) is not None}  # first stage
+    per_token = get_attr_wrapped_model(model, "config").calculate_per_token_loss  # what the schedule reads
+    if not per_token and mpu.get_context_parallel_world_size() > 1:
+        raise ValueError("context parallelism needs --calculate-per-token-loss (pretrain_qwen35.py sets it): with "
+                         "megatron's per-micro-batch mean, each rank's mean over its own tokens is averaged, which "
+                         "is not the sequence's mean where masked tokens fall unevenly")
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    loss_mask=batch["loss_mask"], **vision)
-    per_token = get_attr_wrapped_model(model, "config").calculate_per_token_loss  # what the schedule reads
-    return output, partial(loss_func, batch["loss_mask"], per_token=per_token)
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:

@@ -102,7 +102,7 @@ def _set_training_args(cfg) -> None:
     global_vars._GLOBAL_ARGS = Namespace(
         create_attention_mask_in_dataloader=False, micro_batch_size=1, seq_length=SEQ,
         mtp_num_layers=cfg.mtp_num_layers or None, padded_vocab_size=cfg.vocab_size, data_path=None,
-        qwen35_preset=PRESET, hf_config=None)
+        qwen35_preset=PRESET, hf_config=None, check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=False)
 
 
 def _transformer_config(cfg, lay):
@@ -111,7 +111,7 @@ def _transformer_config(cfg, lay):
         tensor_model_parallel_size=lay.get("tp", 1), sequence_parallel=lay.get("sp", False),
         pipeline_model_parallel_size=lay.get("pp", 1), virtual_pipeline_model_parallel_size=lay.get("vpp"),
         expert_model_parallel_size=lay.get("ep", 1), expert_tensor_parallel_size=lay.get("etp"),
-        context_parallel_size=lay.get("cp", 1))
+        context_parallel_size=lay.get("cp", 1), calculate_per_token_loss=True)  # as pretrain_qwen35.py trains
 
 
 def _build_chunks(cfg, tc, lay):

@@ -50,8 +50,10 @@ def _reduce_like_megatron(model, tc):
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if tp.size() > 1 and ((tc.sequence_parallel and getattr(p, "sequence_parallel", False))
-                              or "q_layernorm" in name or "k_layernorm" in name):
+        if tp.size() > 1 and getattr(p, "average_gradients_across_tp_domain", False):
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG, group=tp)  # shared by TP ranks
+        elif tp.size() > 1 and ((tc.sequence_parallel and getattr(p, "sequence_parallel", False))
+                                or "q_layernorm" in name or "k_layernorm" in name):
             torch.distributed.all_reduce(p.grad, group=tp)  # each TP rank saw part of the sequence / heads
         if getattr(p, "allreduce", True):
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG, group=dp)

@@ -48,7 +48,8 @@ def _model(cp=1):
     from megatron_qwen35.provider import qwen35_gpt_model
 
     cfg = qwen35_preset(PRESET)
-    tc = qwen35_transformer_config(cfg, params_dtype=torch.float32, context_parallel_size=cp)
+    tc = qwen35_transformer_config(cfg, params_dtype=torch.float32, context_parallel_size=cp,
+                                   calculate_per_token_loss=True)  # as pretrain_qwen35.py trains
     return tc, qwen35_gpt_model(cfg, tc, backend="local")
 
 

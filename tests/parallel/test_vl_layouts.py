@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 PRESET = "tiny-vl-moe"
 SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest sample is 221 tokens
 # VL samples mask their vision tokens and padding out of the loss, so the ranks of a split sequence hold different
-# numbers of loss tokens (training/steps.py's loss_func keeps CP exact then); megatron's default normalisation.
+# numbers of loss tokens: the per-token normalisation pretrain_qwen35.py sets keeps CP exact (training/steps.py).
 FLAGS = ()
 LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "cp2": (2, dict(CP="2"))}
 

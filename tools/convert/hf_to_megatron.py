@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_qwen35.cli import run_conversion
+    from megatron_qwen35.runtime import apply_runtime_patches
+
+    apply_runtime_patches()  # an entry point: megatron adapted to this machine before the model's keys are read
     from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 
     lanes = {"lanes": args.threads} if args.threads else {}

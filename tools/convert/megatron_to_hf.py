@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_qwen35.cli import run_conversion
+    from megatron_qwen35.runtime import apply_runtime_patches
+
+    apply_runtime_patches()  # an entry point: megatron adapted to this machine before the model's keys are read
     from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
 
     size = int(args.max_shard_size) if (args.max_shard_size or "").isdigit() else args.max_shard_size
