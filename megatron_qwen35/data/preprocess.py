@@ -33,9 +33,9 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
 
 
-def json_object(path: Path, n: int, line: str, json_key: str) -> dict:
-    """One jsonl line: an object whose `json_key` is a string, or a ValueError naming the file and line (the text
-    and the vision-language preprocessing both read their lines through it)."""
+def json_object(path: Path, n: int, line: str, json_key: str, kind: type = str) -> dict:
+    """One jsonl line: an object whose `json_key` is a `kind` (a string), or a ValueError naming the file and line
+    (the text, vision-language and chat preprocessing all read their lines through it)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -44,8 +44,9 @@ def json_object(path: Path, n: int, line: str, json_key: str) -> dict:
         raise ValueError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object with a '{json_key}' field")
     if json_key not in obj:
         raise ValueError(f"{path}:{n}: has no '{json_key}' field (it has {sorted(obj)[:5]})")
-    if not isinstance(obj[json_key], str):
-        raise ValueError(f"{path}:{n}: '{json_key}' is a JSON {type(obj[json_key]).__name__}, not a string")
+    if not isinstance(obj[json_key], kind):
+        expected = {str: "a string", list: "a list"}.get(kind, kind.__name__)
+        raise ValueError(f"{path}:{n}: '{json_key}' is a JSON {type(obj[json_key]).__name__}, not {expected}")
     return obj
 
 

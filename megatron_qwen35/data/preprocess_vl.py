@@ -165,8 +165,15 @@ def _process(sample: VLSample) -> tuple[VLSample, dict[str, torch.Tensor]]:
     return sample, out
 
 
-class _ShardWriter:
-    """Collects processed samples and writes them as shards of about `shard_bytes` each."""
+# arrays aligned with the tokens, stored without offsets of their own (the SFT samples' loss mask)
+TOKEN_ALIGNED = {"loss_mask": torch.uint8}
+_SIZES = {"tokens": "input_ids", "image_patches": "pixel_values", "images": "image_grid_thw",
+          "video_patches": "pixel_values_videos", "videos": "video_grid_thw"}
+
+
+class ShardWriter:
+    """Collects processed samples (the processor's keys: input_ids and the vision arrays a VL model has, plus any
+    TOKEN_ALIGNED array) and writes them as shards of about `shard_bytes` each."""
 
     def __init__(self, directory: Path, shard_bytes: int):
         self.directory, self.shard_bytes = directory, shard_bytes
@@ -175,16 +182,15 @@ class _ShardWriter:
         self.pending: list[tuple[VLSample, dict]] = []
         self.pending_bytes = 0
         self.shards: list[dict] = []
-        self.maxima = {k: 0 for k in ("tokens", "image_patches", "images", "video_patches", "videos")}
-        self.totals = {k: 0 for k in ("samples", "tokens", "images", "videos")}
+        self.maxima: dict[str, int] = {}
+        self.totals: dict[str, int] = {"samples": 0}
 
-    def add(self, sample: VLSample, out: dict[str, torch.Tensor]):
+    def add(self, sample, out: dict[str, torch.Tensor]):
         self.pending.append((sample, out))
-        sizes = {"tokens": len(out["input_ids"]), "image_patches": len(out["pixel_values"]),
-                 "images": len(out["image_grid_thw"]), "video_patches": len(out["pixel_values_videos"]),
-                 "videos": len(out["video_grid_thw"])}
-        self.maxima = {k: max(v, sizes[k]) for k, v in self.maxima.items()}
-        self.totals = {k: v + (1 if k == "samples" else sizes[k]) for k, v in self.totals.items()}
+        sizes = {k: len(out[key]) for k, key in _SIZES.items() if key in out}
+        self.maxima = {k: max(self.maxima.get(k, 0), v) for k, v in sizes.items()}
+        counted = {"samples": 1, "tokens": sizes["tokens"], **{k: sizes[k] for k in ("images", "videos") if k in sizes}}
+        self.totals = {k: self.totals.get(k, 0) + v for k, v in counted.items()}
         self.pending_bytes += sum(t.numel() * t.element_size() for t in out.values())
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
@@ -194,9 +200,14 @@ class _ShardWriter:
             return
         tensors = {}
         for name, (offsets, key) in ARRAYS.items():
+            if key not in self.pending[0][1]:
+                continue  # a text model's samples hold no vision arrays
             parts = [o[key] for _, o in self.pending]
             tensors[name] = torch.cat(parts)
             tensors[offsets] = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+        for name, dtype in TOKEN_ALIGNED.items():
+            if name in self.pending[0][1]:
+                tensors[name] = torch.cat([o[name] for _, o in self.pending]).to(dtype)
         tensors["tokens"] = tensors["tokens"].to(torch.int32)  # 248320 ids fit; half the bytes of int64
         tensors["vision_extent"] = torch.stack([o["vision_extent"] for _, o in self.pending])
         tensors["source"] = torch.tensor([s.source for s, _ in self.pending])
@@ -220,7 +231,7 @@ def qwen35_preprocess_vl(inputs: list[Path], output_dir: Path, cfg: Qwen35Config
     tokenizer = qwen35_tokenizer_for(cfg, hf_tokenizer_dir)
     processor = Qwen35VLProcessor(cfg.vision, tokenizer, image_pixels=image_pixels, video_pixels=video_pixels)
     with output_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        writer = _ShardWriter(tmp, shard_bytes)
+        writer = ShardWriter(tmp, shard_bytes)
         samples = (s for i, path in enumerate(inputs) for s in iter_vl_samples(path, i))
         with tqdm(unit=" samples", desc="processing") as bar:
             if workers > 1:

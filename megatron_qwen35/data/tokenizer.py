@@ -7,6 +7,7 @@ Models with a smaller vocabulary (the tiny presets) read byte-level ids: `qwen35
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Qwen35Tokenizer:
             self.eod_id = self._tok.eod_id
             self._encode = self._tok.encode
             self._decode = self._tok.decode
+            self._token_bytes = self._tok._tokenizer.decode_single_token_bytes  # tiktoken's, specials included
         else:
             path = Path(hf_tokenizer_dir)
             if not path.is_dir():
@@ -38,12 +40,31 @@ class Qwen35Tokenizer:
             self.eod_id = self._tok.convert_tokens_to_ids(QWEN35_EOD)
             self._encode = lambda text: self._tok.encode(text, add_special_tokens=False)
             self._decode = self._tok.decode
+            self._token_bytes = self._hf_token_bytes
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """The UTF-8 bytes each token stands for (a character may be split over tokens): where a text's tokens lie in
+        it, e.g. which tokens a span of the text (an assistant turn) covers."""
+        return [self._token_bytes(int(i)) for i in ids]
+
+    def _hf_token_bytes(self, token_id: int) -> bytes:
+        """A byte-level BPE token's bytes (GPT-2's byte <-> unicode table); added tokens are their own text."""
+        if token_id in self._tok.added_tokens_decoder:
+            return self._tok.added_tokens_decoder[token_id].content.encode()
+        return bytes(_unicode_to_byte()[c] for c in self._tok.convert_ids_to_tokens(token_id))
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Qwen35ByteTokenizer:
@@ -70,6 +91,10 @@ class Qwen35ByteTokenizer:
         for i, piece in enumerate(self._split.split(text)):
             ids.extend([self._special[piece]] if i % 2 else piece.encode("utf-8"))  # odd pieces: the separators
         return ids
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """The UTF-8 bytes each id stands for (as Qwen35Tokenizer.token_bytes)."""
+        return [bytes([i]) if i < 256 else self._names.get(i, f"<|id_{i}|>").encode() for i in map(int, ids)]
 
     def decode(self, ids) -> str:
         out, run = [], bytearray()

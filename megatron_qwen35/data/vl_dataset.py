@@ -41,24 +41,26 @@ class Qwen35VLSamples:
     """A dataset directory (tools/data/preprocess_vl.py's output) read sample by sample: each shard's offsets in
     memory, the arrays sliced from the safetensors files on demand."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, formats: tuple[str, ...] = (FORMAT,)):
         self.dir = Path(data_dir)
         index_file = self.dir / INDEX
         if not index_file.is_file():
             raise FileNotFoundError(f"{self.dir} is not a VL dataset directory: it has no {INDEX} "
                                     "(tools/data/preprocess_vl.py writes one)")
         self.index = json.loads(index_file.read_text())
-        if self.index.get("format") != FORMAT:
-            raise ValueError(f"{index_file}: format {self.index.get('format')!r}, expected {FORMAT!r}")
-        self.vision = self.index["vision"]
+        if self.index.get("format") not in formats:
+            raise ValueError(f"{index_file}: format {self.index.get('format')!r}, expected one of {list(formats)}")
+        self.vision = self.index.get("vision")
         self.eod_id = self.index["eod_id"]
-        self.patch_dim = self.index["patch_dim"]
+        self.patch_dim = self.index.get("patch_dim")
+        self.arrays = {k: v for k, v in ARRAYS.items() if k == "tokens" or self.vision is not None}  # text: tokens
+        self.token_aligned = tuple(self.index.get("token_aligned", ()))  # e.g. the SFT samples' loss_mask
         shard, local, per_shard = [], [], {}
         for entry in self.index["shards"]:  # names read from a file are data (file_names.py)
             plain_file_name(entry["file"], source=f"{index_file} (shards)")
         for s, entry in enumerate(self.index["shards"]):
             with safe_open(self.dir / entry["file"], "pt") as f:
-                for name in [o for o, _ in ARRAYS.values()] + ["vision_extent", "source"]:
+                for name in [o for o, _ in self.arrays.values()] + ["vision_extent", "source"]:
                     per_shard.setdefault(name, []).append(f.get_tensor(name).numpy())
             shard += [s] * entry["samples"]
             local += range(entry["samples"])
@@ -72,10 +74,11 @@ class Qwen35VLSamples:
 
     @cached_property
     def sizes(self) -> dict[str, np.ndarray]:
-        """Per sample: tokens, image_patches, images, video_patches, videos."""
+        """Per sample: tokens, and for vision samples image_patches, images, video_patches, videos."""
         names = dict(tokens="token_offsets", image_patches="pixel_offsets", images="image_offsets",
                      video_patches="video_pixel_offsets", videos="video_offsets")
-        return {k: np.concatenate([np.diff(o) for o in self._offsets[v]]) for k, v in names.items()}
+        return {k: np.concatenate([np.diff(o) for o in self._offsets[v]]) for k, v in names.items()
+                if v in self._offsets}
 
     def where(self, i: int) -> str:
         """Sample i and its source: "sample i (file:line)"."""
@@ -83,13 +86,16 @@ class Qwen35VLSamples:
         return f"sample {i} ({self.index['inputs'][file_number]}:{line})"
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Sample i as written: tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw."""
+        """Sample i as written: tokens (and loss_mask where stored), and for vision samples pixel_values,
+        image_grid_thw, pixel_values_videos, video_grid_thw."""
         s, k = self.shard[i], self.local[i]
         out = {}
         with safe_open(self.dir / self.index["shards"][s]["file"], "pt") as f:
-            for name, (offsets, _) in ARRAYS.items():
+            for name, (offsets, _) in self.arrays.items():
                 start, end = self._offsets[offsets][s][k:k + 2]
                 out[name] = f.get_slice(name)[int(start):int(end)]
+                if name == "tokens":
+                    out.update({a: f.get_slice(a)[int(start):int(end)] for a in self.token_aligned})
         out["tokens"] = out["tokens"].long()
         return out
 

@@ -72,6 +72,14 @@ class Qwen35VLProcessor:
 
     def __call__(self, text: str, images: Sequence[Image.Image] = (), videos: Sequence[Sequence[Image.Image]] = (),
                  video_fps: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+        expanded, out = self.prepare(text, images, videos, video_fps)
+        ids = self.tokenizer.encode(expanded) + [self.tokenizer.eod_id]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), **out}
+
+    def prepare(self, text: str, images: Sequence[Image.Image] = (), videos: Sequence[Sequence[Image.Image]] = (),
+                video_fps: Sequence[float] | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+        """The text to tokenize (placeholders expanded) and the vision arrays, before tokenizing: the chat
+        preprocessing finds the assistant turns in that text."""
         check_placeholders(text, len(images), len(videos))
         video_fps = [QWEN35_VIDEO_FPS] * len(videos) if video_fps is None else list(video_fps)
         if len(video_fps) != len(videos):
@@ -93,8 +101,7 @@ class Qwen35VLProcessor:
         frames = [len(v) for v in videos]
         expanded = expand_placeholders(text, out["image_grid_thw"], out["video_grid_thw"], frames, video_fps,
                                        vision=self.vision)
-        ids = self.tokenizer.encode(expanded) + [self.tokenizer.eod_id]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), **out}
+        return expanded, out
 
 
 def check_placeholders(text: str, num_images: int, num_videos: int) -> None:

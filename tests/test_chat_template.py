@@ -1,0 +1,252 @@
+"""Qwen3.5's chat template (data/chat_template.py) and the chat preprocessing (data/preprocess_sft.py).
+
+- The renderer equals the released templates (tests/fixtures: the 4B-and-larger and the 0.8B / 2B revisions)
+  rendered by transformers' Jinja environment, token for token with the real tokenizer, over conversations covering
+  system prompts, multi-turn, thinking on and off, reasoning dropped from earlier turns, tool calls and tool
+  responses, images and videos; and refuses what the template refuses, with its messages.
+- The loss mask is exactly the template's assistant turns: the learned tokens decode back to the assistant text, and
+  to less under each option (last turn only, thinking out, empty thinking out).
+- The command line: bad input is one error line naming file and line, exit 2, no output.
+"""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qwen35.config import qwen35_preset
+from megatron_qwen35.data.chat_template import (
+    ChatTemplateError,
+    assistant_spans,
+    render_qwen35_chat,
+    render_with_tokenizer_template,
+)
+from megatron_qwen35.data.preprocess_sft import LossPolicy, learned_tokens, qwen35_preprocess_sft
+from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+from megatron_qwen35.data.vl_dataset import Qwen35VLSamples
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+TEMPLATES = {"large": FIXTURES / "qwen3_5_chat_template.jinja", "small": FIXTURES / "qwen3_5_small_chat_template.jinja"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}]
+
+CONVERSATIONS = {
+    "plain": dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]),
+    "system_reasoning": dict(messages=[
+        {"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "The user greets me."}]),
+    "multi_turn_reasoning_dropped_earlier": dict(messages=[
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+        {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": " add "}]),
+    "images_and_video_with_ids": dict(messages=[
+        {"role": "system", "content": "Look closely."},
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What is it?"},
+                                     {"type": "video", "video": ["f0.png", "f1.png"]}]},
+        {"role": "assistant", "content": "A red circle, then a moving square."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "b.png"}},
+                                     {"type": "text", "text": "And?"}]},
+        {"role": "assistant", "content": "A blue square."}], add_vision_id=True),
+    "tool_calls_and_responses": dict(messages=[
+        {"role": "system", "content": "You help with the weather."}, {"role": "user", "content": "Paris and Rome?"},
+        {"role": "assistant", "content": "Let me check both.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {
+                "city": "Paris", "days": [1, 2], "units": {"t": "C"}, "n": 3, "exact": True, "note": "é"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "Paris is sunny, Rome rainy.", "reasoning_content": "Combine both."}],
+        tools=TOOLS),
+    "tool_call_without_content": dict(messages=[
+        {"role": "user", "content": "search"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "search", "arguments": {}}}]}, {"role": "tool", "content": "nothing"}],
+        tools=TOOLS, add_generation_prompt=True),
+    "generation_prompt": dict(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True),
+    "generation_prompt_thinking_off": dict(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           enable_thinking=False),
+    "generation_prompt_thinking_on": dict(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                          enable_thinking=True),
+}
+
+
+def jinja(template: str):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(TEMPLATES[template].read_text())
+
+
+def reference(template: str, case: dict) -> str:
+    kwargs = {k: v for k, v in case.items() if k not in ("messages", "tools")}
+    return jinja(template).render(messages=case["messages"], tools=case.get("tools"), **kwargs)
+
+
+def ours(template: str, case: dict) -> str:
+    kwargs = {k: v for k, v in case.items() if k not in ("messages", "tools")}
+    return render_qwen35_chat(case["messages"], tools=case.get("tools"), thinking_by_default=template == "large",
+                              **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Qwen35Tokenizer()
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("case", list(CONVERSATIONS))
+def test_renderer_equals_the_released_template_token_for_token(template, case, tokenizer):
+    want, got = reference(template, CONVERSATIONS[case]), ours(template, CONVERSATIONS[case])
+    assert tokenizer.encode(got) == tokenizer.encode(want)
+    assert got == want
+
+
+@pytest.mark.parametrize("messages,message", [
+    ([], "No messages provided."),
+    ([{"role": "system", "content": [{"type": "image", "image": "a.png"}]}, {"role": "user", "content": "x"}],
+     "System message cannot contain images."),
+    ([{"role": "assistant", "content": "x"}], "No user query found in messages."),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
+     "System message must be at the beginning."),
+    ([{"role": "user", "content": "x"}, {"role": "narrator", "content": "y"}], "Unexpected message role."),
+    ([{"role": "user", "content": [{"type": "audio"}]}], "Unexpected item type in content."),
+])
+def test_renderer_refuses_what_the_template_refuses(messages, message):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match=message):
+        jinja("large").render(messages=messages)
+    with pytest.raises(ChatTemplateError, match=message):
+        render_qwen35_chat(messages)
+
+
+def _assistant_text(case: dict) -> list[str]:
+    """Each assistant turn's text as the template writes it after its header, <|im_end|> included."""
+    text = ours("large", case)
+    return [text[s.start:s.end] for s in assistant_spans(text)]
+
+
+@pytest.mark.parametrize("case", [c for c in CONVERSATIONS if "generation" not in c])
+def test_learned_tokens_decode_to_exactly_the_assistant_turns(case, tokenizer):
+    conversation = CONVERSATIONS[case]
+    text = ours("large", conversation)
+    ids = tokenizer.encode(text)
+    turns = _assistant_text(conversation)
+    assert turns and all(t.endswith("<|im_end|>") for t in turns)
+
+    def learned(policy: LossPolicy) -> str:
+        mask = learned_tokens(tokenizer, ids, text, policy.ranges(assistant_spans(text)), where="x")
+        return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+    assert learned(LossPolicy()) == "".join(turns)
+    assert learned(LossPolicy(last_turn_only=True)) == turns[-1]
+    without_thinking = "".join(t.split("</think>\n\n")[-1] for t in turns)
+    assert learned(LossPolicy(thinking=False)) == without_thinking
+    without_empty = "".join(t.split("</think>\n\n")[-1] if "<think>\n\n</think>" in t else t for t in turns)
+    assert learned(LossPolicy(empty_thinking=False)) == without_empty
+    assert "<|im_start|>" not in learned(LossPolicy())  # headers, system, user and tool turns are not learned
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+PREPROCESS = runpy.run_path(str(REPO / "tools/data/preprocess_sft.py"), run_name="cli")["main"]
+
+
+@pytest.fixture
+def chats(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes((REPO / "data/vl/images/00_red_circle.png").read_bytes())
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+            {"messages": [{"role": "user", "content": "<image> What is it?"},
+                          {"role": "assistant", "content": "A red circle."}], "images": ["a.png"]},
+            {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                       {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": "Red.", "reasoning_content": "It is red."}],
+             "chat_template_kwargs": {"enable_thinking": True}}]
+    return _write(tmp_path / "chats.jsonl", rows)
+
+
+def test_preprocessing_writes_the_rendered_conversations_and_their_masks(chats, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert PREPROCESS(["--input", str(chats), "--output-dir", str(out), "--qwen35-preset", "tiny-vl-demo",
+                       "--image-pixels", "1024", "16384"]) == 0
+    assert "3 conversations" in capsys.readouterr().out
+    samples = Qwen35VLSamples(out, formats=("qwen35-sft-samples/1",))
+    tokenizer = Qwen35Tokenizer()
+    decoded = [tokenizer.decode(samples[i]["tokens"][samples[i]["loss_mask"].bool()].tolist())
+               for i in range(len(samples))]
+    assert decoded == ["<think>\n\n</think>\n\nHello!<|im_end|>", "<think>\n\n</think>\n\nA red circle.<|im_end|>",
+                       "<think>\nIt is red.\n</think>\n\nRed.<|im_end|>"]
+    image_pads = (samples[1]["tokens"] == qwen35_preset("tiny-vl-demo").vision.image_token_id).sum()
+    assert int(image_pads) == int(samples[1]["image_grid_thw"].prod(-1).sum()) // 4 > 0
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}, "has the role 'bot'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "missing.png"}]},
+                   {"role": "assistant", "content": "x"}]}, "image 0 'missing.png' does not exist"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "broken.png"}]},
+                   {"role": "assistant", "content": "x"}]}, "'broken.png' is not a readable image"),
+    ({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}]},
+     "more <image> placeholders than the row's 'images' list"),
+    ({"messages": [{"role": "user", "content": "Hi " * 200}, {"role": "assistant", "content": "x"}]},
+     "longer than --seq-length 64"),
+    ("{not json", "not valid JSON"),
+    ({"messages": "Hi"}, "'messages' is a JSON str, not a list"),
+])
+def test_bad_rows_are_one_error_line_naming_file_and_line(chats, tmp_path, capsys, row, says):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "ok"},
+                                                        {"role": "assistant", "content": "ok"}]}, row])
+    out = tmp_path / "out"
+    assert PREPROCESS(["--input", str(bad), "--output-dir", str(out), "--qwen35-preset", "tiny-vl-demo",
+                       "--seq-length", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar's line, then the error
+    assert err[-1].startswith(f"error: {bad}:2: ") and says in err[-1], err
+    assert sum(line.startswith("error:") for line in err) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("mode", ["truncate", "skip"])
+def test_too_long_conversations_are_truncated_or_skipped_only_when_asked_and_counted(tmp_path, capsys, mode):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "long " * 100}, {"role": "assistant", "content": "ok"}]}]
+    counts = qwen35_preprocess_sft([_write(tmp_path / "c.jsonl", rows)], tmp_path / "out", qwen35_preset("tiny-demo"),
+                                   seq_length=64, too_long=mode)
+    assert counts[{"truncate": "truncated", "skip": "skipped"}[mode]] == 1
+    samples = Qwen35VLSamples(tmp_path / "out", formats=("qwen35-sft-samples/1",))
+    assert len(samples) == {"truncate": 2, "skip": 1}[mode]
+    assert max(len(samples[i]["tokens"]) for i in range(len(samples))) <= 64
+
+
+def test_a_tokenizer_folders_own_template_renders_the_same_conversations(tmp_path, tokenizer):
+    """--tokenizer-dir: transformers renders with the folder's chat template (here the released one, byte-level BPE
+    trained on the spot so no download is needed) and its tokenizer; the text equals our renderer's and the loss
+    decodes to the assistant turns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                "<tool_response>", "</tool_response>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [ours("large", c) for c in CONVERSATIONS.values()]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>").save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(TEMPLATES["large"].read_text())
+    case = CONVERSATIONS["tool_calls_and_responses"]
+    text = render_with_tokenizer_template(folder, case["messages"], tools=case["tools"])
+    assert text == ours("large", case)
+    theirs = Qwen35Tokenizer(folder)
+    ids = theirs.encode(text)
+    mask = learned_tokens(theirs, ids, text, LossPolicy().ranges(assistant_spans(text)), where="x")
+    assert theirs.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(_assistant_text(case))
+    assert torch.tensor(mask).sum() > 0
