@@ -127,8 +127,20 @@ PATCHES: tuple[Patch, ...] = (
     Patch("mtp_loss_under_context_parallelism", UPSTREAM_BUG,
           ("megatron.core.transformer.multi_token_prediction:roll_tensor",
            "megatron.core.models.gpt.gpt_model:process_mtp_loss"),
-          "under CP each rank weighs its MTP loss by its own token counts, which differ across ranks",
+          "each micro-batch and CP rank weighs its MTP loss by its own token count: under CP the ranks' counts "
+          "differ, and per token the objective depends on how documents are packed",
           upstream_fixes.fix_mtp_loss_under_context_parallelism, "c5d770803efb", "NVIDIA/Megatron-LM#7498"),
+    Patch("moe_aux_loss_with_padding_over_split_sequences", UPSTREAM_BUG,
+          ("megatron.core.transformer.moe.router:get_tokens_per_expert_and_token_count",),
+          "per token and with a padding mask, each SP / CP rank scales the router's aux loss by its own non-padding "
+          "token count where megatron's formula means the group's: packed sequences' aux-loss gradients change "
+          "with TP and CP",
+          upstream_fixes.fix_moe_aux_loss_with_padding_over_split_sequences, "53bdcd7e6672"),
+    Patch("mtp_padding_mask_under_sequence_parallelism", UPSTREAM_BUG,
+          ("megatron.core.transformer.multi_token_prediction:MultiTokenPredictionLayer._get_embeddings",),
+          "under SP the MTP layer rolls its rank's slice of the padding mask as if it were the whole sequence: its "
+          "MoE router masks the wrong tokens of packed sequences",
+          upstream_fixes.fix_mtp_padding_mask_under_sequence_parallelism, "0de994b5131c"),
     Patch("distributed_optimizer_with_fp32_params", UPSTREAM_BUG,
           ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups",),
           "the distributed optimizer's checkpoint index counts a group's params in model order, its inner optimizer "

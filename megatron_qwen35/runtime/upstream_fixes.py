@@ -71,21 +71,21 @@ _PER_TOKEN_MTP_LOSS: contextvars.ContextVar[bool] = contextvars.ContextVar("qwen
 def _roll_with_sequence_count(roll_tensor):
     @functools.wraps(roll_tensor)
     def roll_tensor_sequence_count(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
-        """megatron's MTP roll, whose count makes each CP rank weigh its tokens as the whole sequence does: n_rolled
-        / cp (megatron divides each rank's sum by it, then averages the ranks), or, normalised per token, this
-        rank's tokens before the roll x n_rolled / n_before (megatron scales the rank's sum by before / count)."""
+        """megatron's MTP roll, with the count megatron divides the MTP loss by made independent of how tokens are
+        grouped. Normalised per token: this rank's tokens before the roll, so megatron's scale (before / count) is
+        1 and the MTP loss sums over tokens as the LM loss does (both divided by the global batch's LM token count),
+        however documents are packed into micro-batches or split over CP ranks. Per micro-batch: n_rolled / cp over
+        the CP group (megatron divides each rank's sum by it, then averages the ranks)."""
         rolled, count = roll_tensor(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
                                     packed_seq_params=packed_seq_params)
+        dtype = rolled.dtype if rolled.is_floating_point() else torch.float32
+        if _PER_TOKEN_MTP_LOSS.get():
+            return rolled, tensor.detach().sum().to(dtype)
         if cp_group is None or cp_group.size() == 1:
             return rolled, count
-        before = tensor.detach().sum().to(torch.float64)
-        totals = torch.stack([before, count.detach().to(torch.float64)])  # [n_before, n_rolled] over the CP group
-        torch.distributed.all_reduce(totals, group=cp_group)
-        if _PER_TOKEN_MTP_LOSS.get():
-            count = before * totals[1] / totals[0].clamp(min=1)
-        else:
-            count = totals[1] / cp_group.size()
-        return rolled, count.to(rolled.dtype if rolled.is_floating_point() else torch.float32)
+        count = count.detach().to(torch.float64).clone()
+        torch.distributed.all_reduce(count, group=cp_group)
+        return rolled, (count / cp_group.size()).to(dtype)
 
     return roll_tensor_sequence_count
 
@@ -105,14 +105,14 @@ def _with_normalisation_known(process_mtp_loss):
 
 
 def fix_mtp_loss_under_context_parallelism() -> None:
-    # megatron weighs each CP rank's MTP loss by that rank's own count of rolled target tokens, and the counts differ
-    # by construction (the sequence's last position, which has no next token, sits on CP rank 0): per micro-batch,
-    # each token weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2, 0.05% at 4096); per token, each
-    # rank's sum is scaled by its own before / after ratio instead of the sequence's. The roll's count (the divisor
-    # of both the back-propagated and the logged MTP loss) becomes the one that weighs tokens as the whole sequence
-    # does, for the normalisation the model's config asks for; one all-reduce of two numbers per roll, only under CP.
-    # Only the MTP module's roll and GPTModel's binding of process_mtp_loss change; the rolls of ids and positions
-    # ignore the count; without CP (or with a CP group of one) nothing changes.
+    # megatron weighs each micro-batch's (and CP rank's) MTP loss by its own count of rolled target tokens. Per
+    # micro-batch: the counts differ across CP ranks by construction (the sequence's last position, which has no next
+    # token, sits on CP rank 0), so each token weighs 1/(cp x n_rank) instead of 1/n (7% off at 16 tokens and CP 2,
+    # 0.05% at 4096; NVIDIA/Megatron-LM#7498). Per token: each micro-batch's sum is scaled by its own before / after
+    # ratio, so the objective depends on which documents share a micro-batch (packing) and a rank. The roll's count
+    # (the divisor of both the back-propagated and the logged MTP loss) becomes the one that weighs every token alike
+    # (see the roll above). Only the MTP module's roll and GPTModel's binding of process_mtp_loss change; the rolls of
+    # ids and positions ignore the count.
     from megatron.core.models.gpt import gpt_model
     from megatron.core.transformer import multi_token_prediction as mtp
 
@@ -120,6 +120,66 @@ def fix_mtp_loss_under_context_parallelism() -> None:
         replace(mtp, "roll_tensor", _roll_with_sequence_count(mtp.roll_tensor))
     if not hasattr(gpt_model.process_mtp_loss, "__wrapped__"):
         replace(gpt_model, "process_mtp_loss", _with_normalisation_known(gpt_model.process_mtp_loss))
+
+
+def _token_count_of_the_group(count_tokens):
+    @functools.wraps(count_tokens)
+    def count_tokens_of_the_group(routing_map, reduce_group, topk=None, with_padding_mask=False):
+        """megatron's expert token counts, the `local` count with padding masked being the group's mean: the one
+        number megatron's per-token aux-loss scaling (local x group size) means."""
+        global_per_expert, local, total = count_tokens(routing_map, reduce_group, topk=topk,
+                                                       with_padding_mask=with_padding_mask)
+        if with_padding_mask:
+            local = total / reduce_group.size()
+        return global_per_expert, local, total
+
+    return count_tokens_of_the_group
+
+
+def fix_moe_aux_loss_with_padding_over_split_sequences() -> None:
+    # Under --calculate-per-token-loss megatron scales each rank's router aux loss by its own count of non-padding
+    # tokens x the TP x CP group's size, meaning the group's count; with a padding mask (packed sequences) the
+    # padding falls unevenly over the sequence-parallel / context-parallel ranks, so each rank weighs the loss by
+    # its own share (measured: the grad norm 0.6% off at TP2 + SP and at CP2 on packed chat sequences). The count
+    # megatron hands on becomes the group's mean, which it already has (it all-reduced the per-expert counts).
+    from megatron.core.transformer.moe import router
+
+    if not hasattr(router.get_tokens_per_expert_and_token_count, "__wrapped__"):
+        replace(router, "get_tokens_per_expert_and_token_count",
+                _token_count_of_the_group(router.get_tokens_per_expert_and_token_count))
+
+
+def _mtp_rolls_the_whole_padding_mask(get_embeddings):
+    @functools.wraps(get_embeddings)
+    def get_embeddings_whole_padding_mask(self, input_ids, position_ids, embedding, hidden_states,
+                                          packed_seq_params=None, padding_mask=None):
+        """megatron's MTP inputs, with the padding mask rolled as a whole sequence (as the token ids are) and then
+        cut back to this rank's sequence-parallel slice."""
+        tp = self.tp_group
+        if padding_mask is None or not self.config.sequence_parallel or tp is None or tp.size() == 1:
+            return get_embeddings(self, input_ids, position_ids, embedding, hidden_states,
+                                  packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        whole = gather_from_sequence_parallel_region(padding_mask.t().to(torch.uint8).contiguous(), group=tp)
+        out = get_embeddings(self, input_ids, position_ids, embedding, hidden_states,
+                             packed_seq_params=packed_seq_params, padding_mask=whole.t().bool())
+        rolled = out[2].t().chunk(tp.size(), dim=0)[tp.rank()].t().contiguous()
+        return (*out[:2], rolled, *out[3:])
+
+    return get_embeddings_whole_padding_mask
+
+
+def fix_mtp_padding_mask_under_sequence_parallelism() -> None:
+    # Under sequence parallelism the MTP layer receives the padding mask already cut to this rank's slice of the
+    # sequence and rolls that slice by one token as if it were the whole sequence (its token ids are whole): the
+    # MTP layer's MoE router then masks the wrong tokens (measured on packed chat sequences: the grad norm 2.6e-4 off
+    # at TP2 + SP). The mask is gathered, rolled with the ids, and cut again.
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+
+    method = MultiTokenPredictionLayer._get_embeddings
+    if not hasattr(method, "__wrapped__"):
+        replace(MultiTokenPredictionLayer, "_get_embeddings", _mtp_rolls_the_whole_padding_mask(method))
 
 
 def _main_params_in_model_order(build):
@@ -190,4 +250,5 @@ def fix_float16_optimizer_with_fp32_params() -> None:
 
 
 __all__ = ["fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp", "fix_mtp_loss_under_context_parallelism",
+           "fix_moe_aux_loss_with_padding_over_split_sequences", "fix_mtp_padding_mask_under_sequence_parallelism",
            "fix_distributed_optimizer_with_fp32_params", "fix_float16_optimizer_with_fp32_params"]
