@@ -37,10 +37,14 @@ EXTRA_PARALLEL=${EXTRA_PARALLEL:-}
 
 if [ "${MOCK_DATA:-0}" = 1 ]; then
   DATA_ARGS=(--mock-data)
+elif [ -n "${SFT_DATA_PATH:-}" ]; then  # chat conversations (tools/data/preprocess_sft.py): fine-tuning, packed
+  MICRO_BATCH=1  # one packed sequence per micro-batch (it holds several conversations)
+  DATA_ARGS=(--sft-data-path "$SFT_DATA_PATH" --split 99,1,0)
+  [ "${SFT_PACKING:-1}" = 0 ] && DATA_ARGS+=(--no-sft-packing)  # one conversation per sequence
 elif [ -n "${VL_DATA_PATH:-}" ]; then  # images / videos with text (tools/data/preprocess_vl.py): trains the ViT too
   DATA_ARGS=(--vl-data-path "$VL_DATA_PATH" --split 99,1,0)
 else
-  DATA_ARGS=(--data-path ${DATA_PATH:?set DATA_PATH to tokenized data (tools/data/preprocess.py), VL_DATA_PATH to image / video samples (tools/data/preprocess_vl.py) or MOCK_DATA=1} --split 99,1,0)
+  DATA_ARGS=(--data-path ${DATA_PATH:?set DATA_PATH to tokenized data (tools/data/preprocess.py), SFT_DATA_PATH to chat conversations (tools/data/preprocess_sft.py), VL_DATA_PATH to image / video samples (tools/data/preprocess_vl.py) or MOCK_DATA=1} --split 99,1,0)
 fi
 DATA_ARGS+=(--tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044)  # data is pre-tokenized (Qwen3.5 vocab)
 

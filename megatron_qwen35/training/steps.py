@@ -34,6 +34,35 @@ def _stage_roles(vp_stage: int | None) -> tuple[bool, bool, bool]:
             bool(mtp) and mtp_on_this_rank(mtp_num_layers=mtp, ignore_virtual=False, vp_stage=vp_stage))
 
 
+def data_flag(args) -> str:
+    """How the run names its training data, for messages."""
+    if getattr(args, "sft_data_path", None):
+        return f"--sft-data-path {args.sft_data_path}"
+    if getattr(args, "vl_data_path", None):
+        return f"--vl-data-path {args.vl_data_path}"
+    return f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data"
+
+
+def reads_on_every_rank(args) -> bool:
+    """Whether every rank reads its own copy of each micro-batch (VL samples, chat samples, pretraining sequences
+    whose documents are separated: see `_every_rank_batch`); else TP rank 0 reads and broadcasts (GPTDataset)."""
+    from megatron_qwen35.training.flags import separates_documents
+
+    return bool(getattr(args, "vl_data_path", None) or getattr(args, "sft_data_path", None)
+                or separates_documents(args))
+
+
+def document_boundaries(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """cu_seqlens [n + 1] int32 of a pretraining sequence tokens [1, s]: a document ends after each end-of-document
+    token (as megatron's --reset-attention-mask cuts it), the last one with the sequence."""
+    if tokens.shape[0] != 1:
+        raise ValueError(f"documents are separated one sequence per micro-batch (--micro-batch-size 1), got "
+                         f"{tokens.shape[0]}")
+    ends = (tokens[0, :-1] == eod_id).nonzero().flatten() + 1
+    total = torch.tensor([tokens.shape[1]], device=tokens.device)
+    return torch.cat([torch.zeros(1, dtype=ends.dtype, device=tokens.device), ends, total]).to(torch.int32)
+
+
 def _check_token_ids(batch: dict, vocab_size: int) -> None:
     """A token id the embedding cannot look up ends a run in a bare IndexError (a device assert on GPUs): name it."""
     for key in ("tokens", "labels"):
@@ -42,13 +71,11 @@ def _check_token_ids(batch: dict, vocab_size: int) -> None:
             from megatron.training import get_args
 
             args = get_args()
-            source = (f"--vl-data-path {args.vl_data_path}" if getattr(args, "vl_data_path", None) else
-                      f"--data-path {' '.join(args.data_path)}" if args.data_path else "the training data")
             model = args.qwen35_preset or args.hf_config
             raise ValueError(f"the batch's {key} hold id {largest}, outside the {vocab_size}-token vocabulary of the "
-                             f"model '{model}'; {source} was tokenized for a larger vocabulary: use the model's "
-                             "tokenizer, or a model whose vocabulary covers it (tiny-demo has the real Qwen3.5 "
-                             "vocabulary)")
+                             f"model '{model}'; {data_flag(args)} was tokenized for a larger vocabulary: use the "
+                             "model's tokenizer, or a model whose vocabulary covers it (tiny-demo has the real "
+                             "Qwen3.5 vocabulary)")
 
 
 def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
@@ -57,8 +84,8 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     from megatron.training import get_args
 
     args = get_args()
-    if getattr(args, "vl_data_path", None):  # a script of the user's may parse without our flags
-        return _vl_batch(data_iterator, vp_stage)
+    if reads_on_every_rank(args):
+        return _every_rank_batch(data_iterator, vp_stage)
     first, last, mtp_here = _stage_roles(vp_stage)
     if not (first or last or mtp_here):
         return {k: None for k in BATCH_KEYS}
@@ -82,26 +109,51 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     return batch_on_this_cp_rank(batch, mpu.get_context_parallel_group())
 
 
-def _vl_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
-    """A vision-language micro-batch (data/vl_dataset.py's fixed-shape samples). Every rank reads its own copy,
-    rather than tensor-parallel rank 0 broadcasting it: every pipeline stage applies mRoPE and so needs the positions,
-    and the pixels are many and of varying valid length. The ranks of one data-parallel rank's model replica read
-    the same samples (megatron's sampler is keyed by the data-parallel rank)."""
-    from megatron.training import get_args
+def _every_rank_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
+    """A micro-batch of vision-language samples (data/vl_dataset.py) or of packed conversations
+    (data/sft_dataset.py). Every rank reads its own copy, rather than tensor-parallel rank 0 broadcasting it: every
+    pipeline stage needs the positions (mRoPE) or the document boundaries (packed sequences), and the pixels are many
+    and of varying valid length. The ranks of one data-parallel rank's model replica read the same samples
+    (megatron's sampler is keyed by the data-parallel rank).
 
+    Packed sequences reach the model as megatron's THD PackedSeqParams (one sequence per micro-batch), with a padding
+    mask that keeps padding out of the MoE router's counts and auxiliary loss."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.training import get_args, get_tokenizer
+
+    from megatron_qwen35.data.sft_dataset import qwen35_sft_unpad
     from megatron_qwen35.data.vl_dataset import qwen35_vl_unpad
+    from megatron_qwen35.training.flags import separates_documents
 
+    args = get_args()
     first, _, _ = _stage_roles(vp_stage)
     batch = next(data_iterator)
-    _check_token_ids(batch, get_args().padded_vocab_size)
-    batch = {k: v.to(compute_device(), non_blocking=True) for k, v in batch.items()}
-    vision = dict(zip(VISION_INPUTS, qwen35_vl_unpad(batch), strict=True)) if first else {}
-    if vision and mpu.get_context_parallel_world_size() > 1:
+    _check_token_ids(batch, args.padded_vocab_size)
+    batch = {k: v.to(compute_device(), non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    cu = None
+    if "cu_seqlens" in batch:  # packed conversations
+        cu = qwen35_sft_unpad(batch)
+    elif separates_documents(args):  # a pretraining sequence's documents, cut at its end-of-document tokens
+        cu = document_boundaries(batch["tokens"], get_tokenizer().eod)
+        batch["padding_mask"] = torch.zeros_like(batch["tokens"], dtype=torch.bool)
+    vision = dict(zip(VISION_INPUTS, qwen35_vl_unpad(batch), strict=True)) if first and "pixel_values" in batch else {}
+    cp_group = mpu.get_context_parallel_group()
+    if vision and cp_group.size() > 1:
         vision["full_input_ids"] = batch["tokens"]  # the vision pads are placed before the split (vl_model.py)
+    positions = batch["position_ids"]
+    if positions.dim() == 3:
+        positions = positions.transpose(0, 1).contiguous()  # mRoPE's [3, b, s]
     text = {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
-            "position_ids": batch["position_ids"].transpose(0, 1).contiguous()}  # mRoPE's [3, b, s]
-    text = batch_on_this_cp_rank(text, mpu.get_context_parallel_group())
-    return {**text, "attention_mask": None, "cu_seqlens": None, **vision}
+            "position_ids": positions, "cu_seqlens": cu}  # (positions: megatron's THD rope restarts per document)
+    if cu is not None:
+        text["padding_mask"] = batch["padding_mask"]
+    out = {**batch_on_this_cp_rank(text, cp_group), "attention_mask": None, **vision}
+    if cu is not None:
+        longest = int((cu[1:] - cu[:-1]).max())
+        out["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+            max_seqlen_q=longest, max_seqlen_kv=longest)
+    return out
 
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt's: a loss this many times its running value is reported as spiky
@@ -156,13 +208,19 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         raise ValueError("context parallelism needs --calculate-per-token-loss (pretrain_qwen35.py sets it): with "
                          "megatron's per-micro-batch mean, each rank's mean over its own tokens is averaged, which "
                          "is not the sequence's mean where masked tokens fall unevenly")
+    packed = {k: batch[k] for k in ("packed_seq_params", "padding_mask") if batch.get(k) is not None}
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                   loss_mask=batch["loss_mask"], **vision)
+                   loss_mask=batch["loss_mask"], **packed, **vision)
     return output, partial(loss_func, batch["loss_mask"])
 
 
 def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
-    """Data is read on TP rank 0 of stages that consume it (first: tokens; last: labels)."""
+    """Data is read on TP rank 0 of stages that consume it (first: tokens; last: labels), or on every rank where
+    every rank reads its own micro-batch (documents separated: every stage needs their boundaries)."""
+    from megatron.training import get_args
+
+    if reads_on_every_rank(get_args()):
+        return True
     first = mpu.is_pipeline_first_stage(ignore_virtual=True)
     last = mpu.is_pipeline_last_stage(ignore_virtual=True)
     return (first or last) and mpu.get_tensor_model_parallel_rank() == 0
@@ -193,7 +251,9 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
     from megatron.training import get_args
 
     args = get_args()
-    if getattr(args, "vl_data_path", None):  # a script of the user's may parse without our flags
+    if getattr(args, "sft_data_path", None):  # a script of the user's may parse without our flags
+        return _sft_datasets(args, train_val_test_num_samples)
+    if getattr(args, "vl_data_path", None):
         return _vl_datasets(args, train_val_test_num_samples)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     config = gpt_dataset_config_from_args(args)
@@ -210,8 +270,21 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def _sft_datasets(args, train_val_test_num_samples):
+    """data/sft_dataset.py's packed conversations on every rank (see `_every_rank_batch`), split as --split says;
+    each conversation aligned to 2 x CP (context parallelism cuts every document into 2 x CP chunks)."""
+    from megatron_qwen35.data.sft_dataset import build_sft_datasets
+    from megatron_qwen35.training.flags import qwen35_config_from_args
+
+    cfg = qwen35_config_from_args(args)
+    cp = args.context_parallel_size
+    return build_sft_datasets(args.sft_data_path, args.seq_length, train_val_test_num_samples, vision=cfg.vision,
+                              seed=args.seed, split=vl_split(args), pack=not args.no_sft_packing,
+                              align=2 * cp if cp > 1 else 1)
+
+
 def _vl_datasets(args, train_val_test_num_samples):
-    """data/vl_dataset.py's datasets on every rank (see `_vl_batch`), split as --split says."""
+    """data/vl_dataset.py's datasets on every rank (see `_every_rank_batch`), split as --split says."""
     from megatron_qwen35.data.vl_dataset import build_vl_datasets
     from megatron_qwen35.training.flags import qwen35_config_from_args
 
@@ -223,7 +296,7 @@ def _vl_datasets(args, train_val_test_num_samples):
 
 
 def vl_split(args) -> str:
-    """--split for VL data (megatron sets its default only for --data-path)."""
+    """--split for VL and chat data (megatron sets its default only for --data-path)."""
     from megatron_qwen35.data.vl_dataset import DEFAULT_SPLIT
 
     return args.split if args.split is not None else DEFAULT_SPLIT

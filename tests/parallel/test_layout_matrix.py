@@ -95,14 +95,16 @@ def _micro_batches():
                  loss_mask=torch.ones_like(labels, dtype=torch.float)) for tokens, positions, labels in _data()]
 
 
-def _set_training_args(cfg) -> None:
-    """The megatron.training args forward_step / get_batch read (this process runs no megatron.training)."""
+def _set_training_args(cfg, **data) -> None:
+    """The megatron.training args forward_step / get_batch read (this process runs no megatron.training); `data`
+    names the data kind (e.g. sft_data_path for packed chat sequences)."""
     from megatron.training import global_vars
 
     global_vars._GLOBAL_ARGS = Namespace(
-        create_attention_mask_in_dataloader=False, micro_batch_size=1, seq_length=SEQ,
+        create_attention_mask_in_dataloader=False, micro_batch_size=1, seq_length=data.pop("seq_length", SEQ),
         mtp_num_layers=cfg.mtp_num_layers or None, padded_vocab_size=cfg.vocab_size, data_path=None,
-        qwen35_preset=PRESET, hf_config=None, check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=False)
+        qwen35_preset=PRESET, hf_config=None, check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=False,
+        **data)
 
 
 def _transformer_config(cfg, lay):
@@ -126,10 +128,11 @@ def _build_chunks(cfg, tc, lay):
 
 
 def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_optimizer=False, save_weights=None,
-                forward_only=False):
+                forward_only=False, batches=None, data=None):
     """Run `lay` on this rank; write reduced gradients (or, with optimizer_step, the updated parameters) as a
     checkpoint in out_dir. Returns the mean loss over this rank's micro-batches (None off the last stage).
-    forward_only: evaluation mode, loss only, nothing written."""
+    forward_only: evaluation mode, loss only, nothing written. batches / data: other micro-batches (e.g. packed chat
+    sequences) and the args naming their kind (_set_training_args)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -151,16 +154,18 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
     model = [DistributedDataParallel(tc, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per_rank = MICRO_BATCHES // dp
-    mine = _micro_batches()[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    _set_training_args(cfg)
+    batches = _micro_batches() if batches is None else batches
+    per_rank = len(batches) // dp
+    mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    _set_training_args(cfg, **(data or {}))
     iterators = [iter(list(mine)) for _ in model]
     for m in model:
         m.zero_grad_buffer()
         m.train(not forward_only)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
-        model=model, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1, forward_only=forward_only)
+        model=model, num_microbatches=per_rank, seq_length=mine[0]["tokens"].shape[-1], micro_batch_size=1,
+        forward_only=forward_only)
     loss = None
     if losses:  # each micro-batch reports [loss sum, tokens]: this rank's mean over its tokens
         total = torch.stack([d["lm loss"] for d in losses]).sum(0)
@@ -184,13 +189,13 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
     return loss
 
 
-def _matrix_worker(rank, world, layouts, weights_dir, out_root):
+def _matrix_worker(rank, world, layouts, weights_dir, out_root, batches=None, data=None):
     """All `layouts` one after another in these processes; {name: (loss, seconds) or error text}."""
     out = {}
     for name, lay in layouts.items():
         start = time.monotonic()
         try:
-            kwargs = dict(lay.get("run", {}))
+            kwargs = dict(lay.get("run", {}), batches=batches, data=data)
             weights = os.path.join(out_root, kwargs.pop("weights")) if "weights" in kwargs else weights_dir
             if "save_weights" in kwargs:
                 kwargs["save_weights"] = os.path.join(out_root, kwargs["save_weights"])
@@ -222,10 +227,10 @@ def _load_named(ckpt_dir):
     return {k: v.detach().clone() for k, v in megatron_named_tensors(model).items()}
 
 
-def _run_matrix(root, layouts, world):
+def _run_matrix(root, layouts, world, batches=None, data=None):
     weights = str(root / "weights")
     start = time.monotonic()
-    per_rank = run_distributed(_matrix_worker, world, layouts, weights, str(root), timeout=900)
+    per_rank = run_distributed(_matrix_worker, world, layouts, weights, str(root), batches, data, timeout=900)
     results = {name: [r[name] for r in per_rank] for name in layouts}
     print(f"{world} ranks: {time.monotonic() - start:.0f}s; per layout (rank 0): "
           + ", ".join(f"{n} {r[0][1]:.0f}s" for n, r in results.items() if not isinstance(r[0], str)))

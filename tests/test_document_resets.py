@@ -1,0 +1,79 @@
+"""--reset-attention-mask: pretraining sequences cut into their documents at end-of-document tokens, through the same
+packed (THD) path as chat fine-tuning, so every layer (attention, Gated DeltaNet state, rope, MTP) restarts at each.
+Proven through the recipe (recipes/common.sh -> pretrain_qwen35.py), from a converted checkpoint: the documents are separated (the losses change), the layouts log the single
+process's losses, and what the path cannot do is refused by name."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_qwen35.training.steps import document_boundaries
+from tests.parallel.test_pretrain_layouts import REL_TOL
+from tests.parallel.test_sft_layouts import converted  # noqa: F401 - the fixture
+from tests.pretrain_runs import recipe
+
+EOD = 256  # the byte-level vocabulary's end of document (the tiny presets)
+
+
+def test_document_boundaries_follow_each_end_of_document_token():
+    tokens = torch.tensor([[5, 6, EOD, 7, EOD, 8, 9, 10]])
+    assert document_boundaries(tokens, EOD).tolist() == [0, 3, 5, 8]
+    assert document_boundaries(torch.tensor([[1, 2, EOD]]), EOD).tolist() == [0, 3]  # a final EOD ends the last
+    with pytest.raises(ValueError, match="--micro-batch-size 1"):
+        document_boundaries(torch.zeros(2, 4, dtype=torch.long), EOD)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """80 documents of 3-14 byte ids, each ending in the end-of-document token."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path_factory.mktemp("corpus") / "docs"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    g = np.random.default_rng(0)
+    for _ in range(80):
+        doc = [*g.integers(0, 256, g.integers(2, 14)).tolist(), EOD]
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+SETTINGS = dict(MOCK_DATA="0", MICRO_BATCH="1", GLOBAL_BATCH="2")
+FLAGS = ("--null-tokenizer-eod-id", str(EOD))
+
+
+@pytest.fixture(scope="module")
+def separated(corpus, converted, tmp_path_factory):
+    return recipe(tmp_path_factory.mktemp("reset"), *FLAGS, "--reset-attention-mask", LOAD=str(converted),
+                  DATA_PATH=str(corpus), run_name="reset", **SETTINGS)
+
+
+def test_separated_documents_train_otherwise_than_a_running_stream(separated, corpus, converted, tmp_path):
+    stream = recipe(tmp_path, *FLAGS, LOAD=str(converted), DATA_PATH=str(corpus), run_name="stream", **SETTINGS)
+    assert sorted(separated.losses) == sorted(stream.losses) == [1, 2, 3]
+    assert abs(separated.losses[1] - stream.losses[1]) > 1e-3  # documents no longer see their predecessors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [dict(TP="2"), dict(PP="2")], ids=["tp2_sp", "pp2"])
+def test_separated_documents_at_a_layout_log_the_single_process_losses(separated, corpus, converted, tmp_path,
+                                                                      settings):
+    """(From a converted checkpoint, as every layout test: megatron.training would initialise each layout
+    differently.)"""
+    run = recipe(tmp_path, *FLAGS, "--reset-attention-mask", nproc=2, LOAD=str(converted), DATA_PATH=str(corpus),
+                 run_name="layout", **SETTINGS, **settings)
+    for step in (1, 2, 3):
+        for want, got in ((separated.losses[step], run.losses[step]),
+                          (separated.grad_norms[step], run.grad_norms[step])):
+            assert abs(got - want) <= REL_TOL[step] * abs(want), (settings, step, got, want)
+
+
+@pytest.mark.parametrize("settings,nproc,says", [
+    (dict(MICRO_BATCH="2", GLOBAL_BATCH="4"), 1, "--reset-attention-mask separates each sequence's documents as a "
+                                                 "packed sequence, one per micro-batch: --micro-batch-size 1, not 2"),
+    (dict(CP="2"), 2, "--reset-attention-mask with context parallelism"),
+])
+def test_what_separated_documents_cannot_do_is_refused(corpus, converted, tmp_path, settings, nproc, says):
+    run = recipe(tmp_path, *FLAGS, "--reset-attention-mask", nproc=nproc, LOAD=str(converted), DATA_PATH=str(corpus),
+                 check=False, **{**SETTINGS, **settings})
+    assert (run.stderr + run.stdout).count(says) == 1 and not run.losses

@@ -1,0 +1,97 @@
+"""Packed chat samples (data/sft_dataset.py, data/packing.py) and what the model does with them.
+
+- A packed sequence holds each conversation's tokens, the next token as its label within the conversation, the loss on
+  exactly the tokens the assistant says, positions restarting at every conversation, padding marked and never in the
+  loss, and the boundaries as cu_seqlens (aligned for context parallelism).
+- Documents do not see each other: changing one conversation's tokens leaves every other conversation's logits equal
+  to the bit (Gated DeltaNet conv and recurrent state, attention, MoE, all reset at the boundaries).
+"""
+
+import json
+
+import pytest
+import torch
+
+from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
+from megatron_qwen35.data.packing import PackedLayout, first_fit
+from megatron_qwen35.data.preprocess_sft import qwen35_preprocess_sft
+from megatron_qwen35.data.sft_dataset import Qwen35SFTDataset, build_sft_datasets, sft_samples
+from megatron_qwen35.data.tokenizer import qwen35_tokenizer_for
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+def test_first_fit_places_each_document_in_the_first_sequence_with_room():
+    assert first_fit([5, 3, 6, 2, 4], 10) == [[0, 1, 3], [2, 4]]
+    assert first_fit([5, 3, 6, 2, 4], 10, align=4) == [[0], [1, 3], [2], [4]]  # aligned: 8, 4, 8, 4, 4
+    with pytest.raises(ValueError, match="document 0 has 11 tokens"):
+        first_fit([11], 10)
+    assert PackedLayout.of([5, 3], 16, align=4).cu_seqlens == (0, 8, 12, 16)  # a padding document closes it
+    assert PackedLayout.of([8, 8], 16).cu_seqlens == (0, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}.", "reasoning_content": "Think."}]}
+            for i in range(5)]
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qwen35_preprocess_sft([root / "c.jsonl"], root / "out", qwen35_preset("tiny-moe"))
+    return root / "out"
+
+
+def test_a_packed_sequence_holds_each_conversation_with_its_labels_loss_and_positions(chat_dir):
+    samples = sft_samples(chat_dir)
+    lengths = samples.sizes["tokens"].tolist()
+    dataset = Qwen35SFTDataset(samples, list(range(5)), 2 * max(lengths) + 8, 1, align=4)
+    members = dataset.sequences[0]
+    seq = dataset.sequence(members)
+    cu = seq["cu_seqlens"][:int(seq["num_documents"]) + 1].tolist()
+    tokenizer = qwen35_tokenizer_for(qwen35_preset("tiny-moe"))
+    assert cu[0] == 0 and cu[-1] == dataset.seq_length and all(b % 4 == 0 for b in cu)
+    for d, k in enumerate(members):
+        raw, start = samples[k], cu[d]
+        n = len(raw["tokens"])
+        assert torch.equal(seq["tokens"][start:start + n], raw["tokens"])
+        assert torch.equal(seq["labels"][start:start + n - 1], raw["tokens"][1:])
+        assert torch.equal(seq["position_ids"][start:cu[d + 1]], torch.arange(cu[d + 1] - start))
+        learned = seq["labels"][start:start + n][seq["loss_mask"][start:start + n].bool()]
+        assert tokenizer.decode(learned.tolist()) == "<think>\nThink.\n</think>\n\nAnswer " + str(k) + ".<|im_end|>"
+        assert not seq["padding_mask"][start:start + n].any() and seq["padding_mask"][start + n:cu[d + 1]].all()
+    assert seq["padding_mask"][cu[len(members)]:].all() and not seq["loss_mask"][seq["padding_mask"]].any()
+
+
+def test_splits_are_packed_on_their_own_and_evaluation_off_builds_none(chat_dir):
+    train, valid, test = build_sft_datasets(chat_dir, 256, [3, 0, 0], vision=None, split="60,40,0")
+    assert valid is None and test is None and len(train) == 3
+    assert sorted(k for s in train.sequences for k in s) == [0, 1, 2]  # positions in the train split
+    _, valid, _ = build_sft_datasets(chat_dir, 256, [3, 2, 0], vision=None, split="60,40,0")
+    assert sorted(int(valid.indices[k]) for s in valid.sequences for k in s) == [3, 4]
+
+
+def _packed_params(cu: torch.Tensor):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_changing_one_conversation_leaves_the_others_logits_equal_to_the_bit(preset):
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    cfg = qwen35_preset(preset)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32)).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = (70, 33, 25)  # 70: not a multiple of the GDN's 64-token chunk
+    cu = torch.tensor([0, 70, 103, 128], dtype=torch.int32)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 128), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    changed = tokens.clone()
+    changed[0, 10:60] = torch.randint(0, cfg.vocab_size, (50,), generator=g)  # conversation 0 only
+    with torch.no_grad():
+        before, after = (model(t, positions, None, packed_seq_params=_packed_params(cu)) for t in (tokens, changed))
+    assert not torch.equal(before[:, :70], after[:, :70])
+    assert torch.equal(before[:, 70:], after[:, 70:])
