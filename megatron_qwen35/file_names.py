@@ -7,6 +7,9 @@ named on the command line. Every such name goes through `plain_file_name` before
 name inside its folder (one path component, not `.` or `..`, no separator, no NUL), or a `ValueError` naming where it
 was read. A plain name may still be a symbolic link inside an input folder (Hugging Face's cache keeps its shards as
 links into a blob store); reading follows it, writing never does (`convert/output_dir.create_file`).
+
+A data set row names its images and video frames by relative path (`images/a.png`): `media_file` joins such a path
+to the folder named on the command line (--media-dir, or the jsonl file's own folder) only when it stays inside it.
 """
 
 from __future__ import annotations
@@ -31,4 +34,17 @@ def plain_file_name(name: object, *, source: str | Path) -> str:
     return name
 
 
-__all__ = ["UnsafeFileName", "plain_file_name"]
+def media_file(folder: Path, name: object, *, source: str) -> Path:
+    """`folder / name` for a file path read from a data set row (an image, a video frame): relative, in `/`-separated
+    components none of which is `..` (nor empty: no `//`), no NUL, no backslash; else UnsafeFileName naming `source`,
+    the file, line and field it was read from."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or "\0" in name or "\\" in name or Path(name).is_absolute()
+            or any(p in ("", "..") for p in parts)):
+        raise UnsafeFileName(f"{source} names the file {name!r}, which is not a relative path inside the media folder "
+                             "(an absolute path, a '..', a backslash or an empty component): refusing to read it; "
+                             "paths are relative to --media-dir (default: the jsonl file's folder)")
+    return folder.joinpath(*(p for p in parts if p != "."))
+
+
+__all__ = ["UnsafeFileName", "plain_file_name", "media_file"]

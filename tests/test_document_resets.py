@@ -1,16 +1,18 @@
 """--reset-attention-mask: pretraining sequences cut into their documents at end-of-document tokens, through the same
 packed (THD) path as chat fine-tuning, so every layer (attention, Gated DeltaNet state, rope, MTP) restarts at each.
-Proven through the recipe (recipes/common.sh -> pretrain_qwen35.py), from a converted checkpoint: the documents are separated (the losses change), the layouts log the single
-process's losses, and what the path cannot do is refused by name."""
+Proven through the recipe (recipes/common.sh -> pretrain_qwen35.py) from a converted checkpoint: the documents are
+separated (the losses change), the layouts log the single process's losses, and what the path cannot do is refused by
+name."""
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 from megatron_qwen35.training.steps import document_boundaries
 from tests.parallel.test_pretrain_layouts import REL_TOL
-from tests.parallel.test_sft_layouts import converted  # noqa: F401 - the fixture
 from tests.pretrain_runs import recipe
+from tests.test_convert import make_hf_checkpoint
 
 EOD = 256  # the byte-level vocabulary's end of document (the tiny presets)
 
@@ -36,6 +38,14 @@ def corpus(tmp_path_factory):
         builder.add_document(doc, [len(doc)])
     builder.finalize(f"{prefix}.idx")
     return prefix
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny MoE + MTP checkpoint from transformers, converted: every run starts from the same weights."""
+    root = tmp_path_factory.mktemp("converted")
+    hf = make_hf_checkpoint(root / "hf", "tiny-moe", how="packed", mtp_layout="per_expert", seed=3)
+    return qwen35_hf_to_megatron(hf, root / "megatron", progress=False)
 
 
 SETTINGS = dict(MOCK_DATA="0", MICRO_BATCH="1", GLOBAL_BATCH="2")

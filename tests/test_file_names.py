@@ -15,7 +15,7 @@ import pytest
 
 from megatron_qwen35.checkpoint import CONFIG
 from megatron_qwen35.convert.safetensors_files import INDEX_NAME
-from megatron_qwen35.file_names import UnsafeFileName, plain_file_name
+from megatron_qwen35.file_names import UnsafeFileName, media_file, plain_file_name
 from tests.test_convert import REPO, assert_same_hf_checkpoint, make_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -179,3 +179,38 @@ def test_a_vl_dataset_index_naming_a_shard_outside_its_folder_is_refused(tmp_pat
 @pytest.mark.parametrize("name", ["model-00001-of-00002.safetensors", "..hidden", "a..b", ".config"])
 def test_plain_names_pass(name):
     assert plain_file_name(name, source="x") == name
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "images/../../secret.png", "/etc/passwd", "images//a.png",
+                                  "images\\a.png", ""])
+def test_a_media_path_leaving_the_media_folder_is_refused(tmp_path, name):
+    with pytest.raises(UnsafeFileName, match="not a relative path inside the media folder"):
+        media_file(tmp_path, name, source="rows.jsonl:3: 'images'")
+
+
+def test_media_paths_inside_the_folder_pass(tmp_path):
+    assert media_file(tmp_path, "images/./a.png", source="x") == tmp_path / "images" / "a.png"
+    assert media_file(tmp_path, "a..b.png", source="x") == tmp_path / "a..b.png"
+
+
+@pytest.mark.parametrize("tool,row", [
+    ("preprocess_sft", {"messages": [{"role": "user", "content": [{"type": "image", "image": "../outside.png"},
+                                                                  {"type": "text", "text": "?"}]},
+                                     {"role": "assistant", "content": "x"}]}),
+    ("preprocess_vl", {"text": "<image> x", "images": ["../outside.png"]}),
+])
+def test_data_rows_naming_images_outside_the_media_folder_are_refused(tmp_path, capsys, tool, row):
+    """The image exists, one folder up: the row may not reach it; one error line names the row, nothing is written."""
+    shutil.copy(REPO / "data/vl/images" / sorted(os.listdir(REPO / "data/vl/images"))[0], tmp_path / "outside.png")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    main = runpy.run_path(str(REPO / "tools/data" / f"{tool}.py"))["main"]
+    code = main(["--input", str(tmp_path / "rows" / "rows.jsonl"), "--output-dir", str(tmp_path / "out"),
+                 "--qwen35-preset", "tiny-vl-moe"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rows.jsonl:1" in err and "'../outside.png'" in err and not (tmp_path / "out").exists(), err
+    # the same image through --media-dir: the folder named on the command line
+    row_ok = json.loads(json.dumps(row).replace("../outside.png", "outside.png"))
+    (tmp_path / "rows" / "rows.jsonl").write_text(json.dumps(row_ok) + "\n")
+    assert main(["--input", str(tmp_path / "rows" / "rows.jsonl"), "--output-dir", str(tmp_path / "out"),
+                 "--qwen35-preset", "tiny-vl-moe", "--media-dir", str(tmp_path)]) == 0

