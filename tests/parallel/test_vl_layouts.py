@@ -6,6 +6,9 @@ samples (data/vl, preprocessed by tools/data/preprocess_vl.py), logs the single 
 TP2 splits the tower's heads and MLP and scatters the placed features for sequence parallelism; PP2 keeps the tower
 on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 places the features before the
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
+
+Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
+process's losses at TP2 + SP and PP2 (packed VL sequences are refused under CP for now: training/preflight.py).
 """
 
 import subprocess
@@ -81,3 +84,65 @@ def test_text_batches_on_a_vl_model_with_overlapped_gather_and_reduce(converted,
     for step in single.losses:
         for want, got in ((single.losses[step], run.losses[step]), (single.grad_norms[step], run.grad_norms[step])):
             assert abs(got - want) <= REL_TOL[step] * abs(want), (step, got, want)
+
+
+# Image chats (data/sft's demo set: three questions about data/vl's images and a two-turn sum), packed two to a
+# sequence: fine-tuning a VL checkpoint on conversations, each packed conversation with its own mRoPE positions and
+# images, its attention, Gated DeltaNet state and MTP separated from its neighbour's.
+CHAT_SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="352", EVAL_ITERS="0")  # 218 + 133 tokens fit
+CHAT_FLAGS = ("--adam-eps", "1e-4")  # (tests/parallel/test_sft_layouts.py: smooth Adam updates for the layouts)
+
+
+@pytest.fixture(scope="module")
+def vl_chats(tmp_path_factory):
+    import json
+
+    from megatron_qwen35.config import qwen35_preset
+    from megatron_qwen35.data.sft_dataset import Qwen35SFTDataset, sft_samples
+
+    root = tmp_path_factory.mktemp("vl_chats")
+    rows = [json.loads(line) for line in (REPO / "data/sft/chats.jsonl").read_text().splitlines()]
+    images = [r for r in rows if '"image"' in json.dumps(r)][:3]
+    text = [r for r in rows if '"image"' not in json.dumps(r) and "tools" not in r][:1]
+    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (images[0], text[0], *images[1:])))
+    subprocess.run([sys.executable, str(REPO / "tools/data/preprocess_sft.py"), "--input", str(root / "chats.jsonl"),
+                    "--output-dir", str(root / "sft"), "--qwen35-preset", PRESET, "--media-dir", str(REPO / "data/vl"),
+                    "--image-pixels", "1024", "16384"], check=True, capture_output=True)
+    samples = sft_samples(root / "sft")
+    packed = Qwen35SFTDataset(samples, list(range(4)), int(CHAT_SETTINGS["SEQ_LEN"]), 2,
+                              vision=qwen35_preset(PRESET).vision)
+    assert [len(s) for s in packed.sequences] == [2, 2], packed.sequences
+    return root / "sft"
+
+
+@pytest.fixture(scope="module")
+def single_chat(converted, vl_chats, tmp_path_factory):
+    return recipe(tmp_path_factory.mktemp("single_vl_chat"), *CHAT_FLAGS, nproc=1, LOAD=str(converted),
+                  SFT_DATA_PATH=str(vl_chats), GLOBAL_BATCH="2", run_name="single", **CHAT_SETTINGS)
+
+
+def _same_steps(want, got, what):
+    assert sorted(want.losses) == sorted(got.losses) == [1, 2, 3], (want.losses, got.losses)
+    for step in want.losses:
+        for name, a, b in (("lm loss", want.losses[step], got.losses[step]),
+                           ("grad norm", want.grad_norms[step], got.grad_norms[step])):
+            assert abs(b - a) <= REL_TOL[step] * abs(a), (what, step, name, b, a)
+
+
+def test_packed_image_chats_train_as_the_same_chats_one_per_sequence(converted, vl_chats, single_chat, tmp_path):
+    """(The MoE aux loss is a statistic of each micro-batch's tokens: off, as tests/parallel/test_sft_layouts.py.)"""
+    runs = {packing: recipe(tmp_path, *CHAT_FLAGS, "--moe-aux-loss-coeff", "0", nproc=1, LOAD=str(converted),
+                            SFT_DATA_PATH=str(vl_chats), SFT_PACKING=packing, GLOBAL_BATCH=batch, run_name=packing,
+                            **CHAT_SETTINGS)
+            for packing, batch in (("1", "2"), ("0", "4"))}
+    assert "mtp_1 loss" in runs["1"].stdout + runs["1"].stderr
+    _same_steps(runs["0"], runs["1"], "packed vs one per sequence")
+
+
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2"])
+def test_image_chat_recipe_at_layout_logs_the_single_process_losses(layout, converted, vl_chats, single_chat,
+                                                                    tmp_path):
+    ranks, settings = LAYOUTS[layout]
+    run = recipe(tmp_path, *CHAT_FLAGS, nproc=ranks, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats),
+                 GLOBAL_BATCH="2", run_name=layout, **{**CHAT_SETTINGS, **settings})
+    _same_steps(single_chat, run, layout)
