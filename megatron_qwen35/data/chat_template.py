@@ -226,6 +226,12 @@ def _tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+def has_chat_template(tokenizer_dir: str | Path) -> bool:
+    """Whether transformers finds a chat template in the folder (chat_template.jinja, tokenizer_config.json, ...);
+    the folder is read once for this and render_with_tokenizer_template."""
+    return bool(_tokenizer(str(tokenizer_dir)).chat_template)
+
+
 @dataclass(frozen=True)
 class AssistantSpan:
     """Where one assistant turn's text lies in a rendered conversation: [start, end) from the first character after
@@ -263,4 +269,4 @@ def assistant_spans(text: str) -> list[AssistantSpan]:
 
 
 __all__ = ["ChatTemplateError", "AssistantSpan", "IMAGE_SLOT", "VIDEO_SLOT", "ROLES", "render_qwen35_chat",
-           "render_with_tokenizer_template", "assistant_spans"]
+           "render_with_tokenizer_template", "has_chat_template", "assistant_spans"]
