@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch.compile (megatron's jit_fuser) costs ~7 s per first call on CPU and changes no result.
 export TORCHDYNAMO_DISABLE ?= 1
 
-.PHONY: setup test lint demo demo-vl bench clean
+.PHONY: setup test lint demo demo-vl demo-sft bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: setup
 
 demo-vl: setup
 	bash recipes/tiny-vl.sh
+
+demo-sft: setup
+	bash recipes/tiny-sft.sh
 
 bench: setup
 	$(PY) benchmarks/gdn_kernel.py

@@ -56,6 +56,17 @@ def qwen35_chat_prompt(cfg: Qwen35Config, prompt: str, *, system: str | None = N
                               **kwargs)
 
 
+def with_image_placeholders(text: str, num_images: int) -> str:
+    """A rendered chat prompt with each of its image slots (`<|vision_start|><|image_pad|><|vision_end|>`) as the
+    processor's `<image>` placeholder, which data/vl_processor.py expands to the image's pads."""
+    from megatron_qwen35.data.chat_template import IMAGE_SLOT
+    from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER
+
+    if text.count(IMAGE_SLOT) != num_images:
+        raise ValueError(f"the chat template wrote {text.count(IMAGE_SLOT)} image slots for {num_images} images")
+    return text.replace(IMAGE_SLOT, IMAGE_PLACEHOLDER)
+
+
 def qwen35_chat_end_ids(tokenizer) -> list[int]:
     """The ids that end a reply: `<|im_end|>`, then `<|endoftext|>` (each must be one token of `tokenizer`)."""
     ids = []
@@ -69,4 +80,4 @@ def qwen35_chat_end_ids(tokenizer) -> list[int]:
 
 
 __all__ = ["THINKING_OFF_SIZES", "qwen35_thinking_by_default", "qwen35_chat_messages", "qwen35_chat_prompt",
-           "qwen35_chat_end_ids"]
+           "with_image_placeholders", "qwen35_chat_end_ids"]

@@ -95,3 +95,20 @@ def test_changing_one_conversation_leaves_the_others_logits_equal_to_the_bit(pre
         before, after = (model(t, positions, None, packed_seq_params=_packed_params(cu)) for t in (tokens, changed))
     assert not torch.equal(before[:, :70], after[:, :70])
     assert torch.equal(before[:, 70:], after[:, 70:])
+
+
+def test_chat_demo_set_is_what_the_script_writes_and_preprocesses_for_the_demo_model(tmp_path):
+    """tools/data/make_sft_demo.py regenerates data/sft byte for byte; recipes/tiny-sft.sh's preprocessing of it (real
+    tokenizer, images from data/vl) keeps every conversation within its sequence length, each with something to
+    learn."""
+    import runpy
+
+    from tests.test_convert import REPO
+
+    assert runpy.run_path(str(REPO / "tools/data/make_sft_demo.py"))["main"](["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "chats.jsonl").read_bytes() == (REPO / "data/sft/chats.jsonl").read_bytes()
+    counts = qwen35_preprocess_sft([REPO / "data/sft/chats.jsonl"], tmp_path / "sft", qwen35_preset("tiny-vl-demo"),
+                                   media_dir=REPO / "data/vl", image_pixels=(1024, 16384), seq_length=384)
+    assert counts["conversations"] == 144 and counts["images"] == 36 and counts["truncated"] == counts["skipped"] == 0
+    samples = sft_samples(tmp_path / "sft")
+    assert all(int(samples[i]["loss_mask"].sum()) > 0 for i in range(len(samples)))

