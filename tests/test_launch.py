@@ -46,7 +46,6 @@ def test_architecture_flags_parse_back_to_the_table(preset):
     (["--mtp-num-layers", "2"], "--mtp-num-layers 2 (needs 1)"),
     (["--num-layers", "8", "--window-size", "4,0"], "--num-layers 8 (needs 4); --window-size (4, 0) (needs None)"),
     (["--make-vocab-size-divisible-by", "128"], "--make-vocab-size-divisible-by 128 (needs 1)"),
-    (["--reset-attention-mask"], "--reset-attention-mask would not separate documents"),
 ])
 def test_a_flag_that_contradicts_the_architecture_is_refused_by_name(flags, named):
     args = parse(["--qwen35-preset", "tiny-moe", *flags])

@@ -93,12 +93,21 @@ def test_flag_contradicting_the_architecture_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("flag", ["--reset-attention-mask", "--reset-position-ids"])
-def test_document_reset_flags_that_only_attention_would_honour_are_named(flag, monkeypatch):
+def test_document_reset_flags_run_packed_and_name_what_packing_cannot_split(flag, monkeypatch):
+    """The flags fit the architecture (they run through the packed path); a layout the packed path cannot take
+    (several sequences per micro-batch, context parallelism) is refused by name."""
     from megatron_qwen35.config import PRESETS
+    from megatron_qwen35.training.preflight import LaunchRefused, check_document_resets
 
-    args = parse_megatron_args(recipe_args("0.8b") + [flag], monkeypatch)
-    with pytest.raises(SystemExit, match=f"{flag} would not separate documents in Qwen3.5: the Gated DeltaNet"):
-        check_args_match(args, PRESETS["0.8b"])
+    args = parse_megatron_args(recipe_args("0.8b", MICRO_BATCH="1") + [flag], monkeypatch)
+    check_args_match(args, PRESETS["0.8b"])
+    check_document_resets(args)
+    args.micro_batch_size = 2
+    with pytest.raises(LaunchRefused, match=f"{flag} separates .* --micro-batch-size 1, not 2"):
+        check_document_resets(args)
+    args.micro_batch_size, args.context_parallel_size = 1, 2
+    with pytest.raises(LaunchRefused, match=f"{flag} with context parallelism"):
+        check_document_resets(args)
 
 
 def test_readme_long_context_layout_fits_and_a_wider_cp_is_named(monkeypatch, megatron_single_process):

@@ -196,11 +196,11 @@ def check_document_resets(args) -> None:
     """--reset-attention-mask / --reset-position-ids separate a pretraining sequence's documents through the packed
     (THD) path: one sequence per micro-batch, and documents as they fall (context parallelism would need every
     document's length a multiple of 2 x CP)."""
-    from megatron_qwen35.training.flags import flag_name, separates_documents
+    from megatron_qwen35.training.flags import DOCUMENT_RESET_DESTS, flag_name, separates_documents
 
     if not separates_documents(args):
         return
-    flag = " / ".join(flag_name(d) for d in ("reset_attention_mask", "reset_position_ids") if getattr(args, d))
+    flag = " / ".join(flag_name(d) for d in DOCUMENT_RESET_DESTS if getattr(args, d))
     if args.micro_batch_size != 1:
         raise LaunchRefused(f"{flag} separates each sequence's documents as a packed sequence, one per micro-batch: "
                             f"--micro-batch-size 1, not {args.micro_batch_size}")

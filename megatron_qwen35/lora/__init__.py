@@ -1,0 +1,14 @@
+"""LoRA on Megatron's linears (every one of the language model's by default: Gated DeltaNet, attention, MLP, shared
+expert, each routed expert), trained through the same recipes and entry point, exact against Hugging Face peft.
+
+- `targets.py`: which linears, named as transformers names them, and how each maps onto Megatron's fused linears.
+- `adapter.py`: the adapter on one linear, in megatron's tensor / sequence / expert parallel layout.
+- `apply.py`: `apply_lora(model, cfg, LoRASettings(...))`: adapters on, everything else frozen.
+- `peft_format.py`: adapters to and from a Hugging Face PEFT adapter (transformers' module names).
+"""
+
+from megatron_qwen35.lora.apply import LoRASettings, apply_lora, lora_parameters
+from megatron_qwen35.lora.peft_format import from_peft, to_peft
+from megatron_qwen35.lora.targets import TARGET_MODULES
+
+__all__ = ["LoRASettings", "apply_lora", "lora_parameters", "TARGET_MODULES", "from_peft", "to_peft"]

@@ -1,0 +1,114 @@
+"""Which linear layers LoRA adapts, named as transformers names them (what peft's `target_modules` match), and how
+each maps onto the Megatron linear that holds it.
+
+Megatron fuses what transformers keeps apart: the Gated DeltaNet's `in_proj_qkv`, `in_proj_z`, `in_proj_b`,
+`in_proj_a` are one `in_proj`; attention's `q_proj`, `k_proj`, `v_proj` one `linear_qkv`; an MLP's `gate_proj` and
+`up_proj` one `linear_fc1`. Each transformers module keeps its own adapter (its own A, and its rows of B), as peft
+gives it, so an adapter trained here is peft's and back. The rows of a fused linear come from the conversion's own
+row transform (convert/transforms.py, the one source of that layout), and which of them a tensor-parallel rank holds
+from megatron's split of that linear (`sections`: each section split on its own, as megatron's GDN and SwiGLU
+checkpoints split them; None: one contiguous block).
+
+A routed expert's `gate_up_proj` (one tensor in transformers, `[gate | up]`) has one adapter per expert, as peft's
+`target_parameters` gives the packed expert tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megatron_qwen35.config import Qwen35Config
+from megatron_qwen35.convert.transforms import GATE_UP, GATED_QKV, GDN_IN_PROJ, IDENTITY, Transform
+
+COLUMN, ROW = "column", "row"
+
+
+@dataclass(frozen=True)
+class AdaptedLinear:
+    """One Megatron linear LoRA may adapt."""
+
+    megatron: str  # the module's path inside a decoder layer
+    parallel: str  # COLUMN (output rows split over TP) or ROW (input columns split)
+    parts: tuple[str, ...]  # transformers' modules it fuses, in the conversion rule's order: one adapter each
+    transform: Transform = IDENTITY  # the conversion's rows: parts (transformers) -> the fused linear (Megatron)
+    sections: Callable[[Qwen35Config], list[int]] | None = None  # how megatron splits the fused rows over TP
+    expert: bool = False  # one linear per routed expert
+
+
+def _gdn_sections(cfg: Qwen35Config) -> list[int]:
+    qk = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    v = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    return [qk, qk, v, v, cfg.linear_num_value_heads, cfg.linear_num_value_heads]  # q k v | z | b | a
+
+
+def _halves(cfg: Qwen35Config, width: int) -> list[int]:
+    return [width, width]
+
+
+ADAPTED_LINEARS = (
+    AdaptedLinear("self_attention.in_proj", COLUMN, ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+                  GDN_IN_PROJ, _gdn_sections),
+    AdaptedLinear("self_attention.out_proj", ROW, ("out_proj",)),
+    AdaptedLinear("self_attention.linear_qkv", COLUMN, ("q_proj", "k_proj", "v_proj"), GATED_QKV),
+    AdaptedLinear("self_attention.linear_proj", ROW, ("o_proj",)),
+    AdaptedLinear("mlp.linear_fc1", COLUMN, ("gate_proj", "up_proj"), GATE_UP,
+                  lambda cfg: _halves(cfg, cfg.ffn_hidden_size)),
+    AdaptedLinear("mlp.linear_fc2", ROW, ("down_proj",)),
+    AdaptedLinear("mlp.shared_experts.linear_fc1", COLUMN, ("gate_proj", "up_proj"), GATE_UP,
+                  lambda cfg: _halves(cfg, cfg.moe_shared_expert_intermediate_size)),
+    AdaptedLinear("mlp.shared_experts.linear_fc2", ROW, ("down_proj",)),
+    AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc1", COLUMN, ("gate_up_proj",),
+                  sections=lambda cfg: _halves(cfg, cfg.moe_ffn_hidden_size), expert=True),
+    AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc2", ROW, ("down_proj",), expert=True),
+)
+
+EXPERTS = "experts"  # the user's name for every routed expert's gate_up_proj and down_proj
+# Every name --lora-target-modules accepts, in the order of the table (the default is all of them).
+TARGET_MODULES = tuple(dict.fromkeys(
+    [p for a in ADAPTED_LINEARS if not a.expert for p in a.parts] + [EXPERTS]))
+
+
+def parts_adapted(linear: AdaptedLinear, targets: frozenset[str]) -> tuple[str, ...]:
+    """The parts of `linear` the user's target names select."""
+    if linear.expert:
+        return linear.parts if EXPERTS in targets else ()
+    return tuple(p for p in linear.parts if p in targets)
+
+
+def check_target_modules(names) -> frozenset[str]:
+    """The user's target names, each one we know; else a ValueError naming the valid ones."""
+    names = list(names)
+    unknown = [n for n in names if n not in TARGET_MODULES]
+    if unknown or not names:
+        raise ValueError(f"--lora-target-modules {' '.join(unknown) or '(none)'}: not a linear layer LoRA adapts "
+                         f"here; the names (transformers' modules) are: {' '.join(TARGET_MODULES)}")
+    return frozenset(names)
+
+
+def fused_row_parts(linear: AdaptedLinear, cfg: Qwen35Config, part_rows: list[int]) -> torch.Tensor:
+    """For each row of the fused Megatron linear (the whole, unsplit), the index of the transformers part it comes
+    from: the conversion's transform run on part labels."""
+    labels = [torch.full((n, 1), i, dtype=torch.float64) for i, n in enumerate(part_rows)]
+    (fused,) = linear.transform.to_megatron(labels, cfg)
+    return fused[:, 0].to(torch.long)
+
+
+def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """The rows of the fused linear (of `total`) this tensor-parallel rank holds, in its local order."""
+    sections = linear.sections(cfg) if linear.sections is not None else [total]
+    if sum(sections) != total:
+        raise ValueError(f"{linear.megatron}: sections {sections} do not add up to its {total} rows")
+    rows, start = [], 0
+    for n in sections:
+        if n % tp_size:
+            raise ValueError(f"{linear.megatron}: a section of {n} rows does not split over {tp_size} TP ranks")
+        rows.append(torch.arange(start + tp_rank * n // tp_size, start + (tp_rank + 1) * n // tp_size))
+        start += n
+    return torch.cat(rows)
+
+
+__all__ = ["COLUMN", "ROW", "AdaptedLinear", "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "parts_adapted",
+           "check_target_modules", "fused_row_parts", "local_rows"]

@@ -1,0 +1,124 @@
+"""LoRA against Hugging Face peft on transformers' Qwen3.5, fp32 on CPU: the same adapter weights give the same
+logits, loss and adapter gradients (dense and MoE; GDN, attention, MLP, shared expert and every routed expert)."""
+
+import pytest
+import torch
+
+from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
+from megatron_qwen35.convert.model_state import load_hf_state_dict
+from megatron_qwen35.hf_reference import reference_model
+from megatron_qwen35.lora import LoRASettings, apply_lora, from_peft, lora_parameters, to_peft
+from megatron_qwen35.lora.targets import EXPERTS, TARGET_MODULES
+from megatron_qwen35.provider import qwen35_gpt_model
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+TOL = 1e-4  # fp32, as the base model's parity (tests/test_model_parity.py)
+RANK, ALPHA = 4, 8.0
+
+
+def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA):
+    """peft's LoraConfig for our target names: transformers' module names, routed experts as target_parameters."""
+    from peft import LoraConfig
+
+    modules = [t for t in targets if t != EXPERTS]
+    parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if EXPERTS in targets and cfg.is_moe else None
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=parameters,
+                      init_lora_weights=False)  # random A and B: an all-zero B would hide a wrong layout
+
+
+def lora_pair(preset, targets=TARGET_MODULES, seed=0):
+    """(cfg, peft model on transformers, our model with the same base and adapter weights)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    cfg = qwen35_preset(preset).replace(mtp_num_layers=0)
+    hf = reference_model(cfg, seed)
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    torch.manual_seed(seed + 1)
+    peft_model = get_peft_model(hf, peft_config(cfg, targets)).eval()
+    ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
+    load_hf_state_dict(ours, cfg, base, include_mtp=False)
+    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets)))
+    params = lora_parameters(ours)
+    state = from_peft(get_peft_model_state_dict(peft_model), cfg, {n: p.shape for n, p in params.items()})
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+    return cfg, peft_model, ours
+
+
+def _tokens(cfg, batch=2, seq=70, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+
+
+def _ours(model, ids):
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    return model(ids, pos, None)
+
+
+def _loss(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_logits_loss_and_adapter_gradients_equal_peft(preset):
+    cfg, peft_model, ours = lora_pair(preset)
+    ids = _tokens(cfg)
+    a, b = _ours(ours, ids), peft_model(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= TOL
+    loss_a, loss_b = _loss(a, ids), _loss(b, ids)
+    assert abs(loss_a.item() - loss_b.item()) <= TOL
+    loss_a.backward()
+    loss_b.backward()
+    ours_grads = to_peft({n: p.grad for n, p in lora_parameters(ours).items()}, cfg)
+    peft_grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    peft_grads = {k.replace(".default.weight", ".weight"): g for k, g in peft_grads.items()}
+    assert set(ours_grads) == set(peft_grads)
+    for name, want in peft_grads.items():
+        got = ours_grads[name]
+        assert got.shape == want.shape, name
+        assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
+    # only adapters train: the base has no gradient at all
+    assert all(p.grad is None for n, p in ours.named_parameters() if n not in lora_parameters(ours))
+
+
+def test_every_adapted_linear_changes_the_output():
+    """Guard on the test: each transformers module's adapter reaches the logits (no part silently dropped)."""
+    cfg, peft_model, ours = lora_pair("tiny-moe")
+    ids = _tokens(cfg, batch=1, seq=20)
+    with torch.no_grad():
+        before = _ours(ours, ids)
+        for name, p in lora_parameters(ours).items():
+            if ".lora.A." in name:
+                saved = p.clone()
+                p.zero_()
+                assert not torch.equal(_ours(ours, ids), before), name
+                p.copy_(saved)
+
+
+def test_a_subset_of_targets_adapts_only_those_parts():
+    """`in_proj_b` alone: the GDN input projection's b rows get an adapter, its q k v z a rows stay the base's."""
+    cfg, peft_model, ours = lora_pair("tiny", targets=("in_proj_b", "o_proj"))
+    ids = _tokens(cfg)
+    assert (_ours(ours, ids) - peft_model(input_ids=ids).logits).abs().max().item() <= TOL
+    names = set(lora_parameters(ours))
+    assert names and all(".lora.A.in_proj_b" in n or "linear_proj" in n or ".lora.B." in n for n in names)
+
+
+def test_an_unknown_target_module_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"--lora-target-modules qkv_proj: not a linear .* in_proj_qkv in_proj_z"):
+        LoRASettings(rank=4, target_modules=("qkv_proj", "o_proj"))
+    with pytest.raises(ValueError, match="--lora-rank 0"):
+        LoRASettings(rank=0)
+
+
+def test_an_adapter_of_another_rank_is_named():
+    cfg, peft_model, ours = lora_pair("tiny")
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    like = {n: torch.Size([p.shape[0], 2 * p.shape[1]]) if ".lora.B." in n else p.shape
+            for n, p in lora_parameters(ours).items()}
+    with pytest.raises(ValueError, match="another LoRA rank"):
+        from_peft(state, cfg, like)
