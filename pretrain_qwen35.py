@@ -14,17 +14,21 @@ layout, data, the --load checkpoint); a refusal is one `error:` line and exit co
 import os
 import sys
 
-from megatron_qwen35.runtime import apply_runtime_patches
-from megatron_qwen35.training.launch import datasets_after_load, parse_qwen35_args
-from megatron_qwen35.training.model_provider import model_provider
-from megatron_qwen35.training.preflight import LaunchRefused
-from megatron_qwen35.training.steps import forward_step, train_valid_test_datasets_provider
+# Every import is inside main(): megatron's first checkpoint save starts its writer's results manager with
+# multiprocessing's 'spawn', which re-imports this script in the new process; with the imports here at the top that
+# child spent 6.5 s importing megatron before the save could finish (measured on a tiny model, CPU).
 
 
 def main(argv: list[str]) -> None:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from megatron_qwen35.runtime import apply_runtime_patches
+    from megatron_qwen35.training.launch import datasets_after_load, parse_qwen35_args
+    from megatron_qwen35.training.model_provider import model_provider
+    from megatron_qwen35.training.preflight import LaunchRefused
+    from megatron_qwen35.training.steps import forward_step, train_valid_test_datasets_provider
 
     apply_runtime_patches()  # upstream fixes everywhere; the CPU adaptations where CUDA is absent
     try:  # every rank checks the same launch (training/preflight.py); a refusal is one line, on rank 0
