@@ -127,14 +127,27 @@ def _unfused_rope(config):
         config.apply_rope_fusion = fused
 
 
-def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **config_overrides) -> Qwen35CausalLM:
+def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapter: Path | str | None = None,
+               **config_overrides) -> Qwen35CausalLM:
     """The model saved in `checkpoint_dir`, in eval mode; `config_overrides` go to TransformerConfig.
+
+    A LoRA checkpoint (a LoRA run's, or hf_to_megatron.py --adapter's) runs with its adapters; `adapter` (a Hugging
+    Face PEFT LoRA adapter directory of this base, as peft's save_pretrained or megatron_to_hf.py --adapter-only
+    writes it) puts that adapter on a base checkpoint.
 
     An entry point: it applies the run-time patches (runtime/register.py) and, where no parallel state exists, sets
     up a one-process one. On a CUDA machine the model runs on Transformer Engine (`backend="te"`, which must import)
     unless `backend="local"` says otherwise; elsewhere on the local backend."""
+    from megatron_qwen35.convert.record import ConversionRecord
+    from megatron_qwen35.lora import LoRASettings, adapter_whole_shapes, apply_lora, from_peft, load_adapter_tensors
+    from megatron_qwen35.lora.peft_format import read_peft_adapter
+
     apply_runtime_patches()
-    cfg, _ = read_config(checkpoint_dir)
+    cfg, metadata = read_config(checkpoint_dir)
+    saved_lora = LoRASettings.from_record(metadata["lora"]) if metadata.get("lora") else None
+    if adapter is not None and saved_lora is not None:
+        raise ValueError(f"{checkpoint_dir} holds LoRA adapters already; give `adapter` with a base checkpoint")
+    peft_lora, peft_tensors = read_peft_adapter(adapter) if adapter is not None else (None, None)
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,7 +165,16 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, **conf
         raise ValueError("load_model runs the whole model on each rank; use pipeline_parallel=1")
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, backend=backend, device=device, **overrides),
                              backend=backend)
+    if saved_lora is not None:  # loaded with the base
+        apply_lora(model, cfg, saved_lora)
     load_checkpoint(model, checkpoint_dir)
+    if peft_lora is not None:
+        apply_lora(model, cfg, peft_lora)
+        prefix = ConversionRecord.from_metadata(metadata).export_layout(cfg).prefix
+        try:
+            load_adapter_tensors(model, from_peft(peft_tensors, cfg, adapter_whole_shapes(model), hf_prefix=prefix))
+        except ValueError as e:
+            raise ValueError(f"{adapter}: {e}") from None
     return Qwen35CausalLM(model, cfg).eval()
 
 

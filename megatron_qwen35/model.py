@@ -13,12 +13,15 @@ class Qwen35GPTModel(GPTModel):
     - `hide_loss_modules`: the hook megatron.training enters while it builds the state dict it loads from a
       --finetune checkpoint. A checkpoint without MTP weights (transformers' save_pretrained drops them) then loads,
       the MTP layer keeping its initialisation; the launch check decides (training/checkpoint_check.py) and
-      model_provider sets `mtp_absent_from_load`. Saving always includes the MTP layer.
+      model_provider sets `mtp_absent_from_load`. Saving always includes the MTP layer. Likewise the LoRA adapters
+      of a run that starts them from a checkpoint without any (`lora_absent_from_load`; lora/adapter.py): the base
+      loads, the adapters keep peft's initialisation.
     - the padding mask of packed sequences (True at padding: kept out of the MoE router's counts and aux loss) in
       this rank's sequence-parallel slice on every stage: megatron slices it only where it embeds the tokens itself,
       not where the VL model hands in its decoder input nor on later pipeline stages."""
 
     mtp_absent_from_load = False
+    lora_absent_from_load = False
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args,
                 padding_mask=None, **kwargs):
@@ -31,9 +34,12 @@ class Qwen35GPTModel(GPTModel):
 
     @contextlib.contextmanager
     def hide_loss_modules(self):
+        from megatron_qwen35.lora.adapter import hidden_adapters
+
         hidden = self._modules.pop("mtp", None) if self.mtp_absent_from_load else None
         try:
-            yield
+            with hidden_adapters(self) if self.lora_absent_from_load else contextlib.nullcontext():
+                yield
         finally:
             if hidden is not None:
                 self._modules["mtp"] = hidden

@@ -52,6 +52,20 @@ MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python 
 # MTP=0: train without the multi-token-prediction layer (the model itself is unchanged; a checkpoint without MTP
 # weights, e.g. transformers' save_pretrained output, otherwise starts the layer from its initialisation)
 [ "${MTP:-}" = 0 ] && MODEL_ARGS+=(--mtp-num-layers 0)
+# LoRA (LORA_RANK=16): adapters on every linear of the language model (LORA_TARGETS: transformers' module names, e.g.
+# "q_proj k_proj v_proj o_proj"; "experts" for every routed expert's), the base frozen; LORA_ALPHA, LORA_DROPOUT,
+# LORA_MTP=1 for the MTP layer's linears. LoRA on the experts runs each expert as its own linear: no grouped GEMM.
+LORA_ARGS=()
+if [ "${LORA_RANK:-0}" != 0 ]; then
+  LORA_ARGS=(--lora-rank "$LORA_RANK" --lora-alpha "${LORA_ALPHA:-32}" --lora-dropout "${LORA_DROPOUT:-0}")
+  [ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
+    && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
+  [ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
+  if [ -z "${LORA_TARGETS:-}" ] || [[ " $LORA_TARGETS " == *" experts "* ]]; then
+    EXTRA_PARALLEL=${EXTRA_PARALLEL//--moe-grouped-gemm/}
+  fi
+fi
+MODEL_ARGS+=("${LORA_ARGS[@]}")
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP"
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)

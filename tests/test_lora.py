@@ -6,8 +6,17 @@ import torch
 
 from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
 from megatron_qwen35.convert.model_state import load_hf_state_dict
+from megatron_qwen35.convert.table import MULTIMODAL_PREFIX
 from megatron_qwen35.hf_reference import reference_model
-from megatron_qwen35.lora import LoRASettings, apply_lora, from_peft, lora_parameters, to_peft
+from megatron_qwen35.lora import (
+    LoRASettings,
+    adapter_whole_shapes,
+    apply_lora,
+    from_peft,
+    load_adapter_tensors,
+    lora_parameters,
+    to_peft,
+)
 from megatron_qwen35.lora.targets import EXPERTS, TARGET_MODULES
 from megatron_qwen35.provider import qwen35_gpt_model
 
@@ -37,13 +46,12 @@ def lora_pair(preset, targets=TARGET_MODULES, seed=0):
     torch.manual_seed(seed + 1)
     peft_model = get_peft_model(hf, peft_config(cfg, targets)).eval()
     ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
-    load_hf_state_dict(ours, cfg, base, include_mtp=False)
+    names = dict(hf_prefix=MULTIMODAL_PREFIX, expert_layout="packed") if cfg.vision is not None else {}
+    load_hf_state_dict(ours, cfg, base, include_mtp=False, **names)
     apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets)))
-    params = lora_parameters(ours)
-    state = from_peft(get_peft_model_state_dict(peft_model), cfg, {n: p.shape for n, p in params.items()})
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+    prefix = {"hf_prefix": "model.language_model."} if cfg.vision is not None else {}
+    load_adapter_tensors(ours, from_peft(get_peft_model_state_dict(peft_model), cfg, adapter_whole_shapes(ours),
+                                         **prefix))
     return cfg, peft_model, ours
 
 
@@ -83,6 +91,29 @@ def test_logits_loss_and_adapter_gradients_equal_peft(preset):
     assert all(p.grad is None for n, p in ours.named_parameters() if n not in lora_parameters(ours))
 
 
+def test_vl_model_with_images_equals_peft():
+    """The VL model (tower frozen, the language model adapted, experts too) on a batch with images and a video:
+    logits, loss and every adapter gradient equal peft's on transformers' Qwen3_5MoeForConditionalGeneration."""
+    from megatron_qwen35.layers.rotary import mrope_position_ids, token_types
+    from tests.test_vl_model import vl_batch
+
+    cfg, peft_model, ours = lora_pair("tiny-vl-moe")
+    batch = vl_batch(cfg)
+    ids = batch["input_ids"]
+    positions = mrope_position_ids(ids, cfg.vision, batch["image_grid_thw"], batch["video_grid_thw"])
+    a = ours(ids, positions, None, **{k: v for k, v in batch.items() if k != "input_ids"})  # the training forward
+    b = peft_model(**batch, mm_token_type_ids=token_types(ids, cfg.vision)).logits
+    assert (a - b).abs().max().item() <= TOL
+    _loss(a, ids).backward()
+    _loss(b, ids).backward()
+    ours_grads = to_peft({n: p.grad for n, p in lora_parameters(ours).items()}, cfg, hf_prefix="model.language_model.")
+    peft_grads = {k.replace(".default.weight", ".weight"): p.grad for k, p in peft_model.named_parameters()
+                  if p.requires_grad}
+    assert set(ours_grads) == set(peft_grads)
+    for name, want in peft_grads.items():
+        assert (ours_grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
+
+
 def test_every_adapted_linear_changes_the_output():
     """Guard on the test: each transformers module's adapter reaches the logits (no part silently dropped)."""
     cfg, peft_model, ours = lora_pair("tiny-moe")
@@ -90,7 +121,7 @@ def test_every_adapted_linear_changes_the_output():
     with torch.no_grad():
         before = _ours(ours, ids)
         for name, p in lora_parameters(ours).items():
-            if ".lora.A." in name:
+            if ".lora.A_" in name:
                 saved = p.clone()
                 p.zero_()
                 assert not torch.equal(_ours(ours, ids), before), name
@@ -103,7 +134,7 @@ def test_a_subset_of_targets_adapts_only_those_parts():
     ids = _tokens(cfg)
     assert (_ours(ours, ids) - peft_model(input_ids=ids).logits).abs().max().item() <= TOL
     names = set(lora_parameters(ours))
-    assert names and all(".lora.A.in_proj_b" in n or "linear_proj" in n or ".lora.B." in n for n in names)
+    assert names and all(".lora.A_in_proj_b" in n or "linear_proj" in n or ".lora.B_" in n for n in names)
 
 
 def test_an_unknown_target_module_names_the_valid_ones():
@@ -118,7 +149,7 @@ def test_an_adapter_of_another_rank_is_named():
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(peft_model)
-    like = {n: torch.Size([p.shape[0], 2 * p.shape[1]]) if ".lora.B." in n else p.shape
+    like = {n: torch.Size([p.shape[0], 2 * p.shape[1]]) if ".lora.B_" in n else p.shape
             for n, p in lora_parameters(ours).items()}
     with pytest.raises(ValueError, match="another LoRA rank"):
         from_peft(state, cfg, like)

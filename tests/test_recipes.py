@@ -140,3 +140,27 @@ def test_vl_data_path_trains_on_images_at_any_size(monkeypatch):
     assert "--data-path" not in argv and argv[argv.index("--vl-data-path") + 1] == "/data/vl-9b"
     args = parse_megatron_args(argv, monkeypatch)
     assert args.vl_data_path == "/data/vl-9b" and not args.apply_rope_fusion
+
+
+def test_lora_settings_reach_the_flags_and_adapted_experts_run_without_grouped_gemm(monkeypatch):
+    """LORA_* become --lora-* flags megatron's parser takes; with the routed experts adapted (the default) the MoE
+    recipe drops its grouped GEMM (each expert its own linear, its own adapter), without them it keeps it; a grouped
+    GEMM the user asks for beside expert adapters, or an unknown target, is refused by name."""
+    from megatron_qwen35.config import PRESETS
+    from megatron_qwen35.training.flags import lora_settings_from_args
+    from megatron_qwen35.training.preflight import LaunchRefused, check_lora
+
+    argv = recipe_args("35b-a3b", LORA_RANK="16", LORA_ALPHA="16")
+    assert "--moe-grouped-gemm" not in argv
+    args = parse_megatron_args(argv, monkeypatch)
+    lora = lora_settings_from_args(args)
+    assert (lora.rank, lora.alpha, "experts" in lora.target_modules) == (16, 16.0, True)
+    check_lora(args, PRESETS["35b-a3b"])
+    args.moe_grouped_gemm = True
+    with pytest.raises(LaunchRefused, match="--moe-grouped-gemm with LoRA on the routed experts"):
+        check_lora(args, PRESETS["35b-a3b"])
+    kept = recipe_args("35b-a3b", LORA_RANK="16", LORA_TARGETS="q_proj o_proj")
+    assert "--moe-grouped-gemm" in kept and kept[kept.index("--lora-target-modules") + 1:][:2] == ["q_proj", "o_proj"]
+    args = parse_megatron_args(recipe_args("9b", LORA_RANK="8", LORA_TARGETS="qkv"), monkeypatch)
+    with pytest.raises(LaunchRefused, match="--lora-target-modules qkv: not a linear"):
+        lora_settings_from_args(args)

@@ -87,7 +87,7 @@ def _check_source(source: HFSource, rules: list[NamedRule], layout: MegatronLayo
     expected = {n for r in rules for n in r.hf}
     present = set(source.reader) - ({LM_HEAD} if source.layout.stored_tied_head else set())
     check_names(present, expected, side=f"Hugging Face ({source.reader.directory})")
-    check_names(set(layout.entries), {n for r in rules for n in r.megatron}, side="Megatron model")
+    check_names(layout.base_names(), {n for r in rules for n in r.megatron}, side="Megatron model")
     shapes = hf_shapes(rules, layout.shape, source.cfg)
     if source.layout.stored_tied_head:
         shapes[LM_HEAD] = shapes[source.layout.embedding]
@@ -113,20 +113,31 @@ def _record(source: HFSource, hf_names: list[str]) -> ConversionRecord:
 
 
 def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: torch.dtype | str | None = None,
-                          overwrite: bool = False, progress: bool = True, lanes: int = DEFAULT_LANES) -> Path:
+                          overwrite: bool = False, progress: bool = True, lanes: int = DEFAULT_LANES,
+                          adapter: Path | str | None = None) -> Path:
     """Convert a Hugging Face Qwen3.5 checkpoint directory into a megatron_qwen35 torch_dist checkpoint.
 
     `dtype` (None: the source's own, tensor by tensor) casts every weight; the parameters the model keeps in fp32
-    (A_log, the GDN output norm) stay fp32 under 16-bit weights. `lanes` threads convert at once. Returns `out_dir`,
-    which appears only once everything is written.
+    (A_log, the GDN output norm) stay fp32 under 16-bit weights. `lanes` threads convert at once. `adapter`: a
+    Hugging Face PEFT LoRA adapter of this model, written beside the base as a LoRA checkpoint (a LoRA run with the
+    adapter's settings trains on from it; load_model generates with it). Returns `out_dir`, which appears only once
+    everything is written.
     """
+    from megatron_qwen35.lora.peft_format import from_peft, read_peft_adapter
+
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = inspect_hf_checkpoint(hf_dir)
+    lora, peft_tensors = read_peft_adapter(adapter) if adapter is not None else (None, {})
     rules = source.rules()
-    keys = MegatronLayout(source.cfg)
+    keys = MegatronLayout(source.cfg, lora=lora)
     _check_source(source, rules, keys)
     record = _record(source, [n for r in rules for n in r.hf])
     cfg, reader = source.cfg, source.reader
+    try:
+        adapters = from_peft(peft_tensors, cfg, {n: keys.shape(n) for n in keys.lora_names},
+                             hf_prefix=source.layout.prefix) if lora is not None else {}
+    except ValueError as e:
+        raise ValueError(f"{adapter}: {e}") from None
 
     def convert(rule: NamedRule, lane: int, writer: TorchDistWriter, bar: Progress) -> list[str]:
         inputs = [reader[n] for n in rule.hf]  # memory-mapped
@@ -158,11 +169,13 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
         return notes
 
     costs = [2 * sum(reader.entries[n].nbytes for n in r.hf) for r in rules]
-    with output_directory(out_dir, overwrite=overwrite, inputs=[hf_dir]) as tmp:
+    with output_directory(out_dir, overwrite=overwrite, inputs=[hf_dir, *([adapter] if adapter else [])]) as tmp:
         bar = Progress(reader.nbytes, f"HF -> Megatron {Path(hf_dir).name}", enabled=progress)
         writer = TorchDistWriter(iteration_dir(tmp, RELEASE), files=len(deal(costs, lanes)))
         try:
             run_in_lanes(rules, costs, lambda rule, lane: convert(rule, lane, writer, bar), lanes=lanes)
+            for name, tensor in adapters.items():
+                keys.write(writer, name, tensor.to(target or tensor.dtype).contiguous())
             keys.write_objects(writer, iteration=0)
             writer.finish(expected=keys.checkpoint_shapes())  # every tensor of the model, each once, or no output
         except BaseException:
@@ -171,6 +184,6 @@ def qwen35_hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, *, dtype: tor
         if source.layout.stored_tied_head:
             bar.update(reader.entries[LM_HEAD].nbytes)
         bar.close()
-        write_config(tmp, cfg, record.to_metadata())
+        write_config(tmp, cfg, record.to_metadata() | ({"lora": lora.to_record()} if lora is not None else {}))
         (tmp / TRACKER).write_text(f"{RELEASE}\n")  # last: marks the checkpoint complete
     return Path(out_dir)

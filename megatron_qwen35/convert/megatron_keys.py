@@ -40,9 +40,10 @@ def _tile_in_order(views: list[ShardedTensor], whole: torch.Tensor) -> bool:
 
 class MegatronLayout:
     """For each table name, what the TP=1 model's `sharded_state_dict` holds (a ShardedTensor, or a factory that
-    splits the tensor into named sections), plus its ShardedObjects. Built on the meta device: no weights."""
+    splits the tensor into named sections), plus its ShardedObjects. Built on the meta device: no weights. With
+    `lora` (lora.LoRASettings), the model carries its adapters, named `{linear}.lora.A_{part}` / `.lora.B_{i}`."""
 
-    def __init__(self, cfg: Qwen35Config):
+    def __init__(self, cfg: Qwen35Config, lora=None):
         from megatron_qwen35.config import qwen35_transformer_config
         from megatron_qwen35.convert.names import checkpoint_names
         from megatron_qwen35.provider import qwen35_gpt_model
@@ -53,6 +54,10 @@ class MegatronLayout:
         with one_rank_world():  # a one-rank build (conversion is parallelism-agnostic), leaving no process group
             with torch.device("meta"):
                 model = qwen35_gpt_model(cfg, transformer_config, backend="local")
+                if lora is not None:
+                    from megatron_qwen35.lora import apply_lora
+
+                    apply_lora(model, cfg, lora)
             sharded = model.sharded_state_dict()
         names = checkpoint_names(model)
         self.entries: dict[str, ShardedTensor | ShardedTensorFactory] = {}
@@ -65,6 +70,11 @@ class MegatronLayout:
             else:
                 raise TypeError(f"unexpected {type(entry).__name__} '{sd_name}' in the model's sharded_state_dict")
         self.fp32_names = {name for name, e in self.entries.items() if e.data.dtype == torch.float32}
+        self.lora_names = {name for name in self.entries if ".lora." in name}  # the adapters' (lora/peft_format.py)
+
+    def base_names(self) -> set[str]:
+        """The model's own tensors (what the conversion table maps), without any adapter's."""
+        return set(self.entries) - self.lora_names
 
     def shape(self, name: str) -> tuple[int, ...]:
         entry = self.entries[name]

@@ -14,6 +14,10 @@ Top-down:
    NaN / Inf screen reads the records memory-mapped. The vision tower comes back through its rules in the same
    table.
 4. The writer checks that every planned tensor was written exactly once before the directory appears.
+
+A LoRA checkpoint (its record says `lora`: lora/) holds the frozen base and the adapters: by default each adapted
+weight is written merged (`W + scaling B A` in fp32, stored in the base's dtype); with `adapter_only` the adapters
+alone are written as a Hugging Face PEFT adapter directory (`qwen35_adapter_to_peft`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from megatron_qwen35.convert.safetensors_files import (
     ShardPlan,
     index_weight_map,
 )
-from megatron_qwen35.convert.table import LM_HEAD, HFLayout, NamedRule, check_names, hf_shapes
+from megatron_qwen35.convert.table import LM_HEAD, NamedRule, check_names, hf_shapes
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 
 
@@ -84,6 +88,47 @@ def _shard_plan(plan: list[PlannedTensor], record: ConversionRecord, max_shard_s
     return ShardPlan.split(plan, *([max_shard_size] if max_shard_size is not None else []))
 
 
+def _lora_settings(metadata: dict, source: Path):
+    from megatron_qwen35.lora import LoRASettings
+
+    if not metadata.get("lora"):
+        return None
+    try:
+        return LoRASettings.from_record(metadata["lora"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source} records LoRA adapters it cannot describe ({e})") from None
+
+
+def qwen35_adapter_to_peft(megatron_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False) -> Path:
+    """The LoRA adapters of a LoRA checkpoint as a Hugging Face PEFT adapter directory (adapter_config.json,
+    adapter_model.safetensors; transformers' module names, as peft.PeftModel.from_pretrained reads them)."""
+    from safetensors.torch import save
+
+    from megatron_qwen35.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config, to_peft
+
+    megatron_dir = Path(megatron_dir)
+    cfg, metadata = read_config(megatron_dir)
+    record = ConversionRecord.from_metadata(metadata, source=megatron_dir / CONFIG)
+    lora = _lora_settings(metadata, megatron_dir / CONFIG)
+    if lora is None:
+        raise ValueError(f"{megatron_dir} holds no LoRA adapters (its {CONFIG} records none): --adapter-only "
+                         "exports a LoRA run's checkpoint")
+    layout = record.export_layout(cfg)
+    reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
+    try:
+        keys = MegatronLayout(cfg, lora=lora)
+        _check_checkpoint(keys, reader)
+        tensors = to_peft({n: keys.read(reader, n) for n in sorted(keys.lora_names)}, cfg, hf_prefix=layout.prefix)
+    finally:
+        reader.close()
+    source = str(megatron_dir / CONFIG)
+    with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:
+        write_file(tmp, ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}), source=source)
+        write_file(tmp, ADAPTER_CONFIG, (json.dumps(peft_config(lora, cfg), indent=2, sort_keys=True) + "\n").encode(),
+                   source=source)
+    return Path(out_dir)
+
+
 def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False,
                           max_shard_size: int | str | None = None, progress: bool = True,
                           lanes: int = DEFAULT_LANES) -> Path:
@@ -94,13 +139,15 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
     megatron_dir = Path(megatron_dir)
     cfg, metadata = read_config(megatron_dir)
     record = ConversionRecord.from_metadata(metadata, source=megatron_dir / CONFIG)
+    lora = _lora_settings(metadata, megatron_dir / CONFIG)
     reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
     try:
-        keys = MegatronLayout(cfg)
+        keys = MegatronLayout(cfg, lora=lora)
         _check_checkpoint(keys, reader)
-        layout = record.layout if record.source_dtype is not None else HFLayout.saved_by_transformers(cfg)
+        layout = record.export_layout(cfg)
         rules = layout.rules(cfg)
-        check_names(set(keys.entries), {n for r in rules for n in r.megatron}, side="Megatron model")
+        check_names(keys.base_names(), {n for r in rules for n in r.megatron}, side="Megatron model")
+        adapted = {n.split(".lora.")[0] + ".weight" for n in keys.lora_names}  # the weights LoRA updates
         plan = _plan(rules, keys, reader, cfg, record)
         shards = _shard_plan(plan, record, max_shard_size, source=megatron_dir / CONFIG)
         dtypes = {p.name: p.dtype for p in plan}
@@ -113,6 +160,8 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         def file_moves(rule: NamedRule) -> tuple[torch.dtype, list[list[FileRange]], list[list[FileRange]]] | None:
             """(the dtype, each Megatron input's file ranges, each output's) when the rule only moves bytes and casts
             none."""
+            if adapted.intersection(rule.megatron):
+                return None  # merged with its adapter: arithmetic
             stored = {keys.checkpoint_dtype(reader, n) for n in rule.megatron}
             if len(stored) != 1 or any(dtypes[n] not in stored for name in rule.hf for n in written(name)):
                 return None
@@ -145,12 +194,21 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
             inputs = [keys.read(reader, n) for n in rule.megatron]
             notes = [note for n, t in zip(rule.megatron, inputs, strict=True)
                      if (note := non_finite_note(n, t, reader.directory))]
+            if adapted.intersection(rule.megatron):
+                from megatron_qwen35.lora.merge import merged_weight
+
+                inputs = [merged_weight(n, t, cfg, _adapter_tensors(n), lora.alpha / lora.rank) if n in adapted else
+                          t.float() for n, t in zip(rule.megatron, inputs, strict=True)]
             if rule.transform.arithmetic:
                 work = rule.transform.work_dtype(dtypes[rule.hf[0]])
                 inputs = [t.to(work) for t in inputs]
             for name, tensor in zip(rule.hf, rule.transform.to_hf(inputs, cfg), strict=True):
                 write(name, tensor, None, writer, bar)
             return notes
+
+        def _adapter_tensors(weight: str) -> dict[str, torch.Tensor]:
+            linear = weight.removesuffix(".weight") + ".lora."
+            return {n: keys.read(reader, n) for n in keys.lora_names if n.startswith(linear)}
 
         costs = [2 * sum(sizes[n] for n in rule.hf) for rule in rules]
         with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:

@@ -49,6 +49,10 @@ class ConversionRecord:
     def absent(cls) -> ConversionRecord:
         return cls()
 
+    def export_layout(self, cfg) -> HFLayout:
+        """The names an export writes: the converted source's, else those transformers' save_pretrained writes."""
+        return self.layout if self.source_dtype is not None else HFLayout.saved_by_transformers(cfg)
+
     def dtype_of(self, hf_name: str) -> torch.dtype | None:
         return self.hf_dtypes.get(hf_name, self.source_dtype)
 

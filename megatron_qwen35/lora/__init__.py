@@ -5,10 +5,18 @@ expert, each routed expert), trained through the same recipes and entry point, e
 - `adapter.py`: the adapter on one linear, in megatron's tensor / sequence / expert parallel layout.
 - `apply.py`: `apply_lora(model, cfg, LoRASettings(...))`: adapters on, everything else frozen.
 - `peft_format.py`: adapters to and from a Hugging Face PEFT adapter (transformers' module names).
+- `merge.py`: the adapters' update folded into the base weights (the merged export).
 """
 
-from megatron_qwen35.lora.apply import LoRASettings, apply_lora, lora_parameters
+from megatron_qwen35.lora.apply import (
+    LoRASettings,
+    adapter_whole_shapes,
+    apply_lora,
+    load_adapter_tensors,
+    lora_parameters,
+)
 from megatron_qwen35.lora.peft_format import from_peft, to_peft
 from megatron_qwen35.lora.targets import TARGET_MODULES
 
-__all__ = ["LoRASettings", "apply_lora", "lora_parameters", "TARGET_MODULES", "from_peft", "to_peft"]
+__all__ = ["LoRASettings", "apply_lora", "lora_parameters", "adapter_whole_shapes", "load_adapter_tensors",
+           "TARGET_MODULES", "from_peft", "to_peft"]

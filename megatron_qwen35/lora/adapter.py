@@ -14,44 +14,76 @@ Parallel layout (as the wrapped linear's weight is split; collectives from megat
 - row-parallel (input columns split): A is this rank's columns; `h` is all-reduced (under SP reduce-scattered, like
   the linear's output), B is whole. Under SP each rank's B gradient covers its sequence slice: B is marked
   `sequence_parallel`, so megatron's finalize_model_grads sums it over TP as it does the layer norms'.
-- a routed expert's linear (megatron's `explicit_expert_comm`: the token dispatcher moves the tokens): no collective,
+- a routed expert's linear (the token dispatcher moves the tokens to it; expert TP is 1): no collective,
   and the adapter's parameters are expert parameters (`allreduce = False`: reduced over the expert data-parallel
   group), like the expert's weight. Expert tensor parallelism (ETP > 1) is refused (lora/apply.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
+import zlib
 
 import torch
 from megatron.core.tensor_parallel import mappings
 
-from megatron_qwen35.lora.targets import COLUMN
+from megatron_qwen35.lora.targets import COLUMN, ROW
 
 
 class LoRAAdapter(torch.nn.Module):
-    """The low-rank update of one linear: `parts` named A's [rank, in (local)] and B's rows [out (local), rank]."""
+    """The low-rank update of one linear: `parts` named A's [rank, in (local)] and B's rows [out (local), rank]:
+    parameters `A_{part}` and `B_{i}` (one per TP section)."""
 
     def __init__(self, *, parallel: str, parts: dict[str, int], row_part: torch.Tensor, sections: list[int],
                  in_features: int, rank: int, alpha: float, dropout: float, tp_group, sequence_parallel: bool,
-                 expert_comm: bool, dtype: torch.dtype, device):
+                 expert: bool, dtype: torch.dtype, device):
         super().__init__()
         self.parallel, self.rank, self.scaling = parallel, rank, alpha / rank
-        self.tp_group, self.sequence_parallel, self.expert_comm = tp_group, sequence_parallel, expert_comm
+        self.tp_group, self.sequence_parallel, self.expert = tp_group, sequence_parallel, expert
         self.part_names = list(parts)
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         factory = dict(dtype=dtype, device=device)
-        self.A = torch.nn.ParameterDict({p: torch.nn.Parameter(torch.empty(rank, in_features, **factory))
-                                         for p in self.part_names})
-        self.B = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n, rank, **factory)) for n in sections])
+        # Parameters of this module itself (`A_{part}`, `B_{i}`), not of a ParameterDict / ParameterList: megatron's
+        # DDP waits for a parameter's all-gather (--overlap-param-gather) in the forward pre-hook of the module that
+        # owns it, which a container, never called, would not run (the first update would land a step late).
+        for p in self.part_names:
+            self.register_parameter(f"A_{p}", torch.nn.Parameter(torch.empty(rank, in_features, **factory)))
+        for i, n in enumerate(sections):
+            self.register_parameter(f"B_{i}", torch.nn.Parameter(torch.zeros(n, rank, **factory)))
+        self.sections = len(sections)
         # which part's h each local output row reads (-1: a row of a part not adapted): a [rows, parts x rank] mask
         block = torch.zeros(len(row_part), len(self.part_names) * rank, dtype=dtype, device=device)
         for i, name in enumerate(self.part_names):
             block[row_part == parts[name], i * rank:(i + 1) * rank] = 1
         self.register_buffer("block", block, persistent=False)
-        for a in self.A.values():  # peft's default initialisation: A kaiming-uniform, B zero (the update starts at 0)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    @torch.no_grad()
+    def initialise(self, name: str, seed: int, tp_rank: int, tp_size: int) -> None:
+        """peft's initialisation (A kaiming-uniform over the whole, unsplit A; B zero: the update starts at 0), drawn
+        from a generator keyed by the adapter's global name and `seed`, so that every parallel layout draws the same
+        numbers; a row-parallel A keeps this rank's columns."""
+        split = self.parallel == ROW and not self.expert
+        if self.block.is_meta:  # a model built for its key schema only (convert/megatron_keys.py)
+            return
+        for part, a in self.A.items():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}.{part}".encode()))
+            whole = torch.empty(a.shape[0], a.shape[1] * (tp_size if split else 1), dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=g)
+            a.copy_(whole[:, tp_rank * a.shape[1]:(tp_rank + 1) * a.shape[1]] if split else whole)
+        for b in self.B:
+            b.zero_()
+
+    @property
+    def A(self) -> dict[str, torch.nn.Parameter]:
+        """Each adapted part's A [rank, in (local)]."""
+        return {p: getattr(self, f"A_{p}") for p in self.part_names}
+
+    @property
+    def B(self) -> list[torch.nn.Parameter]:
+        """B's TP sections [rows (local), rank], in the linear's row order."""
+        return [getattr(self, f"B_{i}") for i in range(self.sections)]
 
     def weight_B(self) -> torch.Tensor:
         """This rank's B rows in the linear's local order [out, parts x rank] (zero outside each row's part)."""
@@ -60,23 +92,37 @@ class LoRAAdapter(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
         if self.parallel == COLUMN:
-            if self.sequence_parallel and not self.expert_comm:
+            if self.sequence_parallel and not self.expert:
                 x = mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                                   group=self.tp_group)
             h = torch.cat([torch.nn.functional.linear(x, self.A[p]) for p in self.part_names], dim=-1)
-            if not self.expert_comm:
+            if not self.expert:
                 h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
             return torch.nn.functional.linear(h, self.weight_B()) * self.scaling
         h = torch.nn.functional.linear(x, self.A[self.part_names[0]])
-        if not self.expert_comm:
+        if not self.expert:
             h = (mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
                  if self.sequence_parallel else mappings.reduce_from_tensor_model_parallel_region(h, self.tp_group))
         return torch.nn.functional.linear(h, self.weight_B()) * self.scaling
 
 
+def adapter_input(linear, x: torch.Tensor) -> torch.Tensor:
+    """What the adapted linear multiplies: its input, normalised first where the linear fuses the layer norm before
+    it (Transformer Engine's LayerNormLinear: `layer_norm_weight`, read against TE 2.x's LayerNormLinear: RMSNorm,
+    gamma + 1 with zero_centered_gamma, `eps`), as the local backend's separate norm module does."""
+    weight = getattr(linear, "layer_norm_weight", None)
+    if weight is None:
+        return x
+    if getattr(linear, "normalization", "RMSNorm") != "RMSNorm":
+        raise ValueError(f"LoRA on a {type(linear).__name__} with {linear.normalization}: Qwen3.5 uses RMSNorm")
+    gamma = weight + 1 if getattr(linear, "zero_centered_gamma", False) else weight
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + linear.eps) * gamma.float()).to(x.dtype)
+
+
 def _add_update(linear, inputs, output):
     """Forward hook: the linear's (output, bias) plus the adapter's update of its input."""
-    update = linear.lora(inputs[0])
+    update = linear.lora(adapter_input(linear, inputs[0]))
     if isinstance(output, tuple):
         return (output[0] + update.to(output[0].dtype), *output[1:])
     return output + update.to(output.dtype)
@@ -87,14 +133,17 @@ def _sharded_state_dict(linear, prefix="", sharded_offsets=(), metadata=None):
     column-parallel B sections split over TP on rows, row-parallel A split on columns, the rest replicated."""
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-    adapter = linear._modules.pop("lora")
+    adapter = linear._modules.pop("lora", None)  # None: hidden from a load (hidden_adapters)
     try:
         entries = type(linear).sharded_state_dict(linear, prefix, sharded_offsets, metadata)
     finally:
-        linear._modules["lora"] = adapter
+        if adapter is not None:
+            linear._modules["lora"] = adapter
+    if adapter is None:
+        return entries
     state = adapter.state_dict(prefix="", keep_vars=True)
-    axis = ({f"B.{i}": 0 for i in range(len(adapter.B))} if adapter.parallel == COLUMN
-            else {f"A.{p}": 1 for p in adapter.part_names})
+    axis = ({f"B_{i}": 0 for i in range(adapter.sections)} if adapter.parallel == COLUMN
+            else {f"A_{p}": 1 for p in adapter.part_names})
     entries.update(make_sharded_tensors_for_checkpoint(state, f"{prefix}lora.", axis, sharded_offsets,
                                                        tp_group=linear.tp_group,
                                                        dp_cp_group=(metadata or {}).get("dp_cp_group")))
@@ -102,16 +151,38 @@ def _sharded_state_dict(linear, prefix="", sharded_offsets=(), metadata=None):
 
 
 def attach_adapter(linear: torch.nn.Module, adapter: LoRAAdapter) -> None:
-    """Make `adapter` the `lora` child of `linear`, added to its output, saved in its checkpoint entries."""
+    """Make `adapter` the `lora` child of `linear`, added to its output, saved in its checkpoint entries, its
+    parameters marked as megatron marks the linear's (for the gradient reductions and the gradient norm)."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
     linear.lora = adapter
     linear.register_forward_hook(_add_update)
     linear.sharded_state_dict = types.MethodType(_sharded_state_dict, linear)
-    if hasattr(linear.weight, "allreduce"):  # an expert's: reduced over the expert data-parallel group, as its weight
+    if adapter.expert:  # an expert's: one per expert as its weight is, reduced over the expert-DP group
         for p in adapter.parameters():
-            p.allreduce = linear.weight.allreduce
-    if adapter.sequence_parallel and adapter.parallel != COLUMN and not adapter.expert_comm:
+            for attr in ("allreduce", "tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(linear.weight, attr):
+                    setattr(p, attr, getattr(linear.weight, attr))
+        return
+    # split over TP (counted on every rank in the gradient norm): column-parallel B's rows, row-parallel A's columns
+    for p in adapter.B if adapter.parallel == COLUMN else adapter.A.values():
+        set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0 if adapter.parallel == COLUMN else 1,
+                                             stride=1)
+    if adapter.sequence_parallel and adapter.parallel != COLUMN:
         for b in adapter.B:
             b.sequence_parallel = True  # each rank's gradient covers its sequence slice: summed over TP
 
 
-__all__ = ["LoRAAdapter", "attach_adapter"]
+@contextlib.contextmanager
+def hidden_adapters(model: torch.nn.Module):
+    """`model` without its adapters while megatron builds the state dict it loads from a checkpoint that has none."""
+    linears = [m for m in model.modules() if isinstance(m._modules.get("lora"), LoRAAdapter)]
+    adapters = [m._modules.pop("lora") for m in linears]
+    try:
+        yield
+    finally:
+        for m, a in zip(linears, adapters, strict=True):
+            m._modules["lora"] = a
+
+
+__all__ = ["LoRAAdapter", "adapter_input", "attach_adapter", "hidden_adapters"]

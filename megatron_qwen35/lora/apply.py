@@ -22,6 +22,7 @@ from megatron_qwen35.lora.targets import (
     check_target_modules,
     fused_row_parts,
     local_rows,
+    part_rows,
     parts_adapted,
 )
 
@@ -42,17 +43,32 @@ class LoRASettings:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--lora-dropout {self.dropout}: a dropout probability is in [0, 1)")
         check_target_modules(self.target_modules)
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def to_record(self) -> dict:
+        """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function."""
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp}
+
+    @classmethod
+    def from_record(cls, record: dict) -> LoRASettings:
+        return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
+                   target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]))
+
+    def describe(self) -> str:
+        targets = "all" if set(self.target_modules) == set(TARGET_MODULES) else " ".join(self.target_modules)
+        return f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{', MTP layer' if self.mtp else ''}"
 
 
 def _layers(model, with_mtp: bool):
-    """(prefix, layer) of every transformer layer this chunk holds: decoder layers, then the MTP layers' own."""
+    """(prefix, global prefix, layer) of every transformer layer this chunk holds: decoder layers (the global prefix
+    numbers them across pipeline stages), then the MTP layers' own."""
     decoder = getattr(model, "decoder", None)
     for i, layer in enumerate(decoder.layers if decoder is not None else []):
-        yield f"decoder.layers.{i}.", layer
+        yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer
     mtp = getattr(model, "mtp", None)
     if with_mtp and mtp is not None:
         for i, layer in enumerate(mtp.layers):
-            yield f"mtp.layers.{i}.mtp_model_layer.", layer.mtp_model_layer
+            yield (f"mtp.layers.{i}.mtp_model_layer.",) * 2 + (layer.mtp_model_layer,)
 
 
 def _submodule(layer, path: str):
@@ -65,19 +81,20 @@ def _submodule(layer, path: str):
 
 
 def _linears(layer, linear: AdaptedLinear):
-    """(path, module) of each Megatron linear of `layer` this table row names (each local expert's for experts)."""
+    """(path, global path, module) of each Megatron linear of `layer` this table row names (each local expert's for
+    experts; the global path numbers it among all experts)."""
     if not linear.expert:
         module = _submodule(layer, linear.megatron)
-        return [] if module is None else [(linear.megatron, module)]
+        return [] if module is None else [(linear.megatron, linear.megatron, module)]
+    if _submodule(layer, "mlp.experts") is None:
+        return []
     experts = _submodule(layer, "mlp.experts.local_experts")
     if experts is None:
-        return []
-    return [(linear.megatron.format(E=i), _submodule(layer, linear.megatron.format(E=i))) for i in range(len(experts))]
-
-
-def _part_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int) -> list[int]:
-    """The rows of each transformers part of a fused linear of `total` rows (the conversion's own split)."""
-    return [t.shape[0] for t in linear.transform.to_hf([torch.empty(total, 1, device="meta")], cfg)]
+        raise ValueError(f"LoRA on routed experts needs each expert as its own linear (megatron's SequentialMLP), not "
+                         f"{type(layer.mlp.experts).__name__}: drop --moe-grouped-gemm, or leave 'experts' out of "
+                         "--lora-target-modules")
+    return [(linear.megatron.format(E=i), linear.megatron.format(E=e), _submodule(layer, linear.megatron.format(E=i)))
+            for i, e in enumerate(layer.mlp.local_expert_indices)]
 
 
 def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35Config,
@@ -92,7 +109,7 @@ def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35C
     out_local, in_local = weight.shape
     if linear.parallel == COLUMN:
         total = out_local * tp
-        row_part = fused_row_parts(linear, cfg, _part_rows(linear, cfg, total))
+        row_part = fused_row_parts(linear, cfg, part_rows(linear, cfg, total))
         rows = local_rows(linear, cfg, total, tp, tp_rank)
         sections = [n // tp for n in linear.sections(cfg)] if linear.sections is not None else [out_local]
         if sum(sections) != out_local:
@@ -104,23 +121,27 @@ def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35C
     return LoRAAdapter(parallel=linear.parallel, parts=index, row_part=row_part.to(weight.device), sections=sections,
                        in_features=in_local, rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
                        tp_group=tp_group, sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
-                       expert_comm=bool(getattr(module, "explicit_expert_comm", False)), dtype=weight.dtype,
+                       expert=linear.expert, dtype=weight.dtype,
                        device=weight.device)
 
 
-def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings) -> list[str]:
-    """Adapt `model`'s linears in place; freeze the rest. Returns the adapted modules' paths."""
+def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings, seed: int = 0) -> list[str]:
+    """Adapt `model`'s linears in place, initialised from `seed` alike in every parallel layout; freeze the rest.
+    Returns the adapted modules' paths."""
     targets = check_target_modules(settings.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = []
-    for prefix, layer in _layers(model, settings.mtp):
+    for prefix, global_prefix, layer in _layers(model, settings.mtp):
         for linear in ADAPTED_LINEARS:
             parts = parts_adapted(linear, targets)
             if not parts:
                 continue
-            for path, module in _linears(layer, linear):
-                attach_adapter(module, _adapter(module, linear, parts, cfg, settings))
+            for path, global_path, module in _linears(layer, linear):
+                adapter = _adapter(module, linear, parts, cfg, settings)
+                adapter.global_name = global_prefix + global_path
+                adapter.initialise(adapter.global_name, seed, module.tp_group.rank(), module.tp_group.size())
+                attach_adapter(module, adapter)
                 adapted.append(prefix + path)
     return adapted
 
@@ -130,4 +151,43 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".lora." in f".{n}"}
 
 
-__all__ = ["LoRASettings", "apply_lora", "lora_parameters"]
+def _adapters(model: torch.nn.Module) -> list[LoRAAdapter]:
+    return [m for m in model.modules() if isinstance(m, LoRAAdapter)]
+
+
+def _whole(adapter: LoRAAdapter, key: str, local: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
+    """(the whole tensor's shape, the dimension split over TP or None) of an adapter's tensor `key`."""
+    tp = adapter.tp_group.size() if not adapter.expert else 1
+    dim = 0 if adapter.parallel == COLUMN and key.startswith("B_") else (
+        1 if adapter.parallel != COLUMN and key.startswith("A_") else None)
+    shape = list(local.shape)
+    if dim is not None:
+        shape[dim] *= tp
+    return tuple(shape), dim
+
+
+def adapter_whole_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{global name: whole shape} of every adapter tensor this rank holds (the names of a one-process model, and of
+    the checkpoint: `decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.lora.B_0` names global expert 5)."""
+    return {f"{a.global_name}.lora.{k}": _whole(a, k, t)[0] for a in _adapters(model)
+            for k, t in a.state_dict().items()}
+
+
+@torch.no_grad()
+def load_adapter_tensors(model: torch.nn.Module, whole: dict[str, torch.Tensor]) -> None:
+    """Copy whole adapter tensors (by global name, as `adapter_whole_shapes`) into this rank's slices."""
+    for a in _adapters(model):
+        tp_rank = a.tp_group.rank() if not a.expert else 0
+        for key, local in a.state_dict(keep_vars=True).items():
+            name = f"{a.global_name}.lora.{key}"
+            shape, dim = _whole(a, key, local)
+            tensor = whole[name]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"adapter tensor {name}: shape {tuple(tensor.shape)}, the model's {shape}")
+            if dim is not None:
+                n = local.shape[dim]
+                tensor = tensor.narrow(dim, tp_rank * n, n)
+            local.copy_(tensor)
+
+
+__all__ = ["LoRASettings", "apply_lora", "lora_parameters", "adapter_whole_shapes", "load_adapter_tensors"]

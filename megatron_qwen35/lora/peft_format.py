@@ -1,7 +1,7 @@
 """Adapters between Megatron's names and a Hugging Face PEFT adapter's (what `peft.PeftModel.from_pretrained` reads).
 
 Megatron side (whole tensors, not split over TP / EP; as `named_parameters` of a one-process model and as the
-checkpoint names them): per adapted linear `{linear}.lora.A.{part}` [rank, in] and `{linear}.lora.B.{i}`, the fused
+checkpoint names them): per adapted linear `{linear}.lora.A_{part}` [rank, in] and `{linear}.lora.B_{i}`, the fused
 rows' TP sections in order [rows_i, rank]. Hugging Face side: transformers' module names under the conversion
 table's prefix (`model.` or `model.language_model.`), `base_model.model.{module}.lora_A.weight` / `lora_B.weight`;
 the fused rows are split into transformers' modules by the conversion's own transform (convert/transforms.py). A
@@ -13,14 +13,13 @@ columns r x E + e (peft's ParamWrapper.get_delta_weight).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, qwen35_rules, rules_by_megatron_name
-from megatron_qwen35.lora.targets import ADAPTED_LINEARS, COLUMN, AdaptedLinear
+from megatron_qwen35.lora.targets import COLUMN, adapted_linear_of
 
 PEFT_PREFIX = "base_model.model."  # what peft's saved adapter keys start with
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # peft's target_parameters order (inner wrapper first)
@@ -36,20 +35,9 @@ def _linears(cfg: Qwen35Config, names: set[str]):
     rules = rules_by_megatron_name(qwen35_rules(cfg, hf_prefix=TEXT_ONLY_PREFIX, expert_layout="per_expert"))
     linears = sorted({n.split(".lora.")[0] for n in names if ".lora." in n})
     for linear in linears:
-        row = _row_of(linear)
+        row = adapted_linear_of(linear)
         rule = rules[f"{linear}.weight"]
         yield linear, row, [h[: -len(".weight")] for h in rule.hf]
-
-
-_LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.)"
-
-
-def _row_of(linear: str) -> AdaptedLinear:
-    """The table row of a Megatron linear's name."""
-    for row in ADAPTED_LINEARS:
-        if re.fullmatch(_LAYER + re.escape(row.megatron).replace(re.escape("{E}"), r"\d+"), linear):
-            return row
-    raise KeyError(f"'{linear}' is not a linear LoRA adapts")
 
 
 def _layer_and_expert(linear: str) -> tuple[str, int]:
@@ -67,9 +55,9 @@ def to_peft(adapters: Mapping[str, torch.Tensor], cfg: Qwen35Config, *, hf_prefi
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for linear, row, hf_parts in _linears(cfg, set(adapters)):
-        a = {p: adapters[f"{linear}.lora.A.{p}"] for p in row.parts if f"{linear}.lora.A.{p}" in adapters}
-        sections = [adapters[k] for k in sorted((k for k in adapters if k.startswith(f"{linear}.lora.B.")),
-                                                key=lambda k: int(k.rsplit(".", 1)[1]))]
+        a = {p: adapters[f"{linear}.lora.A_{p}"] for p in row.parts if f"{linear}.lora.A_{p}" in adapters}
+        sections = [adapters[k] for k in sorted((k for k in adapters if k.startswith(f"{linear}.lora.B_")),
+                                                key=lambda k: int(k.rsplit("_", 1)[1]))]
         b = torch.cat(sections, dim=0)
         if row.expert:
             layer, e = _layer_and_expert(linear)
@@ -98,32 +86,38 @@ def from_peft(peft: Mapping[str, torch.Tensor], cfg: Qwen35Config, like: Mapping
     """Megatron's tensors (the names and whole shapes of `like`, a model's adapters) from a PEFT adapter's; a
     tensor the model has and the adapter lacks, or one of another shape, is a ValueError naming it."""
     wanted = {}  # megatron name -> tensor
+    used: set[str] = set()
+
+    def get(key: str) -> torch.Tensor:
+        used.add(key)
+        return _get(peft, key)
+
     for linear, row, hf_parts in _linears(cfg, set(like)):
         if row.expert:
             layer, e = _layer_and_expert(linear)
             param = row.parts[0] if row.parallel == COLUMN else "down_proj"
             layer_hf = hf_prefix + layer[len("decoder."):]
-            a_all, b_all = (_get(peft, _expert_key(layer_hf, param, w)) for w in "AB")
+            a_all, b_all = (get(_expert_key(layer_hf, param, w)) for w in "AB")
             rank = a_all.shape[0] // cfg.num_experts
             a = a_all.view(cfg.num_experts, rank, -1)[e]
             b = b_all.view(b_all.shape[0], rank, cfg.num_experts)[:, :, e]
-            wanted[f"{linear}.lora.A.{row.parts[0]}"] = a
+            wanted[f"{linear}.lora.A_{row.parts[0]}"] = a
             _put_sections(wanted, linear, b, like)
             continue
         a_parts, b_parts = {}, []
         for part, hf_module in zip(row.parts, hf_parts, strict=True):
             hf_module = hf_prefix + hf_module[len(TEXT_ONLY_PREFIX):]
-            if f"{linear}.lora.A.{part}" in like:
-                a_parts[part] = _get(peft, f"{PEFT_PREFIX}{hf_module}.lora_A.weight")
-                b_parts.append(_get(peft, f"{PEFT_PREFIX}{hf_module}.lora_B.weight"))
+            if f"{linear}.lora.A_{part}" in like:
+                a_parts[part] = get(f"{PEFT_PREFIX}{hf_module}.lora_A.weight")
+                b_parts.append(get(f"{PEFT_PREFIX}{hf_module}.lora_B.weight"))
             else:  # a part the model does not adapt: its rows of the fused B stay zero
                 b_parts.append(None)
         for part, a in a_parts.items():
-            wanted[f"{linear}.lora.A.{part}"] = a
+            wanted[f"{linear}.lora.A_{part}"] = a
         rank = next(iter(a_parts.values())).shape[0]
         if row.parallel == COLUMN:
             shapes = [t.shape for t in row.transform.to_hf(
-                [torch.empty(sum(like[k][0] for k in like if k.startswith(f"{linear}.lora.B.")), rank,
+                [torch.empty(sum(like[k][0] for k in like if k.startswith(f"{linear}.lora.B_")), rank,
                              device="meta")], cfg)]
             full = [b if b is not None else torch.zeros(s) for b, s in zip(b_parts, shapes, strict=True)]
             (b,) = row.transform.to_megatron(full, cfg)
@@ -138,7 +132,82 @@ def from_peft(peft: Mapping[str, torch.Tensor], cfg: Qwen35Config, like: Mapping
     missing = sorted(set(like) - set(wanted))
     if missing:
         raise ValueError(f"the adapter has nothing for {missing[0]} ({len(missing)} in all)")
+    unused = sorted(set(peft) - used)
+    if unused:
+        raise ValueError(f"the PEFT adapter's '{unused[0]}' ({len(unused)} in all) adapts nothing of this model: an "
+                         "adapter of other target modules or layers, or of another model")
     return wanted
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
+
+
+def peft_config(settings, cfg: Qwen35Config) -> dict:
+    """The adapter_config.json of `settings` (lora.LoRASettings), written by peft's own LoraConfig."""
+    from peft import LoraConfig
+
+    from megatron_qwen35.lora.targets import EXPERTS
+
+    modules = sorted(t for t in settings.target_modules if t != EXPERTS)
+    parameters = ([f"mlp.experts.{p}" for p in EXPERT_PARAMETERS]
+                  if EXPERTS in settings.target_modules and cfg.is_moe else None)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=modules or None, target_parameters=parameters, task_type="CAUSAL_LM")
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def settings_from_peft_config(config: dict, source: str):
+    """lora.LoRASettings of a peft adapter_config.json; what this project's adapters cannot express is a ValueError
+    naming the field."""
+    from megatron_qwen35.lora import LoRASettings
+    from megatron_qwen35.lora.targets import EXPERTS
+
+    def refuse(why: str):
+        raise ValueError(f"{source}: {why}")
+
+    if config.get("peft_type") != "LORA":
+        refuse(f"peft_type {config.get('peft_type')!r}, not 'LORA'")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            refuse(f"{field} {config[field]}: one rank and alpha for every module is what Megatron's adapters take")
+    for field in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "trainable_token_indices"):
+        if config.get(field):
+            refuse(f"{field} {config[field]!r}: not supported")
+    if config.get("bias", "none") != "none":
+        refuse(f"bias {config['bias']!r}: LoRA biases are not supported")
+    modules = config.get("target_modules") or []
+    if isinstance(modules, str):
+        refuse(f"target_modules {modules!r}: give the module names as a list")
+    parameters = set(config.get("target_parameters") or [])
+    experts = {f"mlp.experts.{p}" for p in EXPERT_PARAMETERS}
+    if parameters and parameters != experts:
+        refuse(f"target_parameters {sorted(parameters)}: only both of {sorted(experts)} are supported")
+    try:
+        return LoRASettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                            dropout=float(config.get("lora_dropout") or 0.0),
+                            target_modules=tuple(modules) + ((EXPERTS,) if parameters else ()))
+    except (KeyError, ValueError) as e:
+        refuse(str(e))
+
+
+def read_peft_adapter(directory) -> tuple:
+    """(lora.LoRASettings, {peft key: tensor}) of a peft adapter directory (adapter_config.json and
+    adapter_model.safetensors, the files peft's save_pretrained writes)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}: not a peft adapter directory")
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    settings = settings_from_peft_config(config, str(directory / ADAPTER_CONFIG))
+    return settings, load_file(directory / ADAPTER_WEIGHTS)
 
 
 def _get(peft: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -148,7 +217,7 @@ def _get(peft: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def _put_sections(wanted: dict, linear: str, b: torch.Tensor, like: Mapping[str, torch.Size]) -> None:
-    keys = sorted((k for k in like if k.startswith(f"{linear}.lora.B.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    keys = sorted((k for k in like if k.startswith(f"{linear}.lora.B_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     start = 0
     for k in keys:
         n = like[k][0]
@@ -156,4 +225,5 @@ def _put_sections(wanted: dict, linear: str, b: torch.Tensor, like: Mapping[str,
         start += n
 
 
-__all__ = ["PEFT_PREFIX", "EXPERT_PARAMETERS", "to_peft", "from_peft"]
+__all__ = ["PEFT_PREFIX", "EXPERT_PARAMETERS", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "to_peft", "from_peft",
+           "peft_config", "settings_from_peft_config", "read_peft_adapter"]

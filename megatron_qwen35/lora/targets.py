@@ -15,6 +15,7 @@ A routed expert's `gate_up_proj` (one tensor in transformers, `[gate | up]`) has
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,6 +97,22 @@ def fused_row_parts(linear: AdaptedLinear, cfg: Qwen35Config, part_rows: list[in
     return fused[:, 0].to(torch.long)
 
 
+def part_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int) -> list[int]:
+    """The rows of each transformers part of a fused linear of `total` rows (the conversion's own split)."""
+    return [t.shape[0] for t in linear.transform.to_hf([torch.empty(total, 1, device="meta")], cfg)]
+
+
+_LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.)"
+
+
+def adapted_linear_of(name: str) -> AdaptedLinear:
+    """The table row of a Megatron linear's path in the model (`decoder.layers.3.self_attention.in_proj`)."""
+    for row in ADAPTED_LINEARS:
+        if re.fullmatch(_LAYER + re.escape(row.megatron).replace(re.escape("{E}"), r"\d+"), name):
+            return row
+    raise KeyError(f"'{name}' is not a linear LoRA adapts")
+
+
 def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: int, tp_rank: int) -> torch.Tensor:
     """The rows of the fused linear (of `total`) this tensor-parallel rank holds, in its local order."""
     sections = linear.sections(cfg) if linear.sections is not None else [total]
@@ -111,4 +128,4 @@ def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: in
 
 
 __all__ = ["COLUMN", "ROW", "AdaptedLinear", "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "parts_adapted",
-           "check_target_modules", "fused_row_parts", "local_rows"]
+           "check_target_modules", "fused_row_parts", "part_rows", "adapted_linear_of", "local_rows"]

@@ -12,6 +12,10 @@
   from its initialisation (the model hides it from the load: `model.Qwen35GPTModel.hide_loss_modules`), and a run
   with MTP off leaves a checkpoint's MTP weights unread; a resumed iteration needs the MTP it was saved with (its
   optimizer state covers exactly those parameters).
+- LoRA (lora/): a checkpoint records its adapters' settings (qwen35_config.json's `lora`). A LoRA run from a
+  checkpoint without adapters loads its weights only (megatron's --finetune; the model hides its adapters from the
+  load, which keep their initialisation); from one with adapters it needs the same rank, alpha, targets and MTP
+  choice; a run without LoRA does not load a LoRA checkpoint (export it merged first).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def _tensor_differences(directory: Path, cfg: Qwen35Config) -> tuple[list[str], 
 
     reader = TorchDistReader(directory)
     try:
-        present = {k: tuple(md.size) for k, md in reader.tensors.items() if not TRAINING_STATE_KEY.match(k)}
+        present = {k: tuple(md.size) for k, md in reader.tensors.items()
+               if not TRAINING_STATE_KEY.match(k) and ".lora." not in k}  # adapters: the recorded settings decide
     finally:
         reader.close()
     saved_mtp = _mtp_layers(present)
@@ -81,6 +86,10 @@ def _mtp_note(args, cfg: Qwen35Config, saved_mtp: int, weights_only: bool) -> li
             f"{run_mtp or 'none'}: its optimizer state covers the parameters it was saved with; resume with "
             f"{'--mtp-num-layers 0 (MTP=0)' if not saved_mtp else 'MTP on (no --mtp-num-layers 0)'}, or start a "
             "new run from its weights with --finetune")
+    if not saved_mtp and getattr(args, "lora_rank", 0):
+        raise LaunchRefused(f"--load {args.load} holds no MTP weights, and a LoRA run trains only adapters: its MTP "
+                            "layer would stay at its random initialisation; train without it: MTP=0 "
+                            "(--mtp-num-layers 0)")
     if not saved_mtp:
         args.finetune = True  # megatron then asks the model to hide its loss modules while loading
         args.qwen35_mtp_absent_from_load = True  # model_provider: the MTP layer is what the model hides
@@ -89,6 +98,35 @@ def _mtp_note(args, cfg: Qwen35Config, saved_mtp: int, weights_only: bool) -> li
                 "(--mtp-num-layers 0) trains without"]
     return [f"--load {args.load} holds {saved_mtp} MTP layer(s), which this run leaves out (--mtp-num-layers 0): "
             "they are not loaded, and its checkpoints and exports hold none"]
+
+
+def _lora_note(args, saved: dict | None, weights_only: bool) -> list[str]:
+    """What a load does with LoRA adapters, the checkpoint's (`saved`, its record) against the run's."""
+    from megatron_qwen35.lora import LoRASettings
+    from megatron_qwen35.training.flags import lora_settings_from_args
+
+    run = lora_settings_from_args(args)
+    saved = LoRASettings.from_record(saved) if saved else None
+    if saved is None and run is None:
+        return []
+    if saved is None:
+        if not weights_only:
+            raise LaunchRefused(f"--load {args.load} resumes an iteration of full training: its optimizer state is "
+                                "the whole model's; start LoRA from its weights with --finetune")
+        args.finetune = True  # megatron then asks the model to hide its adapters while loading
+        args.qwen35_lora_absent_from_load = True
+        return [f"--load {args.load} holds no LoRA adapters: its weights are the frozen base, the adapters "
+                f"({run.describe()}) start from peft's initialisation (B = 0: the model starts as the base)"]
+    if run is None:
+        raise LaunchRefused(f"--load {args.load} holds LoRA adapters ({saved.describe()}): train on with the same "
+                            "--lora-* settings (LORA_RANK=...), or export it merged (tools/convert/megatron_to_hf.py) "
+                            "and convert that back for full training")
+    if (saved.rank, saved.alpha, set(saved.target_modules), saved.mtp) != (
+            run.rank, run.alpha, set(run.target_modules), run.mtp):
+        raise LaunchRefused(f"--load {args.load} holds LoRA adapters of another shape ({saved.describe()}) than this "
+                            f"run's ({run.describe()}): give the checkpoint's --lora-* settings, or export it merged "
+                            "and start new adapters on that")
+    return []
 
 
 def check_load(args, cfg: Qwen35Config) -> list[str]:
@@ -117,9 +155,10 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
             detail = [f"{k}: checkpoint {v[0]!r}, this run {v[1]!r}"
                       for k, v in architecture_differences(saved, cfg).items()]
             saved_mtp, how = saved.mtp_num_layers, f"its {CONFIG}"
+            saved_lora = metadata.get("lora")
         else:
             detail, saved_mtp = _tensor_differences(directory, cfg)
-            how = f"no {CONFIG}; its tensors"
+            how, saved_lora = f"no {CONFIG}; its tensors", None
     except (ValueError, OSError) as e:
         raise LaunchRefused(f"--load {load}: {e}") from None
     if detail:
@@ -127,7 +166,9 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
         raise LaunchRefused(f"--load {load} holds another model than this run's '{cfg.name}' ({how}: "
                             f"{'; '.join(detail[:5])}{more}); give the matching --qwen35-preset / --hf-config, or "
                             "another --load")
-    return _mtp_note(args, cfg, saved_mtp, weights_only=iteration == RELEASE or args.finetune)
+    weights_only = iteration == RELEASE or args.finetune
+    notes = _lora_note(args, saved_lora, weights_only)
+    return notes + _mtp_note(args, cfg, saved_mtp, weights_only=weights_only)
 
 
 __all__ = ["check_load", "model_checkpoint_shapes"]

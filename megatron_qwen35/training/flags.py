@@ -47,6 +47,16 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "(--micro-batch-size 1)")
     group.add_argument("--no-sft-packing", action="store_true",
                        help="one conversation per sequence (the rest padding) instead of packing several")
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="train LoRA adapters of this rank instead of the whole model (0: off); the base stays "
+                            "frozen: no gradients, no optimizer state")
+    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (update x alpha / rank)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora-target-modules", nargs="+", default=None,
+                       help="transformers' module names to adapt (default: every linear of the language model: "
+                            "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj q_proj k_proj v_proj o_proj "
+                            "gate_proj up_proj down_proj experts)")
+    group.add_argument("--lora-mtp", action="store_true", help="adapt the MTP layer's linears too")
     group.add_argument("--vl-data-path", type=str, default=None,
                        help="image / video + text samples written by tools/data/preprocess_vl.py (instead of "
                             "--data-path / --mock-data); needs a model with a vision tower")
@@ -88,6 +98,19 @@ def qwen35_megatron_flags(cfg: Qwen35Config) -> list[str]:
     if cfg.vision is not None:  # mRoPE positions differ per sample; Transformer Engine's fused rope reads one row
         flags += ["--no-rope-fusion"]
     return flags
+
+
+def lora_settings_from_args(args):
+    """The run's LoRA settings (lora/apply.py), or None without --lora-rank; bad values are refused by name."""
+    if not getattr(args, "lora_rank", 0):
+        return None
+    from megatron_qwen35.lora import TARGET_MODULES, LoRASettings
+
+    try:
+        return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            target_modules=tuple(args.lora_target_modules or TARGET_MODULES), mtp=args.lora_mtp)
+    except ValueError as e:
+        raise LaunchRefused(str(e)) from None
 
 
 def _named_architecture(preset: str | None, hf_config: str | None) -> Qwen35Config:

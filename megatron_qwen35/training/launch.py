@@ -147,13 +147,18 @@ def architecture_differences(saved: Qwen35Config, run: Qwen35Config) -> dict[str
 def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     """qwen35_config.json into --save (rank 0): the loaded checkpoint's config and conversion record (load_model and
     the exporter read them), or the run's architecture for a run from scratch; the MTP layers are the run's (what
-    it trains is what its checkpoints hold). Called once the load has succeeded (`datasets_after_load`): a refused
-    or failed run writes nothing into --save, which may be the --load it failed to load."""
+    it trains is what its checkpoints hold), and so are the LoRA adapters' settings (`lora`). Called once the load
+    has succeeded (`datasets_after_load`): a refused or failed run writes nothing into --save, which may be the
+    --load it failed to load."""
     if not args.save or args.rank != 0:
         return
     saved, metadata = cfg, {}
     if args.load and (Path(args.load) / CONFIG).is_file():
         saved, metadata = read_config(args.load)
+    from megatron_qwen35.training.flags import lora_settings_from_args
+
+    lora = lora_settings_from_args(args)
+    metadata = {k: v for k, v in metadata.items() if k != "lora"} | ({"lora": lora.to_record()} if lora else {})
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
     write_config(save, saved.replace(mtp_num_layers=cfg.mtp_num_layers), metadata)

@@ -6,7 +6,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen35.model import Qwen35GPTModel
 from megatron_qwen35.provider import qwen35_gpt_model
-from megatron_qwen35.training.flags import check_args_match, qwen35_config_from_args
+from megatron_qwen35.training.flags import check_args_match, lora_settings_from_args, qwen35_config_from_args
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
@@ -27,4 +27,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                              gdn_kernels=getattr(args, "gdn_kernels", "fla"))  # a user's script may lack our flags
     # the launch check found no MTP weights in the --load checkpoint (training/checkpoint_check.py)
     model.mtp_absent_from_load = getattr(args, "qwen35_mtp_absent_from_load", False)
+    lora = lora_settings_from_args(args)
+    if lora is not None:  # adapters on, the rest frozen, before megatron wraps the model (DDP, optimizer)
+        from megatron_qwen35.lora import apply_lora
+
+        apply_lora(model, cfg, lora, seed=args.seed)
+        model.lora_absent_from_load = getattr(args, "qwen35_lora_absent_from_load", False)
     return model

@@ -210,6 +210,23 @@ def check_document_resets(args) -> None:
                             "(--sft-data-path), whose conversations are aligned")
 
 
+def check_lora(args, cfg: Qwen35Config) -> None:
+    """--lora-* settings (lora/): valid values, and a layout the adapters can follow."""
+    from megatron_qwen35.lora.targets import EXPERTS
+    from megatron_qwen35.training.flags import lora_settings_from_args
+
+    lora = lora_settings_from_args(args)
+    if lora is None or not cfg.is_moe or EXPERTS not in lora.target_modules:
+        return
+    if args.moe_grouped_gemm:
+        raise LaunchRefused("--moe-grouped-gemm with LoRA on the routed experts: each expert gets its own adapter on "
+                            "its own linear (megatron's SequentialMLP); drop --moe-grouped-gemm, or leave 'experts' "
+                            "out of --lora-target-modules (LORA_TARGETS)")
+    if args.expert_tensor_parallel_size > 1:
+        raise LaunchRefused(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} with LoRA on the routed "
+                            "experts: the expert adapters are not split over TP; use ETP=1 (experts spread over EP)")
+
+
 def check_data(args, cfg: Qwen35Config) -> None:
     check_document_resets(args)
     if getattr(args, "sft_data_path", None):
@@ -225,6 +242,7 @@ def check_launch(args, cfg: Qwen35Config) -> list[str]:
     from megatron_qwen35.training.checkpoint_check import check_load
 
     check_layout(args, cfg)
+    check_lora(args, cfg)
     check_schedule(args)
     check_data(args, cfg)
     return check_load(args, cfg)

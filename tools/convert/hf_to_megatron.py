@@ -1,6 +1,9 @@
 """Convert a Hugging Face Qwen3.5 checkpoint into a megatron_qwen35 torch_dist checkpoint (loads at any TP/EP).
 
     python tools/convert/hf_to_megatron.py --hf-dir Qwen3.5-4B --out-dir ckpt/qwen35-4b [--dtype bf16|fp32]
+
+With --adapter PEFT_DIR (a Hugging Face PEFT LoRA adapter of that model) the output is a LoRA checkpoint: the base
+and the adapter, which a LoRA run with the adapter's settings trains on and load_model / tools/generate.py run.
 """
 
 import argparse
@@ -16,6 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", required=True, help="the Megatron checkpoint directory to create")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="weight dtype (default: the checkpoint's own, tensor by tensor)")
+    parser.add_argument("--adapter", default=None, help="a Hugging Face PEFT LoRA adapter directory of this model")
     parser.add_argument("--threads", type=int, default=None, help="tensors converted at once (default: by CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -30,7 +34,7 @@ def main(argv=None) -> int:
     lanes = {"lanes": args.threads} if args.threads else {}
     return run_conversion(lambda: qwen35_hf_to_megatron(args.hf_dir, args.out_dir, dtype=args.dtype,
                                                         overwrite=args.overwrite, progress=not args.no_progress,
-                                                        **lanes))
+                                                        adapter=args.adapter, **lanes))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Export a megatron_qwen35 checkpoint as a Hugging Face checkpoint (sharded safetensors, index, config.json).
 
     python tools/convert/megatron_to_hf.py --megatron-dir ckpt/qwen35-4b --out-dir Qwen3.5-4B-trained [--overwrite]
+
+A LoRA run's checkpoint exports merged (base + scale x B A), or with --adapter-only as a Hugging Face PEFT adapter
+directory (adapter_config.json, adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.
 """
 
 import argparse
@@ -17,6 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default=None,
                         help="largest safetensors shard, in bytes or like '5GB' (default: the converted source's own "
                              "files, or transformers' default for a checkpoint trained from scratch)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA checkpoint's adapters alone, as a Hugging Face PEFT adapter directory")
     parser.add_argument("--threads", type=int, default=None, help="tensors converted at once (default: by CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -26,8 +31,11 @@ def main(argv=None) -> int:
     from megatron_qwen35.runtime import apply_runtime_patches
 
     apply_runtime_patches()  # an entry point: megatron adapted to this machine before the model's keys are read
-    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_adapter_to_peft, qwen35_megatron_to_hf
 
+    if args.adapter_only:
+        return run_conversion(lambda: qwen35_adapter_to_peft(args.megatron_dir, args.out_dir,
+                                                             overwrite=args.overwrite))
     size = int(args.max_shard_size) if (args.max_shard_size or "").isdigit() else args.max_shard_size
     lanes = {"lanes": args.threads} if args.threads else {}
     return run_conversion(lambda: qwen35_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite,
