@@ -13,6 +13,7 @@ layout, data, the --load checkpoint); a refusal is one `error:` line and exit co
 
 import os
 import sys
+import time
 
 # Every import is inside main(): megatron's first checkpoint save starts its writer's results manager with
 # multiprocessing's 'spawn', which re-imports this script in the new process; with the imports here at the top that
@@ -35,7 +36,9 @@ def main(argv: list[str]) -> None:
         args, _ = parse_qwen35_args(argv)
     except LaunchRefused as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every rank when the first one exits: the others wait for rank 0 to have said why
+            time.sleep(30)
         sys.exit(2)
     pretrain(pretrain_cfg_container_from_args(args), datasets_after_load(train_valid_test_datasets_provider),
              ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)

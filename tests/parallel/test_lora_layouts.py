@@ -1,11 +1,11 @@
 """LoRA through the path users run (recipes/common.sh with LORA_RANK -> torchrun -> pretrain_qwen35.py ->
 megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP checkpoint that holds no adapters:
 
-- every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2, DP2 with the distributed optimizer) logs the single
-  process's losses and gradient norms (adapters only: the base has no gradient), step after step;
-- a LoRA checkpoint saved at DP2 (the distributed optimizer's state split over two ranks) resumes in one process to
-  the uninterrupted run's next step (megatron's default optimizer format follows a new DP size; a new TP / PP needs its
-  fully reshardable format, which on this MoE's two chained optimizers fails to load in megatron-core 0.19.2);
+- every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2) logs the single process's losses and gradient
+  norms (adapters only: the base has no gradient), step after step;
+- the single process's LoRA checkpoint resumes at DP2 with the distributed optimizer to the uninterrupted run's next
+  step (megatron's default optimizer format follows a new DP size; a new TP / PP needs its fully reshardable format,
+  which on this MoE's two chained optimizers fails to load in megatron-core 0.19.2);
 - the checkpoint records the adapters' settings, and a run with other settings is refused by name before any rank.
 """
 
@@ -26,7 +26,8 @@ LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "ep2": (2, dic
 @pytest.fixture(scope="module")
 def single(converted, chats, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("single_lora")
-    run = recipe(root, *FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="single", **LORA)
+    run = recipe(root, *FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="single",
+                 SAVE_INTERVAL="2", **LORA)
     return root, run
 
 
@@ -46,19 +47,17 @@ def test_lora_recipe_at_layout_logs_the_single_process_losses(layout, converted,
     assert_same_steps(single[1], run, layout)
 
 
-def test_lora_at_dp2_logs_the_single_process_losses_and_its_checkpoint_resumes_in_one_process(
-        converted, chats, single, tmp_path):  # noqa: F811
-    """DP2 with the distributed optimizer (the adapters' Adam state split over the two ranks), saving at step 2; that
-    checkpoint resumed in one process (--ckpt-step 2) gives the uninterrupted run's step 3."""
-    dp2 = recipe(tmp_path, *FLAGS, nproc=2, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="dp2",
-                 SAVE_INTERVAL="2", **LORA)
-    assert_same_steps(single[1], dp2, "dp2_distopt")
-    saved = tmp_path / "ckpt-dp2"
-    resumed = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=1, LOAD=str(saved), SFT_DATA_PATH=str(chats),
-                     run_name="one", **LORA)
-    assert sorted(resumed.losses) == [3]
-    for name, a, b in (("lm loss", dp2.losses[3], resumed.losses[3]),
-                       ("grad norm", dp2.grad_norms[3], resumed.grad_norms[3])):
+def test_lora_checkpoint_of_one_process_resumes_at_dp2_to_its_next_step(chats, single, tmp_path):  # noqa: F811
+    """The single process saved at step 2 (SAVE_INTERVAL 2); resumed there (--ckpt-step 2) at DP2 with the
+    distributed optimizer (the adapters' Adam state now split over two ranks), step 3 logs the uninterrupted run's
+    loss and gradient norm; another LoRA rank on that checkpoint is refused before any rank starts."""
+    saved = single[0] / "ckpt-single"
+    dp2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(saved), SFT_DATA_PATH=str(chats),
+                 run_name="dp2", **LORA)
+    assert sorted(dp2.losses) == [3]
+    want = single[1]
+    for name, a, b in (("lm loss", want.losses[3], dp2.losses[3]),
+                       ("grad norm", want.grad_norms[3], dp2.grad_norms[3])):
         assert abs(b - a) <= 1e-4 * abs(a), (name, a, b)
     other = recipe(tmp_path, nproc=1, LOAD=str(saved), SFT_DATA_PATH=str(chats), run_name="rank8", check=False,
                    **{**LORA, "LORA_RANK": "8"})

@@ -4,8 +4,11 @@
 - packing is exact: the conversations packed two to a sequence log the same loss and gradient norm, step after step,
   as the same conversations one per sequence (the global batch holds the same conversations either way: the chat set
   is one global batch, visited every step); the objective is per token over the global batch, MTP included;
-- every layout (TP2 + SP, PP2, EP2, CP2 with conversations crossing the ranks, DP2 with the distributed optimizer)
-  logs the single process's losses and gradient norms on the packed sequences.
+- full fine-tuning at TP2 + SP and CP2 (conversations crossing the ranks) logs the single process's losses and
+  gradient norms on the packed sequences. PP2, EP2 and DP2 (distributed optimizer) on these packed chats run through
+  the recipe in tests/parallel/test_lora_layouts.py (LoRA: the same forward and backward through every layer), and
+  every gradient tensor of full fine-tuning at TP2 + SP, PP2, EP2 and CP2 equals the single process's in
+  tests/parallel/test_sft_matrix.py.
 """
 
 import json
@@ -31,8 +34,7 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN=str(SEQ_LEN), EVAL_ITERS="
 # CP2 on these packed sequences, whose every gradient tensor equals the single process's to 1e-5:
 # tests/parallel/test_sft_matrix.py). A larger eps keeps the update smooth in such entries.
 FLAGS = ("--adam-eps", "1e-4")
-LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")),
-           "cp2": (2, dict(CP="2")), "dp2_distopt": (2, dict())}
+LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "cp2": (2, dict(CP="2"))}
 
 
 def conversations(count: int = 4, seed: int = 0) -> list[dict]:

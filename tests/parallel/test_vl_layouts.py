@@ -8,7 +8,7 @@ on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 pl
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 
 Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
-process's losses at TP2 + SP and PP2 (packed VL sequences are refused under CP for now: training/preflight.py).
+process's losses at TP2 + SP (packed VL sequences are refused under CP for now: training/preflight.py).
 """
 
 import subprocess
@@ -139,7 +139,7 @@ def test_packed_image_chats_train_as_the_same_chats_one_per_sequence(converted, 
     _same_steps(runs["0"], runs["1"], "packed vs one per sequence")
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp"])  # PP2: the VL recipe above, packed text chats in test_lora_layouts
 def test_image_chat_recipe_at_layout_logs_the_single_process_losses(layout, converted, vl_chats, single_chat,
                                                                     tmp_path):
     ranks, settings = LAYOUTS[layout]
