@@ -66,7 +66,8 @@ def run(root: Path, name: str, checkpoint: Path, data: Path, seq_length: int, st
     settings = dict(SFT_DATA_PATH=str(data), LOAD=str(checkpoint), SAVE=str(root / f"ckpt-{name}"),
                     SEQ_LEN=str(seq_length), GLOBAL_BATCH="1", TRAIN_ITERS=str(steps), WARMUP="0", LR="1e-4",
                     MIN_LR="1e-5", PRECISION="", EVAL_ITERS="0", LOG_INTERVAL="1", SAVE_INTERVAL="100000", MTP="0",
-                    GPUS_PER_NODE="1", PYTHON=sys.executable, TORCHDYNAMO_DISABLE="1", **env)
+                    PYTHON=sys.executable, TORCHDYNAMO_DISABLE="1")
+    settings = {"GPUS_PER_NODE": "1", **settings, **env}
     start = time.perf_counter()
     done = subprocess.run(["bash", str(ROOT / "recipes" / f"{PRESET}.sh"), "--adam-eps", "1e-4", "--tensorboard-dir",
                            str(tensorboard), "--tensorboard-log-interval", "1"],
