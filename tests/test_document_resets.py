@@ -65,7 +65,7 @@ def test_separated_documents_train_otherwise_than_a_running_stream(separated, co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [dict(TP="2")], ids=["tp2_sp"])  # PP, EP, CP, DP: tests/parallel/test_sft_layouts
+@pytest.mark.parametrize("settings", [dict(TP="2")], ids=["tp2_sp"])  # PP, EP, CP: the packed chats' layouts
 def test_separated_documents_at_a_layout_log_the_single_process_losses(separated, corpus, converted, tmp_path,
                                                                       settings):
     """(From a converted checkpoint, as every layout test: megatron.training would initialise each layout

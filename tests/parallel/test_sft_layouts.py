@@ -1,14 +1,13 @@
 """Chat fine-tuning through the path users run (recipes/common.sh with SFT_DATA_PATH -> torchrun -> pretrain_qwen35.py
--> megatron.training.pretrain, gloo), from a converted tiny MoE + MTP checkpoint:
+-> megatron.training.pretrain, gloo), from a converted tiny MoE + MTP checkpoint: full fine-tuning on packed chats at
+TP2 + SP logs the single process's losses and gradient norms, step after step.
 
-- packing is exact: the conversations packed two to a sequence log the same loss and gradient norm, step after step,
-  as the same conversations one per sequence (the global batch holds the same conversations either way: the chat set
-  is one global batch, visited every step); the objective is per token over the global batch, MTP included;
-- full fine-tuning at TP2 + SP and CP2 (conversations crossing the ranks) logs the single process's losses and
-  gradient norms on the packed sequences. PP2, EP2 and DP2 (distributed optimizer) on these packed chats run through
-  the recipe in tests/parallel/test_lora_layouts.py (LoRA: the same forward and backward through every layer), and
-  every gradient tensor of full fine-tuning at TP2 + SP, PP2, EP2 and CP2 equals the single process's in
-  tests/parallel/test_sft_matrix.py.
+The rest of the proof of packed chats lives beside it, each once: packed == one conversation per sequence and every
+gradient tensor of full fine-tuning at TP2 + SP, PP2, EP2 and CP2 == the single process's, in-process through
+forward_step (tests/parallel/test_sft_matrix.py); through the recipe, packed == one per sequence on image chats
+(tests/parallel/test_vl_layouts.py) and every layout (TP2 + SP, PP2, EP2, CP2, and a resume at DP2) with LoRA on
+these chats (tests/parallel/test_lora_layouts.py). The fixtures here (the chats, the converted checkpoint) serve
+those LoRA runs too.
 """
 
 import json
@@ -34,7 +33,7 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN=str(SEQ_LEN), EVAL_ITERS="
 # CP2 on these packed sequences, whose every gradient tensor equals the single process's to 1e-5:
 # tests/parallel/test_sft_matrix.py). A larger eps keeps the update smooth in such entries.
 FLAGS = ("--adam-eps", "1e-4")
-LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "cp2": (2, dict(CP="2"))}
+LAYOUTS = {"tp2_sp": (2, dict(TP="2"))}
 
 
 def conversations(count: int = 4, seed: int = 0) -> list[dict]:
@@ -89,17 +88,6 @@ def assert_same_steps(want, got, what):
 def single(converted, chats, tmp_path_factory):
     return recipe(tmp_path_factory.mktemp("single_sft"), *FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(chats),
                   GLOBAL_BATCH="2", run_name="single", **SETTINGS)
-
-
-def test_packed_conversations_train_as_the_same_conversations_one_per_sequence(converted, chats, tmp_path):
-    """The MoE router's load-balancing loss is a statistic of the tokens one micro-batch routes together (megatron's
-    aux_loss), so it changes with grouping by definition: it is off here, and everything else must be equal."""
-    runs = {packing: recipe(tmp_path, *FLAGS, "--moe-aux-loss-coeff", "0", nproc=1, LOAD=str(converted),
-                            SFT_DATA_PATH=str(chats), SFT_PACKING=packing, GLOBAL_BATCH=batch, run_name=packing,
-                            **SETTINGS)
-            for packing, batch in (("1", "2"), ("0", "4"))}
-    assert "mtp_1 loss" in runs["1"].stdout + runs["1"].stderr
-    assert_same_steps(runs["0"], runs["1"], "packed vs one per sequence")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
