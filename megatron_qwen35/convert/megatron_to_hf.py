@@ -147,7 +147,10 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
         layout = record.export_layout(cfg)
         rules = layout.rules(cfg)
         check_names(keys.base_names(), {n for r in rules for n in r.megatron}, side="Megatron model")
-        adapted = {n.split(".lora.")[0] + ".weight" for n in keys.lora_names}  # the weights LoRA updates
+        adapter_names: dict[str, list[str]] = {}  # each weight LoRA updates -> its adapter's tensors
+        for n in sorted(keys.lora_names):
+            adapter_names.setdefault(n.split(".lora.")[0] + ".weight", []).append(n)
+        adapted = set(adapter_names)
         plan = _plan(rules, keys, reader, cfg, record)
         shards = _shard_plan(plan, record, max_shard_size, source=megatron_dir / CONFIG)
         dtypes = {p.name: p.dtype for p in plan}
@@ -207,8 +210,7 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
             return notes
 
         def _adapter_tensors(weight: str) -> dict[str, torch.Tensor]:
-            linear = weight.removesuffix(".weight") + ".lora."
-            return {n: keys.read(reader, n) for n in keys.lora_names if n.startswith(linear)}
+            return {n: keys.read(reader, n) for n in adapter_names[weight]}
 
         costs = [2 * sum(sizes[n] for n in rule.hf) for rule in rules]
         with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:

@@ -56,8 +56,12 @@ class LoRAAdapter(torch.nn.Module):
         # which part's h each local output row reads (-1: a row of a part not adapted): a [rows, parts x rank] mask
         block = torch.zeros(len(row_part), len(self.part_names) * rank, dtype=dtype, device=device)
         for i, name in enumerate(self.part_names):
-            block[row_part == parts[name], i * rank:(i + 1) * rank] = 1
+            block[(row_part == parts[name]).to(device), i * rank:(i + 1) * rank] = 1
         self.register_buffer("block", block, persistent=False)
+        # one part reading every row (most linears): B is used as it is, without the mask (the forward's hot path)
+        # (a model built on the meta device for its key schema only never runs)
+        self.masked = (len(self.part_names) > 1 or row_part.is_meta
+                       or not bool((row_part == parts[self.part_names[0]]).all()))
 
     @torch.no_grad()
     def initialise(self, name: str, seed: int, tp_rank: int, tp_size: int) -> None:
@@ -87,7 +91,8 @@ class LoRAAdapter(torch.nn.Module):
 
     def weight_B(self) -> torch.Tensor:
         """This rank's B rows in the linear's local order [out, parts x rank] (zero outside each row's part)."""
-        return torch.cat(list(self.B), dim=0).repeat(1, len(self.part_names)) * self.block
+        b = torch.cat(self.B, dim=0) if self.sections > 1 else self.B[0]
+        return b.repeat(1, len(self.part_names)) * self.block if self.masked else b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)

@@ -118,7 +118,7 @@ def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35C
     else:
         row_part, sections = torch.zeros(out_local, dtype=torch.long), [out_local]
     index = {p: linear.parts.index(p) for p in parts}
-    return LoRAAdapter(parallel=linear.parallel, parts=index, row_part=row_part.to(weight.device), sections=sections,
+    return LoRAAdapter(parallel=linear.parallel, parts=index, row_part=row_part, sections=sections,
                        in_features=in_local, rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
                        tp_group=tp_group, sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
                        expert=linear.expert, dtype=weight.dtype,
