@@ -3,14 +3,16 @@
 The model is a slice of a public MoE size at its real per-layer shapes (default: 35b-a3b's hidden 2048, 16 query /
 2 KV heads, GDN heads, experts of 512 and a shared expert of 512), with fewer layers and experts so that it fits a
 laptop, and the byte tokenizer's 512-token vocabulary (the embedding and output layer, which LoRA leaves frozen, would
-otherwise dominate both runs). Both runs start from the same random weights on megatron's mock data, fp32, the
-distributed optimizer (Adam), one process, the same flags but --lora-rank.
+otherwise dominate both runs). Full fine-tuning starts from random weights; LoRA adapts the full run's checkpoint
+(--pretrained-checkpoint, as the recipes pass LOAD=), both on megatron's mock data, fp32, the distributed optimizer
+(Adam), one process, the same flags but the LoRA ones.
 
 Printed per run, from the run itself: trainable parameters (the adapters', or the whole model's), the bytes of
 megatron's optimizer state in the checkpoint it saves (Adam's two moments and the fp32 master copy), peak resident
 memory of the training process, median step time (megatron's log, after the first step), and the checkpoint's size
-on disk; then the LoRA adapter's own size as a Hugging Face PEFT adapter (megatron_to_hf.py --adapter-only) over the
-merged model's export. The last line is `ratio <lora/full step time>`.
+on disk (LoRA's holds the adapters and their optimizer state, not the frozen base); then the LoRA adapter's own size
+as a Hugging Face PEFT adapter (megatron_to_hf.py --adapter-only) over the merged model's export. The last line is
+`ratio <lora/full step time>`.
 
 Run: python benchmarks/lora.py [--preset 35b-a3b] [--layers 4] [--experts 16] [--rank 16] [--iters 4]
 """
@@ -76,6 +78,7 @@ def checkpoint_sizes(save: Path, lora: bool) -> dict:
         optimizer = {k: md for k, md in reader.tensors.items() if TRAINING_STATE_KEY.match(k)}
         model = {k: md for k, md in reader.tensors.items() if k not in optimizer}
         trainable = sum(_numel(md.size) for k, md in model.items() if not lora or ".lora." in k)
+        assert not lora or all(".lora." in k for k in model), "a LoRA checkpoint holds the adapters alone"
         state = sum(_numel(md.size) * md.properties.dtype.itemsize for md in optimizer.values())
     finally:
         reader.close()
@@ -112,15 +115,16 @@ def main(argv: list[str] | None = None) -> None:
         config = slice_config(a.preset, a.layers, a.experts, tmp)
         print(f"model: {a.preset} slice ({a.layers} layers, {a.experts} experts, vocabulary 512), fp32, "
               f"seq 256, Adam (distributed optimizer), LoRA rank {a.rank} on every linear")
-        runs = {"full": train(config, tmp / "full", a.iters, []),
-                "lora": train(config, tmp / "lora", a.iters, ["--lora-rank", str(a.rank)])}
+        runs = {"full": train(config, tmp / "full", a.iters, [])}
+        runs["lora"] = train(config, tmp / "lora", a.iters, ["--lora-rank", str(a.rank), "--pretrained-checkpoint",
+                                                             str(tmp / "full")])
         for name, r in runs.items():
             print(f"{name:5s} trainable {r['trainable']:>12,d}  "
                   f"optimizer state {r['optimizer_bytes'] / 2**20:9.1f} MiB  "
                   f"peak RSS {r['peak_rss'] / 2**20:8.1f} MiB  step {r['step_ms']:8.1f} ms  "
                   f"checkpoint {r['checkpoint_bytes'] / 2**20:9.1f} MiB")
         adapter = _bytes(qwen35_adapter_to_peft(tmp / "lora", tmp / "adapter"))
-        merged = _bytes(qwen35_megatron_to_hf(tmp / "lora", tmp / "merged", progress=False))
+        merged = _bytes(qwen35_megatron_to_hf(tmp / "lora", tmp / "merged", base_dir=tmp / "full", progress=False))
         print(f"PEFT adapter {adapter / 2**20:.2f} MiB, merged export {merged / 2**20:.1f} MiB")
         full, lora = runs["full"], runs["lora"]
 

@@ -128,18 +128,20 @@ def _unfused_rope(config):
 
 
 def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapter: Path | str | None = None,
-               **config_overrides) -> Qwen35CausalLM:
+               base: Path | str | None = None, **config_overrides) -> Qwen35CausalLM:
     """The model saved in `checkpoint_dir`, in eval mode; `config_overrides` go to TransformerConfig.
 
-    A LoRA checkpoint (a LoRA run's, or hf_to_megatron.py --adapter's) runs with its adapters; `adapter` (a Hugging
-    Face PEFT LoRA adapter directory of this base, as peft's save_pretrained or megatron_to_hf.py --adapter-only
-    writes it) puts that adapter on a base checkpoint.
+    A LoRA checkpoint runs with its adapters: a LoRA run's holds the adapters alone, on the base it was trained on,
+    named by `base` (checked against the fingerprint it records: lora/base.py); hf_to_megatron.py --adapter's holds
+    both. `adapter` (a Hugging Face PEFT LoRA adapter directory of this base, as peft's save_pretrained or
+    megatron_to_hf.py --adapter-only writes it) puts that adapter on a base checkpoint.
 
     An entry point: it applies the run-time patches (runtime/register.py) and, where no parallel state exists, sets
     up a one-process one. On a CUDA machine the model runs on Transformer Engine (`backend="te"`, which must import)
     unless `backend="local"` says otherwise; elsewhere on the local backend."""
     from megatron_qwen35.convert.record import ConversionRecord
     from megatron_qwen35.lora import LoRASettings, adapter_whole_shapes, apply_lora, from_peft, load_adapter_tensors
+    from megatron_qwen35.lora.base import check_base, load_base, recorded_base
     from megatron_qwen35.lora.peft_format import read_peft_adapter
 
     apply_runtime_patches()
@@ -147,6 +149,15 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapte
     saved_lora = LoRASettings.from_record(metadata["lora"]) if metadata.get("lora") else None
     if adapter is not None and saved_lora is not None:
         raise ValueError(f"{checkpoint_dir} holds LoRA adapters already; give `adapter` with a base checkpoint")
+    fingerprint = recorded_base(metadata) if saved_lora is not None else None
+    if fingerprint is None and base is not None:
+        raise ValueError(f"{checkpoint_dir} holds {'its base' if saved_lora else 'no LoRA adapters'}: `base` names "
+                         "the base of a LoRA run's checkpoint, which holds the adapters alone")
+    if fingerprint is not None:
+        if base is None:
+            raise ValueError(f"{checkpoint_dir} holds LoRA adapters without their frozen base: give `base`, the "
+                             "checkpoint they were trained on")
+        check_base(base, fingerprint, checkpoint_dir)
     peft_lora, peft_tensors = read_peft_adapter(adapter) if adapter is not None else (None, None)
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel()
@@ -165,9 +176,15 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapte
         raise ValueError("load_model runs the whole model on each rank; use pipeline_parallel=1")
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, backend=backend, device=device, **overrides),
                              backend=backend)
-    if saved_lora is not None:  # loaded with the base
+    if saved_lora is not None:
         apply_lora(model, cfg, saved_lora)
-    load_checkpoint(model, checkpoint_dir)
+    if fingerprint is not None:  # the base from its own checkpoint, the adapters from the LoRA run's
+        load_base(model, base)
+        model.checkpoint_adapters_only = True
+        load_checkpoint(model, checkpoint_dir)
+        model.checkpoint_adapters_only = False
+    else:
+        load_checkpoint(model, checkpoint_dir)
     if peft_lora is not None:
         apply_lora(model, cfg, peft_lora)
         prefix = ConversionRecord.from_metadata(metadata).export_layout(cfg).prefix

@@ -16,12 +16,16 @@ class Qwen35GPTModel(GPTModel):
       model_provider sets `mtp_absent_from_load`. Saving always includes the MTP layer. Likewise the LoRA adapters
       of a run that starts them from a checkpoint without any (`lora_absent_from_load`; lora/adapter.py): the base
       loads, the adapters keep peft's initialisation.
+    - `checkpoint_adapters_only`: a LoRA run's checkpoints hold its adapters and not the frozen base (lora/base.py):
+      the model's sharded state dict is then the adapters' entries, which megatron.training saves and loads; the base
+      loads through `base_checkpoint_view` (the model without adapters, every base entry).
     - the padding mask of packed sequences (True at padding: kept out of the MoE router's counts and aux loss) in
       this rank's sequence-parallel slice on every stage: megatron slices it only where it embeds the tokens itself,
       not where the VL model hands in its decoder input nor on later pipeline stages."""
 
     mtp_absent_from_load = False
     lora_absent_from_load = False
+    checkpoint_adapters_only = False
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args,
                 padding_mask=None, **kwargs):
@@ -32,13 +36,41 @@ class Qwen35GPTModel(GPTModel):
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args,
                                padding_mask=padding_mask, **kwargs)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        entries = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.checkpoint_adapters_only:
+            entries = {k: v for k, v in entries.items() if ".lora." in k}
+        return entries
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """With `checkpoint_adapters_only`, a strict load wants the adapters (or, from a checkpoint without any, every
+        base entry): megatron.training loads the state dict of the entries it asked for."""
+        if not (strict and self.checkpoint_adapters_only):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        wanted = not self.lora_absent_from_load  # the adapters are what loads, else the base
+        missing = [k for k in result.missing_keys if (".lora." in k) == wanted]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"the state dict lacks {missing[:5]} and has unexpected {result.unexpected_keys[:5]}")
+        return result
+
     @contextlib.contextmanager
-    def hide_loss_modules(self):
+    def base_checkpoint_view(self):
+        """The model as its base checkpoint holds it: without adapters, every entry in its sharded state dict."""
         from megatron_qwen35.lora.adapter import hidden_adapters
 
+        adapters_only, self.checkpoint_adapters_only = self.checkpoint_adapters_only, False
+        try:
+            with hidden_adapters(self):
+                yield
+        finally:
+            self.checkpoint_adapters_only = adapters_only
+
+    @contextlib.contextmanager
+    def hide_loss_modules(self):
         hidden = self._modules.pop("mtp", None) if self.mtp_absent_from_load else None
         try:
-            with hidden_adapters(self) if self.lora_absent_from_load else contextlib.nullcontext():
+            with self.base_checkpoint_view() if self.lora_absent_from_load else contextlib.nullcontext():
                 yield
         finally:
             if hidden is not None:

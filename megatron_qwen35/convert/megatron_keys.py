@@ -169,10 +169,10 @@ class MegatronLayout:
         out = into.view(shape) if into is not None else None
         return reader.read(sh.key, sh.global_offset, shape, out=out).reshape(sh.local_shape)
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """{checkpoint key: global shape} of every tensor this model saves."""
+    def checkpoint_shapes(self, names=None) -> dict[str, tuple[int, ...]]:
+        """{checkpoint key: global shape} of every tensor this model saves (of table tensors `names` where given)."""
         out = {}
-        for name in self.entries:
+        for name in self.entries if names is None else sorted(names):
             for sh in self._flat_sharded_tensors(name, self._meta(name)):
                 out[sh.key] = tuple(sh.global_shape)
         return out

@@ -15,9 +15,11 @@ Top-down:
    table.
 4. The writer checks that every planned tensor was written exactly once before the directory appears.
 
-A LoRA checkpoint (its record says `lora`: lora/) holds the frozen base and the adapters: by default each adapted
-weight is written merged (`W + scaling B A` in fp32, stored in the base's dtype); with `adapter_only` the adapters
-alone are written as a Hugging Face PEFT adapter directory (`qwen35_adapter_to_peft`).
+A LoRA checkpoint (its record says `lora`: lora/) exports merged by default, each adapted weight written as
+`W + scaling B A` (in fp32, stored in the base's dtype); a LoRA run's checkpoint holds the adapters alone, and its base
+is named by `base_dir` (checked against the fingerprint it records: lora/base.py), while one converted with its
+adapter holds both. With `adapter_only` the adapters alone are written as a Hugging Face PEFT adapter directory
+(`qwen35_adapter_to_peft`), which needs no base.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from megatron_qwen35.convert.table import LM_HEAD, NamedRule, check_names, hf_sh
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 
 
-def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader) -> None:
-    """The checkpoint holds exactly the model's keys, each with the model's global shape."""
-    want = keys.checkpoint_shapes()
+def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader, names: set[str] | None = None) -> None:
+    """The checkpoint holds exactly the model's keys (or the checkpoint keys of table tensors `names`), each with the
+    model's global shape."""
+    want = keys.checkpoint_shapes(names)
     # A training checkpoint also holds the optimizer's sharded state; only the model's tensors are exported.
     model_keys = {k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)}
     check_names(model_keys, set(want), side=f"Megatron ({reader.directory})")
@@ -99,11 +102,35 @@ def _lora_settings(metadata: dict, source: Path):
         raise ValueError(f"{source} records LoRA adapters it cannot describe ({e})") from None
 
 
+def _lora_readers(megatron_dir: Path, metadata: dict, lora, base_dir: Path | str | None):
+    """(the reader of the base's tensors, the reader of the adapters', the table names each holds) of a checkpoint:
+    one reader for a checkpoint that holds its base, the named base's and the adapters' for one of adapters only."""
+    from megatron_qwen35.lora.base import check_base, recorded_base
+
+    fingerprint = recorded_base(metadata) if lora is not None else None
+    if fingerprint is None and base_dir is not None:
+        raise ValueError(f"{megatron_dir} holds {'its base' if lora is not None else 'no LoRA adapters'}: "
+                         "--base-dir names the base of a LoRA run's checkpoint, which holds the adapters alone")
+    reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
+    if fingerprint is None:
+        return reader, reader
+    try:
+        if base_dir is None:
+            raise ValueError(f"{megatron_dir} holds LoRA adapters without their frozen base: name the checkpoint they "
+                             "were trained on with --base-dir")
+        check_base(base_dir, fingerprint, megatron_dir)
+        return TorchDistReader(iteration_dir(base_dir, latest_iteration(base_dir))), reader
+    except BaseException:
+        reader.close()
+        raise
+
+
 def qwen35_adapter_to_peft(megatron_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False) -> Path:
     """The LoRA adapters of a LoRA checkpoint as a Hugging Face PEFT adapter directory (adapter_config.json,
     adapter_model.safetensors; transformers' module names, as peft.PeftModel.from_pretrained reads them)."""
     from safetensors.torch import save
 
+    from megatron_qwen35.lora.base import recorded_base
     from megatron_qwen35.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config, to_peft
 
     megatron_dir = Path(megatron_dir)
@@ -117,7 +144,7 @@ def qwen35_adapter_to_peft(megatron_dir: Path | str, out_dir: Path | str, *, ove
     reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
     try:
         keys = MegatronLayout(cfg, lora=lora)
-        _check_checkpoint(keys, reader)
+        _check_checkpoint(keys, reader, keys.lora_names if recorded_base(metadata) else None)
         tensors = to_peft({n: keys.read(reader, n) for n in sorted(keys.lora_names)}, cfg, hf_prefix=layout.prefix)
     finally:
         reader.close()
@@ -129,21 +156,26 @@ def qwen35_adapter_to_peft(megatron_dir: Path | str, out_dir: Path | str, *, ove
     return Path(out_dir)
 
 
-def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False,
-                          max_shard_size: int | str | None = None, progress: bool = True,
+def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, base_dir: Path | str | None = None,
+                          overwrite: bool = False, max_shard_size: int | str | None = None, progress: bool = True,
                           lanes: int = DEFAULT_LANES) -> Path:
     """Write the Hugging Face checkpoint (safetensors, index, config.json, generation_config.json) of a
-    megatron_qwen35 checkpoint directory. `max_shard_size` (bytes or "5GB") re-plans the shards; by default the
-    converted source's files come back, or transformers' default shards for a checkpoint without a source. Returns
-    `out_dir`, which appears only once everything is written."""
+    megatron_qwen35 checkpoint directory (`base_dir`: the base of a LoRA run's checkpoint, merged with its adapters).
+    `max_shard_size` (bytes or "5GB") re-plans the shards; by default the converted source's files come back, or
+    transformers' default shards for a checkpoint without a source. Returns `out_dir`, which appears only once
+    everything is written."""
     megatron_dir = Path(megatron_dir)
     cfg, metadata = read_config(megatron_dir)
     record = ConversionRecord.from_metadata(metadata, source=megatron_dir / CONFIG)
     lora = _lora_settings(metadata, megatron_dir / CONFIG)
-    reader = TorchDistReader(iteration_dir(megatron_dir, latest_iteration(megatron_dir)))
+    reader, adapter_reader = _lora_readers(megatron_dir, metadata, lora, base_dir)
     try:
         keys = MegatronLayout(cfg, lora=lora)
-        _check_checkpoint(keys, reader)
+        if reader is adapter_reader:
+            _check_checkpoint(keys, reader)
+        else:
+            _check_checkpoint(keys, reader, keys.base_names())
+            _check_checkpoint(keys, adapter_reader, keys.lora_names)
         layout = record.export_layout(cfg)
         rules = layout.rules(cfg)
         check_names(keys.base_names(), {n for r in rules for n in r.megatron}, side="Megatron model")
@@ -210,10 +242,11 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
             return notes
 
         def _adapter_tensors(weight: str) -> dict[str, torch.Tensor]:
-            return {n: keys.read(reader, n) for n in adapter_names[weight]}
+            return {n: keys.read(adapter_reader, n) for n in adapter_names[weight]}
 
         costs = [2 * sum(sizes[n] for n in rule.hf) for rule in rules]
-        with output_directory(out_dir, overwrite=overwrite, inputs=[megatron_dir]) as tmp:
+        inputs = [megatron_dir, *([base_dir] if base_dir is not None else [])]
+        with output_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
             bar = Progress(sum(sizes.values()), f"Megatron -> HF {megatron_dir.name}", enabled=progress)
             writer = SafetensorsShardWriter(tmp, shards)
             try:
@@ -227,4 +260,5 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, over
                 write_file(tmp, file, text.encode(), source=str(megatron_dir / CONFIG))
     finally:
         reader.close()
+        adapter_reader.close()
     return Path(out_dir)

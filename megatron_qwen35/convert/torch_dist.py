@@ -439,5 +439,24 @@ class TorchDistReader:
                                       f"elements of the region at {list(offsets)} size {list(shape)}")
         return out
 
+    def leading_values(self, key: str, count: int) -> torch.Tensor:
+        """The first `count` elements (fewer where the stored chunk's rows are shorter) of global tensor `key`'s
+        first row, `tensor[0, ..., 0, :count]`, read from the record that holds them without reading the rest."""
+        md = self.tensors[key]
+        first = next((c for c in md.chunks if not any(c.offsets)), None)
+        if first is None:
+            raise CheckpointFileError(f"{self.directory}: no stored chunk of '{key}' starts at its first element")
+        index, what = MetadataIndex(key, first.offsets), f"tensor '{key}'"
+        count = min(count, first.sizes[-1]) if len(first.sizes) else 1
+        found = self._record_data(index, what)
+        if found is None:
+            return self._load_record(index, what).reshape(-1)[:count].clone()
+        dtype = found[1].dtype
+        data = os.pread(self._fd(self.metadata.storage_data[index].relative_path), count * dtype.itemsize,
+                        found[0].offset)
+        if len(data) != count * dtype.itemsize:
+            raise CheckpointFileError(f"{found[0].path}: cannot read {what} (the file ends early)")
+        return torch.frombuffer(bytearray(data), dtype=dtype)
+
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype

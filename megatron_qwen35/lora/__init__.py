@@ -6,6 +6,8 @@ expert, each routed expert), trained through the same recipes and entry point, e
 - `apply.py`: `apply_lora(model, cfg, LoRASettings(...))`: adapters on, everything else frozen.
 - `peft_format.py`: adapters to and from a Hugging Face PEFT adapter (transformers' module names).
 - `merge.py`: the adapters' update folded into the base weights (the merged export).
+- `base.py`: a LoRA run's checkpoints hold the adapters alone; the base they were trained on, named again wherever it
+  is needed, is checked against the fingerprint they record.
 """
 
 from megatron_qwen35.lora.apply import (

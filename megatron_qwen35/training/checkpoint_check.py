@@ -12,10 +12,14 @@
   from its initialisation (the model hides it from the load: `model.Qwen35GPTModel.hide_loss_modules`), and a run
   with MTP off leaves a checkpoint's MTP weights unread; a resumed iteration needs the MTP it was saved with (its
   optimizer state covers exactly those parameters).
+- Which checkpoint loads is megatron's rule: --load where it holds one, else --pretrained-checkpoint (weights only,
+  as megatron's --finetune).
 - LoRA (lora/): a checkpoint records its adapters' settings (qwen35_config.json's `lora`). A LoRA run from a
   checkpoint without adapters loads its weights only (megatron's --finetune; the model hides its adapters from the
-  load, which keep their initialisation); from one with adapters it needs the same rank, alpha, targets and MTP
-  choice; a run without LoRA does not load a LoRA checkpoint (export it merged first).
+  load, which keep their initialisation) and records that base's fingerprint (lora/base.py); its checkpoints hold
+  the adapters alone. Resuming one needs the same rank, alpha, targets and MTP choice, and its base named by
+  --pretrained-checkpoint, which must have the recorded fingerprint (model_provider loads it); a run without LoRA
+  does not load a LoRA checkpoint (export it merged first).
 """
 
 from __future__ import annotations
@@ -75,71 +79,119 @@ def _tensor_differences(directory: Path, cfg: Qwen35Config) -> tuple[list[str], 
     return differences, saved_mtp
 
 
-def _mtp_note(args, cfg: Qwen35Config, saved_mtp: int, weights_only: bool) -> list[str]:
+def _mtp_note(args, named: str, cfg: Qwen35Config, saved_mtp: int, weights_only: bool) -> list[str]:
     """What happens to the MTP layer when the checkpoint's and the run's differ (see the module docstring)."""
     run_mtp = cfg.mtp_num_layers
     if saved_mtp == run_mtp:
         return []
     if not weights_only:
         raise LaunchRefused(
-            f"--load {args.load} resumes an iteration saved with {saved_mtp or 'no'} MTP layer(s), this run has "
+            f"{named} resumes an iteration saved with {saved_mtp or 'no'} MTP layer(s), this run has "
             f"{run_mtp or 'none'}: its optimizer state covers the parameters it was saved with; resume with "
             f"{'--mtp-num-layers 0 (MTP=0)' if not saved_mtp else 'MTP on (no --mtp-num-layers 0)'}, or start a "
             "new run from its weights with --finetune")
     if not saved_mtp and getattr(args, "lora_rank", 0):
-        raise LaunchRefused(f"--load {args.load} holds no MTP weights, and a LoRA run trains only adapters: its MTP "
+        raise LaunchRefused(f"{named} holds no MTP weights, and a LoRA run trains only adapters: its MTP "
                             "layer would stay at its random initialisation; train without it: MTP=0 "
                             "(--mtp-num-layers 0)")
     if not saved_mtp:
         args.finetune = True  # megatron then asks the model to hide its loss modules while loading
         args.qwen35_mtp_absent_from_load = True  # model_provider: the MTP layer is what the model hides
-        return [f"--load {args.load} holds no MTP weights (transformers' save_pretrained drops them): the run's "
+        return [f"{named} holds no MTP weights (transformers' save_pretrained drops them): the run's "
                 f"{run_mtp} MTP layer(s) start from their initialisation and train with the model; MTP=0 "
                 "(--mtp-num-layers 0) trains without"]
-    return [f"--load {args.load} holds {saved_mtp} MTP layer(s), which this run leaves out (--mtp-num-layers 0): "
+    return [f"{named} holds {saved_mtp} MTP layer(s), which this run leaves out (--mtp-num-layers 0): "
             "they are not loaded, and its checkpoints and exports hold none"]
 
 
-def _lora_note(args, saved: dict | None, weights_only: bool) -> list[str]:
-    """What a load does with LoRA adapters, the checkpoint's (`saved`, its record) against the run's."""
+def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool) -> list[str]:
+    """What a load does with LoRA adapters, the checkpoint's (its record) against the run's; where the run's base
+    comes from (`args.qwen35_lora_base`) and its fingerprint (`args.qwen35_lora_base_fingerprint`, rank 0)."""
     from megatron_qwen35.lora import LoRASettings
+    from megatron_qwen35.lora.base import base_fingerprint, check_base, recorded_base
     from megatron_qwen35.training.flags import lora_settings_from_args
 
     run = lora_settings_from_args(args)
-    saved = LoRASettings.from_record(saved) if saved else None
+    saved = LoRASettings.from_record(metadata["lora"]) if metadata.get("lora") else None
     if saved is None and run is None:
         return []
     if saved is None:
         if not weights_only:
-            raise LaunchRefused(f"--load {args.load} resumes an iteration of full training: its optimizer state is "
+            raise LaunchRefused(f"{named} resumes an iteration of full training: its optimizer state is "
                                 "the whole model's; start LoRA from its weights with --finetune")
         args.finetune = True  # megatron then asks the model to hide its adapters while loading
         args.qwen35_lora_absent_from_load = True
-        return [f"--load {args.load} holds no LoRA adapters: its weights are the frozen base, the adapters "
-                f"({run.describe()}) start from peft's initialisation (B = 0: the model starts as the base)"]
+        if args.rank == 0:
+            args.qwen35_lora_base_fingerprint = base_fingerprint(load)
+        return [f"{named} holds no LoRA adapters: its weights are the frozen base, the adapters "
+                f"({run.describe()}) start from peft's initialisation (B = 0: the model starts as the base); the "
+                "run's checkpoints hold the adapters, resumed with this base as --pretrained-checkpoint"]
     if run is None:
-        raise LaunchRefused(f"--load {args.load} holds LoRA adapters ({saved.describe()}): train on with the same "
+        raise LaunchRefused(f"{named} holds LoRA adapters ({saved.describe()}): train on with the same "
                             "--lora-* settings (LORA_RANK=...), or export it merged (tools/convert/megatron_to_hf.py) "
                             "and convert that back for full training")
     if (saved.rank, saved.alpha, set(saved.target_modules), saved.mtp) != (
             run.rank, run.alpha, set(run.target_modules), run.mtp):
-        raise LaunchRefused(f"--load {args.load} holds LoRA adapters of another shape ({saved.describe()}) than this "
+        raise LaunchRefused(f"{named} holds LoRA adapters of another shape ({saved.describe()}) than this "
                             f"run's ({run.describe()}): give the checkpoint's --lora-* settings, or export it merged "
                             "and start new adapters on that")
+    fingerprint = recorded_base(metadata)
+    if fingerprint is None:  # it holds its base too (hf_to_megatron.py --adapter)
+        args.qwen35_lora_base = str(load)
+        if args.rank == 0:
+            args.qwen35_lora_base_fingerprint = base_fingerprint(load)
+        return []
+    base = args.pretrained_checkpoint
+    if not base or Path(base).resolve() == load.resolve():
+        raise LaunchRefused(f"{named} holds LoRA adapters without their frozen base: name the checkpoint they "
+                            "were trained on with --pretrained-checkpoint (LOAD= in the recipes, the run resuming "
+                            "from SAVE)")
+    if args.rank == 0:  # kilobytes per tensor; the other ranks follow rank 0's refusal
+        try:
+            check_base(base, fingerprint, load)
+        except (ValueError, OSError) as e:
+            raise LaunchRefused(f"--pretrained-checkpoint: {e}") from None
+        args.qwen35_lora_base_fingerprint = fingerprint
+    args.qwen35_lora_base = str(base)
     return []
+
+
+def checkpoint_to_load(args) -> tuple[Path | None, bool]:
+    """(the checkpoint megatron.training loads, whether it is --pretrained-checkpoint): --load where it holds one,
+    else --pretrained-checkpoint, which megatron loads as a --finetune (weights only)."""
+    if args.load and (Path(args.load) / TRACKER).is_file():
+        return Path(args.load), False
+    if getattr(args, "pretrained_checkpoint", None):
+        return Path(args.pretrained_checkpoint), True
+    return (Path(args.load) if args.load else None), False
+
+
+def _check_nothing_to_load(args, load: Path | None, pretrained: bool) -> None:
+    """Where no checkpoint loads (megatron starts from scratch): refuse a Hugging Face folder, a
+    --pretrained-checkpoint without a checkpoint, and LoRA (it adapts a base)."""
+    from megatron_qwen35.training.flags import lora_settings_from_args
+
+    flag = "--pretrained-checkpoint" if pretrained else "--load"
+    if load is not None and load.is_dir() and (any(load.glob("*.safetensors")) or (load / "config.json").is_file()):
+        raise LaunchRefused(f"{flag} {load} is a Hugging Face checkpoint, not a Megatron one: convert it first "
+                            f"(python tools/convert/hf_to_megatron.py --hf-dir {load} --out-dir DIR) and "
+                            f"{flag} DIR")
+    if pretrained:
+        raise LaunchRefused(f"--pretrained-checkpoint {load} holds no checkpoint ({TRACKER} is missing)")
+    if lora_settings_from_args(args) is not None:
+        raise LaunchRefused(f"LoRA (--lora-rank {args.lora_rank}) trains adapters on a frozen base, and "
+                            f"{f'--load {load}' if load else 'no --load'} holds no checkpoint: name the base with "
+                            "--load or --pretrained-checkpoint (LOAD= in the recipes: a converted release)")
 
 
 def check_load(args, cfg: Qwen35Config) -> list[str]:
     """Refuse (LaunchRefused) a --load checkpoint the run cannot load; return notes on what the load will do."""
-    if not args.load:
-        return []
-    load = Path(args.load)
-    if not (load / TRACKER).is_file():
-        if load.is_dir() and (any(load.glob("*.safetensors")) or (load / "config.json").is_file()):
-            raise LaunchRefused(f"--load {load} is a Hugging Face checkpoint, not a Megatron one: convert it first "
-                                f"(python tools/convert/hf_to_megatron.py --hf-dir {load} --out-dir DIR) and "
-                                "--load DIR")
+    load, pretrained = checkpoint_to_load(args)
+    if load is None or not (load / TRACKER).is_file():
+        _check_nothing_to_load(args, load, pretrained)
         return []  # nothing saved there yet: megatron starts from scratch
+    flag = "--pretrained-checkpoint" if pretrained else "--load"
+    metadata = {}
     try:
         iteration = latest_iteration(load)
         directory = iteration_dir(load, iteration)
@@ -155,20 +207,20 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
             detail = [f"{k}: checkpoint {v[0]!r}, this run {v[1]!r}"
                       for k, v in architecture_differences(saved, cfg).items()]
             saved_mtp, how = saved.mtp_num_layers, f"its {CONFIG}"
-            saved_lora = metadata.get("lora")
         else:
             detail, saved_mtp = _tensor_differences(directory, cfg)
-            how, saved_lora = f"no {CONFIG}; its tensors", None
+            how = f"no {CONFIG}; its tensors"
     except (ValueError, OSError) as e:
-        raise LaunchRefused(f"--load {load}: {e}") from None
+        raise LaunchRefused(f"{flag} {load}: {e}") from None
     if detail:
         more = f" (and {len(detail) - 5} more)" if len(detail) > 5 else ""
-        raise LaunchRefused(f"--load {load} holds another model than this run's '{cfg.name}' ({how}: "
+        raise LaunchRefused(f"{flag} {load} holds another model than this run's '{cfg.name}' ({how}: "
                             f"{'; '.join(detail[:5])}{more}); give the matching --qwen35-preset / --hf-config, or "
-                            "another --load")
-    weights_only = iteration == RELEASE or args.finetune
-    notes = _lora_note(args, saved_lora, weights_only)
-    return notes + _mtp_note(args, cfg, saved_mtp, weights_only=weights_only)
+                            "another checkpoint")
+    weights_only = iteration == RELEASE or args.finetune or pretrained
+    named = f"{flag} {load}"
+    notes = _lora_note(args, load, named, metadata, weights_only)
+    return notes + _mtp_note(args, named, cfg, saved_mtp, weights_only=weights_only)
 
 
-__all__ = ["check_load", "model_checkpoint_shapes"]
+__all__ = ["check_load", "checkpoint_to_load", "model_checkpoint_shapes"]

@@ -147,18 +147,25 @@ def architecture_differences(saved: Qwen35Config, run: Qwen35Config) -> dict[str
 def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     """qwen35_config.json into --save (rank 0): the loaded checkpoint's config and conversion record (load_model and
     the exporter read them), or the run's architecture for a run from scratch; the MTP layers are the run's (what
-    it trains is what its checkpoints hold), and so are the LoRA adapters' settings (`lora`). Called once the load
+    it trains is what its checkpoints hold), and so are the LoRA adapters' settings (`lora`) and the fingerprint of
+    their base (lora/base.py). Called once the load
     has succeeded (`datasets_after_load`): a refused or failed run writes nothing into --save, which may be the
     --load it failed to load."""
     if not args.save or args.rank != 0:
         return
-    saved, metadata = cfg, {}
-    if args.load and (Path(args.load) / CONFIG).is_file():
-        saved, metadata = read_config(args.load)
+    from megatron_qwen35.lora.base import LORA_BASE
+    from megatron_qwen35.training.checkpoint_check import checkpoint_to_load
     from megatron_qwen35.training.flags import lora_settings_from_args
 
+    saved, metadata = cfg, {}
+    loaded, _ = checkpoint_to_load(args)
+    if loaded is not None and (loaded / CONFIG).is_file():
+        saved, metadata = read_config(loaded)
     lora = lora_settings_from_args(args)
-    metadata = {k: v for k, v in metadata.items() if k != "lora"} | ({"lora": lora.to_record()} if lora else {})
+    metadata = {k: v for k, v in metadata.items() if k not in ("lora", LORA_BASE)}
+    if lora is not None:  # its checkpoints hold the adapters; the base they train on, where there is one
+        base = getattr(args, "qwen35_lora_base_fingerprint", None)
+        metadata |= {"lora": lora.to_record()} | ({LORA_BASE: base} if base else {})
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
     write_config(save, saved.replace(mtp_num_layers=cfg.mtp_num_layers), metadata)

@@ -33,4 +33,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
         apply_lora(model, cfg, lora, seed=args.seed)
         model.lora_absent_from_load = getattr(args, "qwen35_lora_absent_from_load", False)
+        model.checkpoint_adapters_only = True  # its checkpoints hold the adapters (lora/base.py)
+        base = getattr(args, "qwen35_lora_base", None)  # --load holds adapters: the base comes from here
+        if base is not None:
+            from megatron_qwen35.lora.base import load_base
+
+            load_base(model, base)
     return model

@@ -3,18 +3,29 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
 
 - every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2) logs the single process's losses and gradient
   norms (adapters only: the base has no gradient), step after step;
-- the single process's LoRA checkpoint resumes at DP2 with the distributed optimizer to the uninterrupted run's next
-  step (megatron's default optimizer format follows a new DP size; a new TP / PP needs its fully reshardable format,
-  which on this MoE's two chained optimizers fails to load in megatron-core 0.19.2);
-- the checkpoint records the adapters' settings, and a run with other settings is refused by name before any rank.
+- the single process's checkpoint holds the adapters alone (and their optimizer state), records its settings and its
+  base's fingerprint, and resumes at DP2 with the distributed optimizer, the base named again (LOAD=), to the
+  uninterrupted run's next step (megatron's default optimizer format follows a new DP size; a new TP / PP needs its
+  fully reshardable format, which on this MoE's two chained optimizers fails to load in megatron-core 0.19.2);
+- a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
 """
 
 import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.parallel.test_sft_layouts import FLAGS, assert_same_steps, chats, converted  # noqa: F401 (fixtures)
-from tests.pretrain_runs import recipe
+from megatron_qwen35.checkpoint import TRAINING_STATE_KEY, iteration_dir
+from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+from megatron_qwen35.convert.torch_dist import TorchDistReader
+from megatron_qwen35.lora.base import LORA_BASE, base_fingerprint
+from tests.parallel.test_sft_layouts import FLAGS, PRESET, assert_same_steps, chats, converted  # noqa: F401
+from tests.pretrain_runs import REPO, TINY_RECIPE, recipe
+from tests.test_convert import make_hf_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +42,20 @@ def single(converted, chats, tmp_path_factory):  # noqa: F811
     return root, run
 
 
-def test_lora_run_from_a_checkpoint_without_adapters_says_so_and_records_its_adapters(single):
+def test_lora_run_from_a_base_saves_its_adapters_alone_and_records_the_base(single, converted):  # noqa: F811
     root, run = single
-    assert "holds no LoRA adapters: its weights are the frozen base" in run.stdout
-    record = json.loads((root / "ckpt-single" / "qwen35_config.json").read_text())["metadata"]["lora"]
+    assert f"--pretrained-checkpoint {converted} holds no LoRA adapters: its weights are the frozen base" in run.stdout
+    metadata = json.loads((root / "ckpt-single" / "qwen35_config.json").read_text())["metadata"]
+    record = metadata["lora"]
     assert record["rank"] == 4 and record["alpha"] == 8 and "experts" in record["target_modules"]
+    assert metadata[LORA_BASE] == base_fingerprint(converted)
+    reader = TorchDistReader(iteration_dir(root / "ckpt-single", 2))
+    try:
+        model = [k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)]
+    finally:
+        reader.close()
+    assert model and all(".lora." in k for k in model)  # no frozen base weight in the checkpoint
+    assert any(".experts." in k for k in model) and not any(k.startswith("mtp.") for k in model)  # LORA_MTP=0
     assert run.losses[3] < run.losses[1]  # the adapters train (step 1 runs at warm-up's learning rate 0)
 
 
@@ -47,19 +67,73 @@ def test_lora_recipe_at_layout_logs_the_single_process_losses(layout, converted,
     assert_same_steps(single[1], run, layout)
 
 
-def test_lora_checkpoint_of_one_process_resumes_at_dp2_to_its_next_step(chats, single, tmp_path):  # noqa: F811
+def test_lora_checkpoint_of_one_process_resumes_at_dp2_to_its_next_step(converted, chats, single, tmp_path):  # noqa: F811
     """The single process saved at step 2 (SAVE_INTERVAL 2); resumed there (--ckpt-step 2) at DP2 with the
-    distributed optimizer (the adapters' Adam state now split over two ranks), step 3 logs the uninterrupted run's
-    loss and gradient norm; another LoRA rank on that checkpoint is refused before any rank starts."""
-    saved = single[0] / "ckpt-single"
-    dp2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(saved), SFT_DATA_PATH=str(chats),
-                 run_name="dp2", **LORA)
+    distributed optimizer (the adapters' Adam state now split over two ranks), its base loaded from LOAD, step 3 logs
+    the uninterrupted run's loss and gradient norm; another LoRA rank on that checkpoint is refused before any rank
+    starts."""
+    saved = tmp_path / "adapters"
+    shutil.copytree(single[0] / "ckpt-single", saved)
+    dp2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
+                 SFT_DATA_PATH=str(chats), run_name="dp2", **LORA)
     assert sorted(dp2.losses) == [3]
     want = single[1]
     for name, a, b in (("lm loss", want.losses[3], dp2.losses[3]),
                        ("grad norm", want.grad_norms[3], dp2.grad_norms[3])):
         assert abs(b - a) <= 1e-4 * abs(a), (name, a, b)
-    other = recipe(tmp_path, nproc=1, LOAD=str(saved), SFT_DATA_PATH=str(chats), run_name="rank8", check=False,
-                   **{**LORA, "LORA_RANK": "8"})
+    other = recipe(tmp_path, nproc=1, LOAD=str(converted), SAVE=str(saved), SFT_DATA_PATH=str(chats),
+                   run_name="rank8", check=False, **{**LORA, "LORA_RANK": "8"})
     assert "holds LoRA adapters of another shape (rank 4, alpha 8, targets all) than this run's (rank 8" in other.stderr
     assert not (tmp_path / "tb-rank8").exists()  # refused before any rank started
+
+
+def _preflight(**settings) -> subprocess.CompletedProcess:
+    """recipes/common.sh's check before torchrun, on the arguments the recipe launches with (its DRY_RUN)."""
+    env = {**os.environ, **TINY_RECIPE, "PYTHON": sys.executable, **settings}
+    argv = subprocess.run(["bash", str(REPO / "recipes/common.sh")], env={**env, "DRY_RUN": "1"}, check=True,
+                          capture_output=True, text=True).stdout.splitlines()
+    return subprocess.run([sys.executable, "-m", "megatron_qwen35.training.preflight", *argv], capture_output=True,
+                          text=True, env={**env, "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": str(REPO)})
+
+
+def test_lora_adapters_without_their_base_or_on_another_base_are_refused(converted, chats, single, tmp_path):  # noqa: F811
+    saved = str(single[0] / "ckpt-single")
+    alone = _preflight(SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD defaults to SAVE: no base named
+    assert alone.returncode == 2 and "holds LoRA adapters without their frozen base" in alone.stderr
+    other = qwen35_hf_to_megatron(make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert",
+                                                     seed=4), tmp_path / "other", progress=False)
+    wrong = _preflight(LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
+    assert wrong.returncode == 2, wrong.stderr
+    assert f"{other} is not the base the adapters in {saved} were trained on" in wrong.stderr
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_lora_run_checkpoint_exports_merged_on_its_base_and_as_a_peft_adapter(converted, single, tmp_path, capsys):  # noqa: F811
+    """The trained adapters (the run's checkpoint at step 3) on their base: megatron_to_hf.py with --base-dir writes
+    the merged model, whose transformers logits are load_model's LoRA model's; --adapter-only writes a PEFT adapter
+    that peft puts on the Hugging Face base to the same logits. Without --base-dir the export is refused by name and
+    writes nothing."""
+    import torch
+    from peft import PeftModel
+
+    from megatron_qwen35.inference import load_model
+    from tests.test_lora_export import TOL, _hf_model, _ids, _logits, _megatron_logits
+
+    saved = single[0] / "ckpt-single"
+    tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")
+    assert tool["main"](["--megatron-dir", str(saved), "--out-dir", str(tmp_path / "alone"), "--no-progress"]) == 2
+    assert "holds LoRA adapters without their frozen base: name the checkpoint they were trained on with --base-dir" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "alone").exists()
+    assert tool["main"](["--megatron-dir", str(saved), "--base-dir", str(converted), "--out-dir",
+                         str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert tool["main"](["--megatron-dir", str(saved), "--adapter-only", "--out-dir", str(tmp_path / "adapter")]) == 0
+    with pytest.raises(ValueError, match="holds LoRA adapters without their frozen base: give `base`"):
+        load_model(saved)
+    ids = _ids()
+    want = _megatron_logits(load_model(saved, base=converted), ids)
+    assert (_megatron_logits(load_model(converted), ids) - want).abs().max().item() > 1e-3  # the adapters trained
+    assert (_logits(_hf_model(tmp_path / "merged"), ids) - want).abs().max().item() <= TOL
+    peft = PeftModel.from_pretrained(_hf_model(converted.parent / "hf"), tmp_path / "adapter").eval()
+    assert (_logits(peft, ids) - want).abs().max().item() <= TOL
+    assert torch.isfinite(want).all()
