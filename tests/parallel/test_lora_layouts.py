@@ -87,24 +87,29 @@ def test_lora_checkpoint_of_one_process_resumes_at_dp2_to_its_next_step(converte
     assert not (tmp_path / "tb-rank8").exists()  # refused before any rank started
 
 
-def _preflight(**settings) -> subprocess.CompletedProcess:
-    """recipes/common.sh's check before torchrun, on the arguments the recipe launches with (its DRY_RUN)."""
-    env = {**os.environ, **TINY_RECIPE, "PYTHON": sys.executable, **settings}
-    argv = subprocess.run(["bash", str(REPO / "recipes/common.sh")], env={**env, "DRY_RUN": "1"}, check=True,
-                          capture_output=True, text=True).stdout.splitlines()
-    return subprocess.run([sys.executable, "-m", "megatron_qwen35.training.preflight", *argv], capture_output=True,
-                          text=True, env={**env, "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": str(REPO)})
+def _preflight(monkeypatch, capsys, **settings) -> tuple[int, str]:
+    """recipes/common.sh's check before torchrun (training/preflight.py's main, here in this process) on the arguments
+    the recipe launches with (its DRY_RUN): its exit code and error output."""
+    from megatron_qwen35.training import preflight
+
+    env = {**os.environ, **TINY_RECIPE, "PYTHON": sys.executable, **settings, "DRY_RUN": "1"}
+    argv = subprocess.run(["bash", str(REPO / "recipes/common.sh")], env=env, check=True, capture_output=True,
+                          text=True).stdout.splitlines()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    return preflight.main(argv), capsys.readouterr().err
 
 
-def test_lora_adapters_without_their_base_or_on_another_base_are_refused(converted, chats, single, tmp_path):  # noqa: F811
+def test_lora_adapters_without_their_base_or_on_another_base_are_refused(converted, chats, single, tmp_path,  # noqa: F811
+                                                                         monkeypatch, capsys):
     saved = str(single[0] / "ckpt-single")
-    alone = _preflight(SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD defaults to SAVE: no base named
-    assert alone.returncode == 2 and "holds LoRA adapters without their frozen base" in alone.stderr
+    code, err = _preflight(monkeypatch, capsys, SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD: SAVE's
+    assert code == 2 and "holds LoRA adapters without their frozen base" in err, err
     other = qwen35_hf_to_megatron(make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert",
                                                      seed=4), tmp_path / "other", progress=False)
-    wrong = _preflight(LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
-    assert wrong.returncode == 2, wrong.stderr
-    assert f"{other} is not the base the adapters in {saved} were trained on" in wrong.stderr
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
+    assert code == 2 and f"{other} is not the base the adapters in {saved} were trained on" in err, err
 
 
 @pytest.mark.usefixtures("megatron_single_process")
