@@ -61,6 +61,9 @@ if [ "${LORA_RANK:-0}" != 0 ]; then
   [ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
     && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
   [ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
+  # the adapters' optimizer state is small: saved in megatron's fully reshardable format (gathered on each model-
+  # parallel group's first data-parallel rank), a LoRA checkpoint resumes at any TP / PP / EP / DP
+  LORA_ARGS+=(--dist-ckpt-optim-fully-reshardable --distrib-optim-fully-reshardable-mem-efficient)
   if [ -z "${LORA_TARGETS:-}" ] || [[ " $LORA_TARGETS " == *" experts "* ]]; then
     EXTRA_PARALLEL=${EXTRA_PARALLEL//--moe-grouped-gemm/}
   fi

@@ -86,9 +86,11 @@ PATCHES: tuple[Patch, ...] = (
           no_cuda.optimizer.patch_cuda_type_name_checks, "efa4d987119e"),
     Patch("distopt_torch_adam_step", NO_CUDA,
           ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
-           "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict"),
-          "the distributed optimizer over torch Adam (no TE/apex) mishandles Adam's step before step 1 and on load",
-          no_cuda.optimizer.patch_distopt_torch_adam_step, "1ae032f2a0e9"),
+           "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+           "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._set_main_param_and_optimizer_states"),
+          "the distributed optimizer over torch Adam (no TE/apex) mishandles Adam's step before step 1 and on load, "
+          "and its fully reshardable loader has none to hand over",
+          no_cuda.optimizer.patch_distopt_torch_adam_step, "bc5950b89647"),
     Patch("pipeline_embedding_copy", NO_CUDA,
           ("megatron.core.models.common.language_module.language_module:LanguageModule."
            "setup_embeddings_and_output_layer",),
@@ -152,6 +154,11 @@ PATCHES: tuple[Patch, ...] = (
           "the bf16 optimizer maps checkpoint param ids over its float16 params only: a bf16 model with fp32 params "
           "cannot save or resume",
           upstream_fixes.fix_float16_optimizer_with_fp32_params, "0739fff7fa6d"),
+    Patch("chained_optimizer_count_change", UPSTREAM_BUG,
+          ("megatron.core.optimizer.optimizer:ChainedOptimizer.load_state_dict",),
+          "MoE expert parameters get an optimizer of their own only in some layouts: a checkpoint saved with one "
+          "optimizer does not load where there are two, and the reverse, even in the fully reshardable format",
+          upstream_fixes.fix_chained_optimizer_count_change, "403774c7dde1"),
 )
 
 @dataclass(frozen=True)

@@ -249,6 +249,52 @@ def fix_float16_optimizer_with_fp32_params() -> None:
             replace(Float16OptimizerWithFloat16Params, name, _with_every_param_as_a_main_param(method))
 
 
-__all__ = ["fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp", "fix_mtp_loss_under_context_parallelism",
-           "fix_moe_aux_loss_with_padding_over_split_sequences", "fix_mtp_padding_mask_under_sequence_parallelism",
-           "fix_distributed_optimizer_with_fp32_params", "fix_float16_optimizer_with_fp32_params"]
+def _chain_of_this_layout(load_state_dict):
+    @functools.wraps(load_state_dict)
+    def load_state_dict_of_another_chain(self, state_dict):
+        """The saved state in this layout's chain: every optimizer gets every saved param group (each picks its own
+        by their identifiers) beside its own part of the sharded state (in the fully reshardable format, keyed by the
+        model's tensors: any layout's)."""
+        chained = len(self.chained_optimizers)
+        if not isinstance(state_dict, dict):
+            return load_state_dict(self, state_dict)
+        parts = [v for k, v in sorted((k, v) for k, v in state_dict.items() if isinstance(k, int))]
+        flat = {k: v for k, v in state_dict.items() if not isinstance(k, int)}
+        if (not parts if chained == 1 else not flat and all("optimizer" in p for p in parts)):
+            return load_state_dict(self, state_dict)  # saved by a chain of this layout's length
+        groups = [g for d in [flat, *parts] if "optimizer" in d for g in d["optimizer"]["param_groups"]]
+        # where expert params shared the dense optimizer, their groups were not marked expert-parallel: the flag
+        # says which optimizer holds a group, its hyperparameters are the dense group's
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+        def identifier(group):
+            return tuple(group.get(k) for k in param_group_identifier_keys)
+
+        saved = {identifier(g) for g in groups}
+        flipped = [{**g, "is_expert_parallel": not g.get("is_expert_parallel", False)} for g in groups]
+        groups += [g for g in flipped if identifier(g) not in saved]
+        common = {k: v for d in [*parts, flat] for k, v in d.items() if k not in ("optimizer", "param_state")}
+        if chained == 1:  # a chain saved, one optimizer here: its sharded state was asked for unnumbered
+            return load_state_dict(self, {**common, **flat, "optimizer": {"param_groups": groups}})
+        return load_state_dict(self, {i: {**common, **part, "optimizer": {"param_groups": groups}}
+                                      for i, part in enumerate(parts)})
+
+    load_state_dict_of_another_chain.of_any_chain = True
+    return load_state_dict_of_another_chain
+
+
+def fix_chained_optimizer_count_change() -> None:
+    # megatron puts MoE expert parameters in an optimizer of their own only where their data-parallel group differs
+    # from the dense parameters' (not at TP1 / EP1 on one rank): a checkpoint saved with one optimizer holds its
+    # state unnumbered, one saved with two numbers it, and ChainedOptimizer.load_state_dict refuses the other shape
+    # ("Expected 2 entries", or a KeyError) even in the fully reshardable format made to change layouts.
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    if not getattr(ChainedOptimizer.load_state_dict, "of_any_chain", False):
+        replace(ChainedOptimizer, "load_state_dict", _chain_of_this_layout(ChainedOptimizer.load_state_dict))
+
+
+__all__ = ["fix_chained_optimizer_count_change", "fix_compile_helpers_in_wheel", "fix_flops_count_with_mtp",
+           "fix_mtp_loss_under_context_parallelism", "fix_moe_aux_loss_with_padding_over_split_sequences",
+           "fix_mtp_padding_mask_under_sequence_parallelism", "fix_distributed_optimizer_with_fp32_params",
+           "fix_float16_optimizer_with_fp32_params"]

@@ -4,9 +4,10 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
 - every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2) logs the single process's losses and gradient
   norms (adapters only: the base has no gradient), step after step;
 - the single process's checkpoint holds the adapters alone (and their optimizer state), records its settings and its
-  base's fingerprint, and resumes at DP2 with the distributed optimizer, the base named again (LOAD=), to the
-  uninterrupted run's next step (megatron's default optimizer format follows a new DP size; a new TP / PP needs its
-  fully reshardable format, which on this MoE's two chained optimizers fails to load in megatron-core 0.19.2);
+  base's fingerprint, and resumes at EP2 (one optimizer becoming two, the state resharded over EP and DP), the base
+  named again (LOAD=), to the uninterrupted run's next step; TP2 + SP's resumes in one process (two becoming one):
+  the recipe saves LoRA's optimizer state in megatron's fully reshardable format (with two runtime fixes:
+  runtime/register.py's chained_optimizer_count_change and distopt_torch_adam_step);
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
 """
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 LORA = dict(LORA_RANK="4", LORA_ALPHA="8", PRESET="tiny-moe", MOCK_DATA="0", SEQ_LEN="704", EVAL_ITERS="0",
             TRAIN_ITERS="3", GLOBAL_BATCH="2")
-LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2"))}
+LAYOUTS = {"pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2"))}  # and tp2_sp below
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,14 @@ def single(converted, chats, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("single_lora")
     run = recipe(root, *FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="single",
                  SAVE_INTERVAL="2", **LORA)
+    return root, run
+
+
+@pytest.fixture(scope="module")
+def tp2_sp(converted, chats, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("tp2_sp_lora")
+    run = recipe(root, *FLAGS, nproc=2, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="tp2_sp",
+                 SAVE_INTERVAL="2", **{**LORA, "TP": "2"})
     return root, run
 
 
@@ -67,24 +76,38 @@ def test_lora_recipe_at_layout_logs_the_single_process_losses(layout, converted,
     assert_same_steps(single[1], run, layout)
 
 
-def test_lora_checkpoint_of_one_process_resumes_at_dp2_to_its_next_step(converted, chats, single, tmp_path):  # noqa: F811
-    """The single process saved at step 2 (SAVE_INTERVAL 2); resumed there (--ckpt-step 2) at DP2 with the
-    distributed optimizer (the adapters' Adam state now split over two ranks), its base loaded from LOAD, step 3 logs
-    the uninterrupted run's loss and gradient norm; another LoRA rank on that checkpoint is refused before any rank
-    starts."""
+def test_lora_recipe_at_tp2_sp_logs_the_single_process_losses(single, tp2_sp):
+    assert_same_steps(single[1], tp2_sp[1], "tp2_sp")
+
+
+def _assert_resumed_step_3(want, got):
+    assert sorted(got.losses) == [3], got.losses
+    for name, a, b in (("lm loss", want.losses[3], got.losses[3]), ("grad norm", want.grad_norms[3],
+                                                                     got.grad_norms[3])):
+        assert abs(b - a) <= 1e-4 * abs(a), (name, a, b)
+
+
+def test_lora_checkpoint_of_one_process_resumes_at_ep2_to_its_next_step(converted, chats, single, tmp_path):  # noqa: F811
+    """The single process saved at step 2 (SAVE_INTERVAL 2, one optimizer over every adapter); resumed there
+    (--ckpt-step 2) at EP2 (the experts' adapters split over the ranks, with an optimizer of their own, the other
+    adapters' Adam state split over two data-parallel ranks), its base loaded from LOAD, step 3 logs the
+    uninterrupted run's loss and gradient norm: the recipe saves LoRA's optimizer state fully reshardable."""
     saved = tmp_path / "adapters"
     shutil.copytree(single[0] / "ckpt-single", saved)
-    dp2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
-                 SFT_DATA_PATH=str(chats), run_name="dp2", **LORA)
-    assert sorted(dp2.losses) == [3]
-    want = single[1]
-    for name, a, b in (("lm loss", want.losses[3], dp2.losses[3]),
-                       ("grad norm", want.grad_norms[3], dp2.grad_norms[3])):
-        assert abs(b - a) <= 1e-4 * abs(a), (name, a, b)
-    other = recipe(tmp_path, nproc=1, LOAD=str(converted), SAVE=str(saved), SFT_DATA_PATH=str(chats),
-                   run_name="rank8", check=False, **{**LORA, "LORA_RANK": "8"})
-    assert "holds LoRA adapters of another shape (rank 4, alpha 8, targets all) than this run's (rank 8" in other.stderr
-    assert not (tmp_path / "tb-rank8").exists()  # refused before any rank started
+    ep2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
+                 SFT_DATA_PATH=str(chats), run_name="ep2", **{**LORA, "EP": "2"})
+    _assert_resumed_step_3(single[1], ep2)
+
+
+def test_lora_checkpoint_of_tp2_sp_resumes_in_one_process_to_its_next_step(converted, chats, single, tp2_sp,  # noqa: F811
+                                                                          tmp_path):
+    """The other way: TP2 + SP's checkpoint of step 2 (two optimizers: the experts' and the rest) resumed by one
+    process (one optimizer) logs the single process's step 3."""
+    saved = tmp_path / "adapters"
+    shutil.copytree(tp2_sp[0] / "ckpt-tp2_sp", saved)
+    one = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=1, LOAD=str(converted), SAVE=str(saved),
+                 SFT_DATA_PATH=str(chats), run_name="one", **LORA)
+    _assert_resumed_step_3(single[1], one)
 
 
 def _preflight(monkeypatch, capsys, **settings) -> tuple[int, str]:
@@ -101,9 +124,13 @@ def _preflight(monkeypatch, capsys, **settings) -> tuple[int, str]:
     return preflight.main(argv), capsys.readouterr().err
 
 
-def test_lora_adapters_without_their_base_or_on_another_base_are_refused(converted, chats, single, tmp_path,  # noqa: F811
-                                                                         monkeypatch, capsys):
+def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_are_refused(  # noqa: F811
+        converted, chats, single, tmp_path, monkeypatch, capsys):  # noqa: F811
     saved = str(single[0] / "ckpt-single")
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats),
+                           **{**LORA, "LORA_RANK": "8"})
+    assert code == 2 and "holds LoRA adapters of another shape (rank 4, alpha 8, targets all) than this run's " \
+        "(rank 8" in err, err
     code, err = _preflight(monkeypatch, capsys, SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD: SAVE's
     assert code == 2 and "holds LoRA adapters without their frozen base" in err, err
     other = qwen35_hf_to_megatron(make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert",

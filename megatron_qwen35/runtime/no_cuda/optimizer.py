@@ -133,10 +133,32 @@ def _make_distopt_load_state_dict(orig: Callable) -> Callable:
     return load_state_dict
 
 
+def _make_distopt_set_states(orig: Callable) -> Callable:
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        # The fully reshardable format's loader hands over every state but torch Adam's "step" (kept as a tensor in
+        # the param's state only without TE/apex), then copies each state tensor the param holds: keep its step
+        # (load_state_dict above sets it to the checkpoint's).
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                tensors = {**tensors, "step": step.clone()}
+        return orig(self, model_param, tensors)
+
+    set_main_param_and_optimizer_states.__wrapped__ = orig
+    return set_main_param_and_optimizer_states
+
+
 def patch_distopt_torch_adam_step() -> None:
     # The distributed optimizer's state_dict / load_state_dict handle torch.optim.Adam's "step"
-    # (the no-TE/no-apex fallback) wrongly before the first step and after a load; see above.
+    # (the no-TE/no-apex fallback) wrongly before the first step and after a load, and its fully reshardable loader
+    # has no step to hand over; see above.
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not hasattr(setter, "__wrapped__"):
+        _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", _make_distopt_set_states(setter))
 
     if not hasattr(DistributedOptimizer.state_dict, "__wrapped__"):
         _replace(DistributedOptimizer, "state_dict", _make_distopt_state_dict(DistributedOptimizer.state_dict))
