@@ -13,7 +13,8 @@ A subclass, not a wrapper: the text model keeps GPTModel's own names (`embedding
   embeddings, so that its backward all-gathers the gradient: every tensor-parallel rank's tower replica then gets
   the gradient of every feature row, not only of the rows in its own sequence slice.
 - Context parallelism: the pads are found in the micro-batch's tokens before the split (`full_input_ids`), the
-  placed features are cut to this rank's tokens by the same load-balanced split as the batch, and each rank's tower
+  placed features are cut to this rank's tokens by the same load-balanced split as the batch (each packed document
+  split on its own), and each rank's tower
   replica gets the gradient of its own rows; megatron's gradient reduction over data x context parallel ranks sums
   them, as it does for every other weight.
 - A training micro-batch without images or videos still runs the tower, on one blank 2x2-merge patch group whose
@@ -66,16 +67,26 @@ class Qwen35VLModel(Qwen35GPTModel):
         if position_ids is not None and position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if decoder_input is None and self.pre_process:
+            packed = kwargs.get("packed_seq_params")
             decoder_input = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                                       full_input_ids=full_input_ids)
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                               **kwargs)
+                                       full_input_ids=full_input_ids,
+                                       cu_seqlens=packed.cu_seqlens_q_padded if packed is not None else None)
+        packed, cp = kwargs.get("packed_seq_params"), self.pg_collection.cp
+        if packed is not None and cp.size() > 1:  # rope angles of the whole packed sequence (layers/rotary.py)
+            self.rotary_pos_emb.packed_context_parallel = (packed.cu_seqlens_q_padded, cp)
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels, **kwargs)
+        finally:
+            self.rotary_pos_emb.packed_context_parallel = None
 
     def embed(self, input_ids: torch.Tensor, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, full_input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+              video_grid_thw=None, full_input_ids: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | None:
         """The decoder input [s (/ cp / tp under CP and SP), b, h]: token embeddings with the vision features at
-        the pad tokens; None when there is no vision input (GPTModel then embeds the tokens itself)."""
+        the pad tokens; None when there is no vision input (GPTModel then embeds the tokens itself). `cu_seqlens`:
+        a packed sequence's (padded) document boundaries, each document split over CP ranks on its own."""
         inputs = [(self.vision.image_token_id, "image", pixel_values, image_grid_thw),
                   (self.vision.video_token_id, "video", pixel_values_videos, video_grid_thw)]
         inputs = [i for i in inputs if i[2] is not None]
@@ -107,7 +118,7 @@ class Qwen35VLModel(Qwen35GPTModel):
         # megatron's MoE router views its input
         placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t().contiguous()
         if cp.size() > 1:  # this rank's tokens, as the batch was split
-            mine = cp_rank_positions(seq, cp, device=placed.device)
+            mine = cp_rank_positions(seq, cp, cu_seqlens, device=placed.device)
             placed, is_vision = placed.index_select(0, mine), is_vision.index_select(0, mine)
         if self.config.sequence_parallel:
             tp = self.pg_collection.tp

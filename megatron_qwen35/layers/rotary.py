@@ -48,7 +48,10 @@ class InterleavedMRoPE(torch.nn.Module):
     The angles are position * inverse frequency in fp32, as transformers computes them. The inverse frequencies are
     a plain attribute, not a buffer, so that casting the model to bf16 (megatron's Float16Module) leaves them fp32,
     as megatron's own RotaryEmbedding does. Context parallelism: the positions given are this rank's already (the
-    batch is split with them), so nothing is sliced here.
+    batch is split with them), so nothing is sliced here; but for a packed (THD) sequence megatron applies rope per
+    token only to angles of the whole packed sequence, picking each document's rows of this rank itself
+    (rope_utils._apply_rotary_pos_emb_thd): there the angles are laid out at this rank's positions of a full-length
+    tensor (`packed_context_parallel`, set by the VL model for its forward), the other rows zero and never read.
     """
 
     def __init__(self, cfg: Qwen35Config):
@@ -56,6 +59,7 @@ class InterleavedMRoPE(torch.nn.Module):
         dim = cfg.rotary_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.axes = frequency_axes(cfg)
+        self.packed_context_parallel = None  # (cu_seqlens, cp_group) of a packed sequence split over CP ranks
 
     def forward(self, position_ids: torch.Tensor, mrope_section=None, cp_group=None) -> torch.Tensor:
         if position_ids.dim() == 2:
@@ -67,7 +71,15 @@ class InterleavedMRoPE(torch.nn.Module):
         inv_freq, axes = self.inv_freq.to(device), self.axes.to(device)
         per_frequency = position_ids[axes].float()  # [dim / 2, b, s]: each frequency's own stream
         angles = per_frequency.permute(2, 1, 0) * inv_freq  # [s, b, dim / 2]
-        return torch.cat((angles, angles), dim=-1).unsqueeze(2)
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)
+        if self.packed_context_parallel is None:
+            return angles
+        from megatron_qwen35.layers.context_parallel import cp_rank_positions
+
+        cu_seqlens, cp = self.packed_context_parallel
+        total = int(cu_seqlens[-1])
+        mine = cp_rank_positions(total, cp, cu_seqlens, device=device)
+        return angles.new_zeros(total, *angles.shape[1:]).index_copy_(0, mine, angles)
 
 
 def token_types(input_ids: torch.Tensor, vision: Qwen35VisionConfig) -> torch.Tensor:

@@ -172,9 +172,6 @@ def check_sft_data(args, cfg: Qwen35Config) -> None:
         if differ:
             raise LaunchRefused(f"{flag} was preprocessed for another vision config than model '{cfg.name}' "
                                 f"(field: data, model): {differ}")
-        if args.context_parallel_size > 1:
-            raise LaunchRefused(f"{flag} holds images; packed vision-language sequences run without context "
-                                "parallelism for now (CP=1)")
     cp = args.context_parallel_size
     align = 2 * cp if cp > 1 else 1
     lengths = samples.sizes["tokens"]
