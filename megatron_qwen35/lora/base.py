@@ -10,7 +10,8 @@ qwen35_config.json metadata), and a named base is checked against it before anyt
 
 The fingerprint is a sha256 over every model tensor's name and global shape and the values (as float64) of its first
 row's first elements, `t[0, ..., 0, :16]`: kilobytes read from a checkpoint of any size, the same for a copy of the
-base, for any of its dtypes and for any parallel layout that saved it. Another model, or another checkpoint of the same
+base, for any of its dtypes and for any parallel layout that saved it (where each stored shard's rows are 16 elements
+or wider, as in every released size). Another model, or another checkpoint of the same
 model whose weights changed where it is read (a fine-tune changes every tensor's leading row; a merged LoRA export
 changes each adapted weight's), gives another fingerprint.
 
