@@ -9,6 +9,8 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
   the recipe saves LoRA's optimizer state in megatron's fully reshardable format (with two runtime fixes:
   runtime/register.py's chained_optimizer_count_change and distopt_torch_adam_step);
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
+- the run's checkpoint exports merged onto its base and as a peft adapter; a peft adapter imported with its base
+  trains on from its weights.
 """
 
 import json
@@ -169,3 +171,33 @@ def test_lora_run_checkpoint_exports_merged_on_its_base_and_as_a_peft_adapter(co
     peft = PeftModel.from_pretrained(_hf_model(converted.parent / "hf"), tmp_path / "adapter").eval()
     assert (_logits(peft, ids) - want).abs().max().item() <= TOL
     assert torch.isfinite(want).all()
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_a_peft_adapter_imported_with_its_base_trains_on_from_its_weights(converted, chats, single, tmp_path):  # noqa: F811
+    """hf_to_megatron.py --adapter writes the base and a peft adapter in one checkpoint, its own base: a LoRA run
+    from it (LOAD=) starts from base + adapter, so its first loss is that of a run with fresh adapters (B = 0) on
+    the merged export of the same checkpoint, converted back."""
+    import torch
+    from peft import get_peft_model
+
+    from megatron_qwen35.config import qwen35_preset
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from tests.test_lora import peft_config
+    from tests.test_lora_export import _hf_model
+
+    hf = converted.parent / "hf"
+    torch.manual_seed(5)
+    get_peft_model(_hf_model(hf), peft_config(qwen35_preset(PRESET), rank=4, alpha=8)).save_pretrained(
+        tmp_path / "adapter")
+    imported = qwen35_hf_to_megatron(hf, tmp_path / "imported", adapter=tmp_path / "adapter", progress=False)
+    merged = qwen35_hf_to_megatron(qwen35_megatron_to_hf(imported, tmp_path / "merged_hf", progress=False),
+                                   tmp_path / "merged", progress=False)
+    one = {**LORA, "TRAIN_ITERS": "1", "WARMUP": "0"}
+    on_adapter = recipe(tmp_path, *FLAGS, nproc=1, LOAD=str(imported), SFT_DATA_PATH=str(chats),
+                        run_name="on_adapter", **one)
+    on_merged = recipe(tmp_path, *FLAGS, nproc=1, LOAD=str(merged), SFT_DATA_PATH=str(chats),
+                       run_name="on_merged", **one)
+    a, b = on_adapter.losses[1], on_merged.losses[1]
+    assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+    assert abs(a - single[1].losses[1]) > 1e-3  # the base alone (fresh adapters on it) gives another loss
