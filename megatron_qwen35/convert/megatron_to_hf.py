@@ -103,8 +103,8 @@ def _lora_settings(metadata: dict, source: Path):
 
 
 def _lora_readers(megatron_dir: Path, metadata: dict, lora, base_dir: Path | str | None):
-    """(the reader of the base's tensors, the reader of the adapters', the table names each holds) of a checkpoint:
-    one reader for a checkpoint that holds its base, the named base's and the adapters' for one of adapters only."""
+    """(the reader of the base's tensors, the reader of the adapters') of a checkpoint: the same reader for one that
+    holds its base (or no adapters), the named base's and the checkpoint's own for a LoRA run's (adapters only)."""
     from megatron_qwen35.lora.base import check_base, recorded_base
 
     fingerprint = recorded_base(metadata) if lora is not None else None
