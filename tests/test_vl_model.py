@@ -123,3 +123,61 @@ def test_generation_with_images_equals_transformers(preset):
     got = generate(Qwen35CausalLM(ours, cfg), ids, 8, attention_mask=mask, pixel_values=pixels,
                    image_grid_thw=grids)
     assert torch.equal(got, want)
+
+
+def _mtp_and_decoder_inputs(model, ids, positions, vision, **kwargs):
+    """(the MTP layer's embedding input, the decoder's input) of one training forward, both [s, b, h]."""
+    seen = {}
+    layer = model.mtp.layers[0]
+    concat = layer._concat_embeddings
+
+    def concat_seen(hidden_states, decoder_input):
+        seen["mtp"] = decoder_input.detach().clone()
+        return concat(hidden_states, decoder_input)
+
+    layer._concat_embeddings = concat_seen
+    def decoder_seen(module, args, kwargs):
+        seen["decoder"] = kwargs["hidden_states"].detach().clone()
+
+    hook = model.decoder.register_forward_pre_hook(decoder_seen, with_kwargs=True)
+    try:
+        model(ids, positions, None, labels=ids, **vision, **kwargs).sum().backward()
+    finally:
+        hook.remove()
+        del layer._concat_embeddings
+    return seen["mtp"], seen["decoder"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_mtp_reads_the_placed_vision_features(packed):
+    """At every position the MTP layer embeds the next token as the decoder input has it (vision features at the
+    image and video pads, which the batch's next-token positions include), and the token id 0 megatron rolls in at
+    each sequence's (or packed document's) end; its loss trains the tower."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cfg = qwen35_preset("tiny-vl")
+    torch.manual_seed(0)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").train()
+    batch = vl_batch(cfg)
+    ids = batch["input_ids"]
+    positions = mrope_position_ids(ids, cfg.vision, batch["image_grid_thw"], batch["video_grid_thw"])
+    vision = {k: v for k, v in batch.items() if k != "input_ids"}
+    kwargs, ends = {}, [ids.shape[1] - 1]
+    if packed:  # the two rows as two documents of one packed sequence
+        ids, positions = ids.reshape(1, -1), positions.reshape(3, 1, -1)
+        cu = torch.tensor([0, batch["input_ids"].shape[1], ids.shape[1]], dtype=torch.int32)
+        kwargs["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                      cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                                                      max_seqlen_q=int(cu[1]), max_seqlen_kv=int(cu[1]))
+        ends = (cu[1:] - 1).tolist()
+    mtp, decoder = _mtp_and_decoder_inputs(model, ids, positions, vision, **kwargs)
+    next_token = torch.roll(decoder, -1, dims=0)
+    at_end = torch.zeros(ids.shape[1], dtype=torch.bool)
+    at_end[ends] = True
+    assert torch.equal(mtp[~at_end], next_token[~at_end])
+    id0 = model.embedding(input_ids=torch.zeros_like(ids), position_ids=None).detach()
+    assert torch.equal(mtp[at_end], id0[at_end])
+    is_vision = (ids == cfg.vision.image_token_id) | (ids == cfg.vision.video_token_id)
+    assert torch.roll(is_vision, -1, dims=1).sum() > 20  # the check above covers vision positions
+    token = model.embedding(input_ids=torch.roll(ids, -1, dims=1), position_ids=None).detach()
+    assert (mtp - token).abs().amax(-1)[torch.roll(is_vision, -1, dims=1).t()].min() > 1e-3  # not the pads' embedding

@@ -194,6 +194,15 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("finetune_hides_loss_modules", ("megatron.training.checkpointing:load_checkpoint",),
                "under --finetune it enters the model's hide_loss_modules while building the state dict it loads: a "
                "checkpoint without MTP weights loads (model.Qwen35GPTModel)", "4f03d48a7938"),
+    Dependency("mtp_embedding_of_the_vl_model",
+               ("megatron.core.transformer.multi_token_prediction:roll_tensor",
+                "megatron.core.transformer.multi_token_prediction:MultiTokenPredictionLayer._get_embeddings",
+                "megatron.core.transformer.multi_token_prediction:MultiTokenPredictionBlock.forward",
+                "megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
+                "megatron.core.transformer.multi_token_prediction:get_mtp_ranks"),
+               "vl_mtp_inputs.py: GPTModel hands the MTP block `embedding=`, each MTP layer rolls the ids once and "
+               "then calls it; the VL model swaps that callable and rolls its vision slots with the same roll; the "
+               "MTP layer sits on the last stage unless a layout says otherwise", "62dde65ca604"),
     Dependency("rerun_state_machine_checks",
                ("megatron.core.rerun_state_machine:RerunStateMachine.validate_result",
                 "megatron.core.rerun_state_machine:RerunStateMachine.is_unexpectedly_large"),
