@@ -17,7 +17,7 @@ from megatron_qwen35.lora import (
     lora_parameters,
     to_peft,
 )
-from megatron_qwen35.lora.targets import EXPERTS, TARGET_MODULES
+from megatron_qwen35.lora.targets import EXPERTS, TARGET_MODULES, VISION_PEFT_TARGETS
 from megatron_qwen35.provider import qwen35_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -26,29 +26,30 @@ TOL = 1e-4  # fp32, as the base model's parity (tests/test_model_parity.py)
 RANK, ALPHA = 4, 8.0
 
 
-def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA):
+def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=False):
     """peft's LoraConfig for our target names: transformers' module names, routed experts as target_parameters."""
     from peft import LoraConfig
 
-    modules = [t for t in targets if t != EXPERTS]
+    modules = [t for t in targets if t != EXPERTS] + (list(VISION_PEFT_TARGETS) if vision else [])
     parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if EXPERTS in targets and cfg.is_moe else None
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=parameters,
                       init_lora_weights=False)  # random A and B: an all-zero B would hide a wrong layout
 
 
-def lora_pair(preset, targets=TARGET_MODULES, seed=0):
-    """(cfg, peft model on transformers, our model with the same base and adapter weights)."""
+def lora_pair(preset, targets=TARGET_MODULES, seed=0, vision=False):
+    """(cfg, peft model on transformers, our model with the same base and adapter weights); `vision`: the tower's
+    linears adapted too."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     cfg = qwen35_preset(preset).replace(mtp_num_layers=0)
     hf = reference_model(cfg, seed)
     base = {k: v.clone() for k, v in hf.state_dict().items()}
     torch.manual_seed(seed + 1)
-    peft_model = get_peft_model(hf, peft_config(cfg, targets)).eval()
+    peft_model = get_peft_model(hf, peft_config(cfg, targets, vision=vision)).eval()
     ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
     names = dict(hf_prefix=MULTIMODAL_PREFIX, expert_layout="packed") if cfg.vision is not None else {}
     load_hf_state_dict(ours, cfg, base, include_mtp=False, **names)
-    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets)))
+    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets), vision=vision))
     prefix = {"hf_prefix": "model.language_model."} if cfg.vision is not None else {}
     load_adapter_tensors(ours, from_peft(get_peft_model_state_dict(peft_model), cfg, adapter_whole_shapes(ours),
                                          **prefix))
@@ -91,13 +92,17 @@ def test_logits_loss_and_adapter_gradients_equal_peft(preset):
     assert all(p.grad is None for n, p in ours.named_parameters() if n not in lora_parameters(ours))
 
 
-def test_vl_model_with_images_equals_peft():
-    """The VL model (tower frozen, the language model adapted, experts too) on a batch with images and a video:
-    logits, loss and every adapter gradient equal peft's on transformers' Qwen3_5MoeForConditionalGeneration."""
+@pytest.mark.parametrize("vision", [False, True], ids=["tower_frozen", "tower_adapted"])
+def test_vl_model_with_images_equals_peft(vision):
+    """The VL model (the language model adapted, experts too; the tower frozen, or adapted with --lora-vision: every
+    block's qkv, proj, fc1, fc2 and the merger's fc1, fc2) on a batch with images and a video: logits, loss and every
+    adapter gradient equal peft's on transformers' Qwen3_5MoeForConditionalGeneration."""
     from megatron_qwen35.layers.rotary import mrope_position_ids, token_types
     from tests.test_vl_model import vl_batch
 
-    cfg, peft_model, ours = lora_pair("tiny-vl-moe")
+    cfg, peft_model, ours = lora_pair("tiny-vl-moe", vision=vision)
+    tower_adapters = [n for n in lora_parameters(ours) if n.startswith("vision_model.")]
+    assert len(tower_adapters) == (2 * (4 * cfg.vision.depth + 2) if vision else 0)  # A and B of each linear
     batch = vl_batch(cfg)
     ids = batch["input_ids"]
     positions = mrope_position_ids(ids, cfg.vision, batch["image_grid_thw"], batch["video_grid_thw"])
@@ -153,3 +158,37 @@ def test_an_adapter_of_another_rank_is_named():
             for n, p in lora_parameters(ours).items()}
     with pytest.raises(ValueError, match="another LoRA rank"):
         from_peft(state, cfg, like)
+
+
+@pytest.mark.parametrize("norm", ["RMSNorm", "LayerNorm"])
+def test_the_adapter_reads_the_fused_norm_s_output_as_the_local_norm_gives_it(norm):
+    """Transformer Engine fuses the norm before a layer's first linear into it (LayerNormLinear: RMSNorm in the
+    language model, zero-centred; LayerNorm with a bias in the vision tower), so the adapter normalises its input
+    itself (adapter_input): equal to the local backend's separate norm module, to fp32 rounding. A stand-in with TE's
+    attribute names (no GPU here: TE does not run)."""
+    from types import SimpleNamespace
+
+    from megatron_qwen35.layers.norms import Qwen35RMSNorm
+    from megatron_qwen35.layers.vision.norms import Qwen35VisionLayerNorm
+    from megatron_qwen35.lora.adapter import adapter_input
+
+    cfg = qwen35_preset("tiny-vl")
+    config = qwen35_transformer_config(cfg, params_dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 64, generator=g) * 3 + 1
+    if norm == "RMSNorm":
+        local = Qwen35RMSNorm(config, 64, eps=1e-6)
+        fused = SimpleNamespace(layer_norm_weight=torch.randn(64, generator=g), normalization="RMSNorm",
+                                zero_centered_gamma=True, eps=1e-6)
+        local.weight.data.copy_(fused.layer_norm_weight)
+    else:
+        local = Qwen35VisionLayerNorm(config, 64, eps=1e-6)
+        fused = SimpleNamespace(layer_norm_weight=torch.randn(64, generator=g),
+                                layer_norm_bias=torch.randn(64, generator=g), normalization="LayerNorm",
+                                zero_centered_gamma=False, eps=1e-6)
+        local.weight.data.copy_(fused.layer_norm_weight)
+        local.bias.data.copy_(fused.layer_norm_bias)
+    with torch.no_grad():
+        want = local(x)
+    assert (adapter_input(fused, x) - want).abs().max().item() <= 1e-5
+    assert (x - want).abs().max().item() > 0.1  # the norm did something

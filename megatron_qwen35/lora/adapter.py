@@ -113,15 +113,21 @@ class LoRAAdapter(torch.nn.Module):
 
 def adapter_input(linear, x: torch.Tensor) -> torch.Tensor:
     """What the adapted linear multiplies: its input, normalised first where the linear fuses the layer norm before
-    it (Transformer Engine's LayerNormLinear: `layer_norm_weight`, read against TE 2.x's LayerNormLinear: RMSNorm,
-    gamma + 1 with zero_centered_gamma, `eps`), as the local backend's separate norm module does."""
+    it (Transformer Engine's LayerNormLinear: `layer_norm_weight`, read against TE 2.x's LayerNormLinear: RMSNorm in
+    the language model, LayerNorm with `layer_norm_bias` in the vision tower, gamma + 1 with zero_centered_gamma,
+    `eps`), as the local backend's separate norm module does."""
     weight = getattr(linear, "layer_norm_weight", None)
     if weight is None:
         return x
-    if getattr(linear, "normalization", "RMSNorm") != "RMSNorm":
-        raise ValueError(f"LoRA on a {type(linear).__name__} with {linear.normalization}: Qwen3.5 uses RMSNorm")
+    normalization = getattr(linear, "normalization", "RMSNorm")
     gamma = weight + 1 if getattr(linear, "zero_centered_gamma", False) else weight
     x32 = x.float()
+    if normalization == "LayerNorm":
+        bias = getattr(linear, "layer_norm_bias", None)
+        return torch.nn.functional.layer_norm(x32, (x.shape[-1],), gamma.float(),
+                                              None if bias is None else bias.float(), linear.eps).to(x.dtype)
+    if normalization != "RMSNorm":
+        raise ValueError(f"LoRA on a {type(linear).__name__} with {normalization}: Qwen3.5 uses RMSNorm and LayerNorm")
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + linear.eps) * gamma.float()).to(x.dtype)
 
 

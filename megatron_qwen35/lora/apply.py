@@ -1,7 +1,8 @@
 """Put LoRA adapters on a built Megatron Qwen3.5 model chunk and freeze everything else.
 
 `apply_lora(model, cfg, settings)` walks the decoder layers this chunk holds (and the MTP layer's, with
-`settings.mtp`), adapts each linear of lora/targets.py that the target names select, and leaves every other
+`settings.mtp`; the vision tower's blocks and merger, with `settings.vision`, where this chunk holds the tower),
+adapts each linear of lora/targets.py that the target names select, and leaves every other
 parameter without a gradient: megatron's DDP then gives them no gradient buffer and its optimizer (distributed or
 not) no state. It runs in model_provider, on every machine, before megatron wraps the model.
 """
@@ -18,6 +19,10 @@ from megatron_qwen35.lora.targets import (
     ADAPTED_LINEARS,
     COLUMN,
     TARGET_MODULES,
+    VISION_BLOCK_LINEARS,
+    VISION_BLOCK_PREFIX,
+    VISION_MERGER_LINEARS,
+    VISION_PREFIX,
     AdaptedLinear,
     check_target_modules,
     fused_row_parts,
@@ -29,13 +34,14 @@ from megatron_qwen35.lora.targets import (
 
 @dataclasses.dataclass(frozen=True)
 class LoRASettings:
-    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-mtp."""
+    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-mtp, --lora-vision."""
 
     rank: int
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = TARGET_MODULES
     mtp: bool = False  # the MTP layer's linears too
+    vision: bool = False  # the vision tower's linears too
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -47,28 +53,41 @@ class LoRASettings:
 
     def to_record(self) -> dict:
         """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function."""
-        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp}
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp,
+                "vision": self.vision}
 
     @classmethod
     def from_record(cls, record: dict) -> LoRASettings:
         return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
-                   target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]))
+                   target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
+                   vision=bool(record.get("vision", False)))  # (records written before the tower could adapt)
+
+    def shape(self) -> tuple:
+        """What an adapter checkpoint must agree on with a run that loads it."""
+        return self.rank, self.alpha, frozenset(self.target_modules), self.mtp, self.vision
 
     def describe(self) -> str:
         targets = "all" if set(self.target_modules) == set(TARGET_MODULES) else " ".join(self.target_modules)
-        return f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{', MTP layer' if self.mtp else ''}"
+        return (f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{', MTP layer' if self.mtp else ''}"
+                f"{', vision tower' if self.vision else ''}")
 
 
-def _layers(model, with_mtp: bool):
-    """(prefix, global prefix, layer) of every transformer layer this chunk holds: decoder layers (the global prefix
-    numbers them across pipeline stages), then the MTP layers' own."""
+def _layers(model, settings: LoRASettings):
+    """(prefix, global prefix, module, its table of linears) of every layer this chunk holds: decoder layers (the
+    global prefix numbers them across pipeline stages), then the MTP layers' own, then the vision tower's blocks and
+    the tower itself (its merger)."""
     decoder = getattr(model, "decoder", None)
     for i, layer in enumerate(decoder.layers if decoder is not None else []):
-        yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer
+        yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer, ADAPTED_LINEARS
     mtp = getattr(model, "mtp", None)
-    if with_mtp and mtp is not None:
+    if settings.mtp and mtp is not None:
         for i, layer in enumerate(mtp.layers):
-            yield (f"mtp.layers.{i}.mtp_model_layer.",) * 2 + (layer.mtp_model_layer,)
+            yield (f"mtp.layers.{i}.mtp_model_layer.",) * 2 + (layer.mtp_model_layer, ADAPTED_LINEARS)
+    tower = getattr(model, "vision_model", None)
+    if settings.vision and tower is not None:
+        for i, block in enumerate(tower.decoder.layers):
+            yield (VISION_BLOCK_PREFIX.format(i=i),) * 2 + (block, VISION_BLOCK_LINEARS)
+        yield VISION_PREFIX, VISION_PREFIX, tower, VISION_MERGER_LINEARS
 
 
 def _submodule(layer, path: str):
@@ -132,9 +151,9 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = []
-    for prefix, global_prefix, layer in _layers(model, settings.mtp):
-        for linear in ADAPTED_LINEARS:
-            parts = parts_adapted(linear, targets)
+    for prefix, global_prefix, layer, table in _layers(model, settings):
+        for linear in table:
+            parts = parts_adapted(linear, targets) if table is ADAPTED_LINEARS else linear.parts
             if not parts:
                 continue
             for path, global_path, module in _linears(layer, linear):

@@ -8,7 +8,8 @@ the fused rows are split into transformers' modules by the conversion's own tran
 routed expert's adapters are peft's `target_parameters` on the packed expert tensors: for `mlp.experts.gate_up_proj`
 then `mlp.experts.down_proj` (peft nests the second wrapper outside the first, so the first's keys carry
 `base_layer.`), lora_A [E x rank, in] holds expert e's A in rows e x rank ..., lora_B [out, rank x E] its B in the
-columns r x E + e (peft's ParamWrapper.get_delta_weight).
+columns r x E + e (peft's ParamWrapper.get_delta_weight). The vision tower's adapters (`--lora-vision`) sit on
+transformers' `model.visual.*` modules, whatever the language model's prefix.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Mapping
 import torch
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, qwen35_rules, rules_by_megatron_name
-from megatron_qwen35.lora.targets import COLUMN, adapted_linear_of
+from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, qwen35_rules, rules_by_megatron_name, vision_rules
+from megatron_qwen35.lora.targets import COLUMN, VISION_PEFT_TARGETS, adapted_linear_of, is_vision_linear
 
 PEFT_PREFIX = "base_model.model."  # what peft's saved adapter keys start with
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # peft's target_parameters order (inner wrapper first)
@@ -30,14 +31,20 @@ def _expert_key(layer_hf: str, parameter: str, which: str) -> str:
     return f"{PEFT_PREFIX}{layer_hf}mlp.experts.{nest}lora_{which}.weight"
 
 
-def _linears(cfg: Qwen35Config, names: set[str]):
-    """(megatron linear, table row, transformers module of each part) of every adapted linear in `names`."""
-    rules = rules_by_megatron_name(qwen35_rules(cfg, hf_prefix=TEXT_ONLY_PREFIX, expert_layout="per_expert"))
+def _linears(cfg: Qwen35Config, names: set[str], hf_prefix: str):
+    """(megatron linear, table row, transformers module of each part) of every adapted linear in `names`, the
+    language model's modules under `hf_prefix`."""
+    rules = qwen35_rules(cfg, hf_prefix=TEXT_ONLY_PREFIX, expert_layout="per_expert")
     linears = sorted({n.split(".lora.")[0] for n in names if ".lora." in n})
+    if any(is_vision_linear(n) for n in linears):
+        rules = rules + vision_rules(cfg)
+    rules = rules_by_megatron_name(rules)
     for linear in linears:
         row = adapted_linear_of(linear)
-        rule = rules[f"{linear}.weight"]
-        yield linear, row, [h[: -len(".weight")] for h in rule.hf]
+        modules = [h[: -len(".weight")] for h in rules[f"{linear}.weight"].hf]
+        if not is_vision_linear(linear):
+            modules = [hf_prefix + m[len(TEXT_ONLY_PREFIX):] for m in modules]
+        yield linear, row, modules
 
 
 def _layer_and_expert(linear: str) -> tuple[str, int]:
@@ -54,7 +61,7 @@ def to_peft(adapters: Mapping[str, torch.Tensor], cfg: Qwen35Config, *, hf_prefi
                          "(export merged instead, or train without --lora-mtp)")
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for linear, row, hf_parts in _linears(cfg, set(adapters)):
+    for linear, row, hf_parts in _linears(cfg, set(adapters), hf_prefix):
         a = {p: adapters[f"{linear}.lora.A_{p}"] for p in row.parts if f"{linear}.lora.A_{p}" in adapters}
         sections = [adapters[k] for k in sorted((k for k in adapters if k.startswith(f"{linear}.lora.B_")),
                                                 key=lambda k: int(k.rsplit("_", 1)[1]))]
@@ -67,7 +74,6 @@ def to_peft(adapters: Mapping[str, torch.Tensor], cfg: Qwen35Config, *, hf_prefi
         part_b = row.transform.to_hf([b], cfg) if row.parallel == COLUMN else [b]
         for part, hf_module, b_part in zip(row.parts, hf_parts, part_b, strict=True):
             if part in a:
-                hf_module = hf_prefix + hf_module[len(TEXT_ONLY_PREFIX):]
                 out[f"{PEFT_PREFIX}{hf_module}.lora_A.weight"] = a[part].contiguous()
                 out[f"{PEFT_PREFIX}{hf_module}.lora_B.weight"] = b_part.contiguous()
     for (layer, param), per_expert in experts.items():
@@ -92,7 +98,7 @@ def from_peft(peft: Mapping[str, torch.Tensor], cfg: Qwen35Config, like: Mapping
         used.add(key)
         return _get(peft, key)
 
-    for linear, row, hf_parts in _linears(cfg, set(like)):
+    for linear, row, hf_parts in _linears(cfg, set(like), hf_prefix):
         if row.expert:
             layer, e = _layer_and_expert(linear)
             param = row.parts[0] if row.parallel == COLUMN else "down_proj"
@@ -106,7 +112,6 @@ def from_peft(peft: Mapping[str, torch.Tensor], cfg: Qwen35Config, like: Mapping
             continue
         a_parts, b_parts = {}, []
         for part, hf_module in zip(row.parts, hf_parts, strict=True):
-            hf_module = hf_prefix + hf_module[len(TEXT_ONLY_PREFIX):]
             if f"{linear}.lora.A_{part}" in like:
                 a_parts[part] = get(f"{PEFT_PREFIX}{hf_module}.lora_A.weight")
                 b_parts.append(get(f"{PEFT_PREFIX}{hf_module}.lora_B.weight"))
@@ -149,6 +154,8 @@ def peft_config(settings, cfg: Qwen35Config) -> dict:
     from megatron_qwen35.lora.targets import EXPERTS
 
     modules = sorted(t for t in settings.target_modules if t != EXPERTS)
+    if settings.vision:
+        modules += list(VISION_PEFT_TARGETS)
     parameters = ([f"mlp.experts.{p}" for p in EXPERT_PARAMETERS]
                   if EXPERTS in settings.target_modules and cfg.is_moe else None)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -178,6 +185,11 @@ def settings_from_peft_config(config: dict, source: str):
     modules = config.get("target_modules") or []
     if isinstance(modules, str):
         refuse(f"target_modules {modules!r}: give the module names as a list")
+    vision = [m for m in modules if m in VISION_PEFT_TARGETS]
+    if vision and sorted(vision) != sorted(VISION_PEFT_TARGETS):
+        refuse(f"target_modules {sorted(vision)} of the vision tower: the tower is adapted whole "
+               f"({' '.join(VISION_PEFT_TARGETS)}) or not at all")
+    modules = [m for m in modules if m not in VISION_PEFT_TARGETS]
     parameters = set(config.get("target_parameters") or [])
     experts = {f"mlp.experts.{p}" for p in EXPERT_PARAMETERS}
     if parameters and parameters != experts:
@@ -185,7 +197,8 @@ def settings_from_peft_config(config: dict, source: str):
     try:
         return LoRASettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                             dropout=float(config.get("lora_dropout") or 0.0),
-                            target_modules=tuple(modules) + ((EXPERTS,) if parameters else ()))
+                            target_modules=tuple(modules) + ((EXPERTS,) if parameters else ()),
+                            vision=bool(vision))
     except (KeyError, ValueError) as e:
         refuse(str(e))
 

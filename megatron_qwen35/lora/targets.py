@@ -11,6 +11,10 @@ checkpoints split them; None: one contiguous block).
 
 A routed expert's `gate_up_proj` (one tensor in transformers, `[gate | up]`) has one adapter per expert, as peft's
 `target_parameters` gives the packed expert tensors.
+
+The vision tower (opt-in, `--lora-vision`) is adapted whole: every block's attention qkv and proj and MLP fc1 and fc2,
+and the merger's fc1 and fc2 (transformers' `attn.qkv` ... `merger.linear_fc2`, which name nothing in the language
+model; its patch embedding, a Conv3d, stays frozen). Megatron keeps qkv's rows per head (the conversion's VISION_QKV).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.convert.transforms import GATE_UP, GATED_QKV, GDN_IN_PROJ, IDENTITY, Transform
+from megatron_qwen35.convert.transforms import GATE_UP, GATED_QKV, GDN_IN_PROJ, IDENTITY, VISION_QKV, Transform
 
 COLUMN, ROW = "column", "row"
 
@@ -66,6 +70,24 @@ ADAPTED_LINEARS = (
     AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc2", ROW, ("down_proj",), expert=True),
 )
 
+# The vision tower's: in each block (VISION_BLOCK_PREFIX), then the merger (in the tower, VISION_PREFIX).
+VISION_BLOCK_LINEARS = (
+    AdaptedLinear("self_attention.linear_qkv", COLUMN, ("qkv",), VISION_QKV),
+    AdaptedLinear("self_attention.linear_proj", ROW, ("proj",)),
+    AdaptedLinear("mlp.linear_fc1", COLUMN, ("linear_fc1",)),
+    AdaptedLinear("mlp.linear_fc2", ROW, ("linear_fc2",)),
+)
+VISION_MERGER_LINEARS = (
+    AdaptedLinear("merger.linear_fc1", COLUMN, ("linear_fc1",)),
+    AdaptedLinear("merger.linear_fc2", ROW, ("linear_fc2",)),
+)
+VISION_PREFIX = "vision_model."
+VISION_BLOCK_PREFIX = VISION_PREFIX + "decoder.layers.{i}."
+# peft's target_modules for the tower: transformers' module paths' ends, none of which names a language-model module
+# (nor the patch embedding's `proj`)
+VISION_PEFT_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2", "merger.linear_fc1",
+                       "merger.linear_fc2")
+
 EXPERTS = "experts"  # the user's name for every routed expert's gate_up_proj and down_proj
 # Every name --lora-target-modules accepts, in the order of the table (the default is all of them).
 TARGET_MODULES = tuple(dict.fromkeys(
@@ -103,14 +125,23 @@ def part_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int) -> list[int]
 
 
 _LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.)"
+_TABLES = ((_LAYER, ADAPTED_LINEARS),
+           (re.escape(VISION_BLOCK_PREFIX).replace(re.escape("{i}"), r"\d+"), VISION_BLOCK_LINEARS),
+           (re.escape(VISION_PREFIX), VISION_MERGER_LINEARS))
 
 
 def adapted_linear_of(name: str) -> AdaptedLinear:
-    """The table row of a Megatron linear's path in the model (`decoder.layers.3.self_attention.in_proj`)."""
-    for row in ADAPTED_LINEARS:
-        if re.fullmatch(_LAYER + re.escape(row.megatron).replace(re.escape("{E}"), r"\d+"), name):
-            return row
+    """The table row of a Megatron linear's path in the model (`decoder.layers.3.self_attention.in_proj`,
+    `vision_model.decoder.layers.0.self_attention.linear_qkv`)."""
+    for layer, table in _TABLES:
+        for row in table:
+            if re.fullmatch(layer + re.escape(row.megatron).replace(re.escape("{E}"), r"\d+"), name):
+                return row
     raise KeyError(f"'{name}' is not a linear LoRA adapts")
+
+
+def is_vision_linear(name: str) -> bool:
+    return name.startswith(VISION_PREFIX)
 
 
 def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: int, tp_rank: int) -> torch.Tensor:
@@ -127,5 +158,7 @@ def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: in
     return torch.cat(rows)
 
 
-__all__ = ["COLUMN", "ROW", "AdaptedLinear", "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "parts_adapted",
-           "check_target_modules", "fused_row_parts", "part_rows", "adapted_linear_of", "local_rows"]
+__all__ = ["COLUMN", "ROW", "AdaptedLinear", "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "VISION_BLOCK_LINEARS",
+           "VISION_MERGER_LINEARS", "VISION_PREFIX", "VISION_BLOCK_PREFIX", "VISION_PEFT_TARGETS", "parts_adapted",
+           "check_target_modules", "fused_row_parts", "part_rows", "adapted_linear_of", "is_vision_linear",
+           "local_rows"]

@@ -130,8 +130,7 @@ def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool)
         raise LaunchRefused(f"{named} holds LoRA adapters ({saved.describe()}): train on with the same "
                             "--lora-* settings (LORA_RANK=...), or export it merged (tools/convert/megatron_to_hf.py) "
                             "and convert that back for full training")
-    if (saved.rank, saved.alpha, set(saved.target_modules), saved.mtp) != (
-            run.rank, run.alpha, set(run.target_modules), run.mtp):
+    if saved.shape() != run.shape():
         raise LaunchRefused(f"{named} holds LoRA adapters of another shape ({saved.describe()}) than this "
                             f"run's ({run.describe()}): give the checkpoint's --lora-* settings, or export it merged "
                             "and start new adapters on that")

@@ -133,6 +133,9 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
                            **{**LORA, "LORA_RANK": "8"})
     assert code == 2 and "holds LoRA adapters of another shape (rank 4, alpha 8, targets all) than this run's " \
         "(rank 8" in err, err
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats),
+                           LORA_VISION="1", **LORA)
+    assert code == 2 and f"--lora-vision (LORA_VISION=1): model '{PRESET}' has no vision tower" in err, err
     code, err = _preflight(monkeypatch, capsys, SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD: SAVE's
     assert code == 2 and "holds LoRA adapters without their frozen base" in err, err
     other = qwen35_hf_to_megatron(make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert",

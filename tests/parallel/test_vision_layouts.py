@@ -1,4 +1,5 @@
-"""The vision tower at TP2 and inside a CP2 model equals the single process: output and every parameter gradient.
+"""The vision tower at TP2 and inside a CP2 model equals the single process: output and every parameter gradient;
+with LoRA adapters on every linear (`--lora-vision`), at TP2, output and every adapter gradient.
 
 Each rank loads the weights the single process saved (transformers' random tower, converted), runs the image and
 the two-frame video of tests/test_vision.py forward and a fixed linear loss backward, and saves its gradients as a
@@ -19,7 +20,22 @@ from tests.test_vision import GRID, _pixels, _tower, reference_tower
 
 PRESET = "tiny-vl"
 REL_TOL = 1e-5  # fp32, relative to the largest entry: TP splits and reorders the sums (seen ~1e-7)
-LAYOUTS = {"tp2": dict(tensor_parallel=2), "cp2": dict(context_parallel=2)}
+LAYOUTS = {"tp2": dict(tensor_parallel=2), "cp2": dict(context_parallel=2), "tp2_lora": dict(tensor_parallel=2)}
+LORA = dict(rank=4, alpha=8.0, vision=True)
+
+
+def _adapted(tower, cfg):
+    """LoRA on every linear of `tower`, through apply_lora as the VL model gets it (the tower as `vision_model`): the
+    base frozen, each adapter's B random (all zero, A's gradient would be too), the same in every layout."""
+    from megatron_qwen35.lora import LoRASettings, adapter_whole_shapes, apply_lora, load_adapter_tensors
+
+    holder = torch.nn.Module()
+    holder.vision_model = tower
+    apply_lora(holder, cfg, LoRASettings(**LORA))
+    g = torch.Generator().manual_seed(7)
+    shapes = adapter_whole_shapes(holder)
+    load_adapter_tensors(holder, {n: torch.randn(s, generator=g) * 0.1 for n, s in sorted(shapes.items())})
+    return tower
 
 
 def _loss(tower, cfg):
@@ -29,40 +45,50 @@ def _loss(tower, cfg):
     return out, (out * weights).sum()
 
 
-def _rank(rank, world, layout, weights_dir, grads_dir):
+def _rank(rank, world, layout, weights_dir, grads_dir, lora):
     from megatron_qwen35.runtime import initialize_parallel
 
     initialize_parallel(**layout)
     cfg = qwen35_preset(PRESET)
     tower = _tower(cfg, tensor_parallel=layout.get("tensor_parallel", 1))
+    if lora:
+        _adapted(tower, cfg)
     load_checkpoint(tower, weights_dir)
     out, loss = _loss(tower, cfg)
     loss.backward()
     with torch.no_grad():
         for p in tower.parameters():
-            p.copy_(p.grad)
+            if p.requires_grad:
+                p.copy_(p.grad)
     save_checkpoint(tower, cfg, grads_dir)
     return out.detach()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tower_output_and_gradients_equal_single_process(layout, tmp_path, megatron_single_process):
-    """Every rank's merged tokens and every full parameter gradient equal the single process's (relative 1e-5)."""
+    """Every rank's merged tokens and every full parameter gradient (with LoRA: every adapter's, the base frozen)
+    equal the single process's (relative 1e-5)."""
+    lora = layout.endswith("_lora")
     cfg = qwen35_preset(PRESET)
     single = _tower(cfg)
     load_hf_vision_state_dict(single, cfg, reference_tower(cfg).state_dict())
+    if lora:
+        _adapted(single, cfg)
     save_checkpoint(single, cfg, tmp_path / "weights")
     want_out, loss = _loss(single, cfg)
     loss.backward()
-    want = {n: t.grad.clone() for n, t in megatron_named_tensors(single).items()}
+    want = {n: t.grad.clone() for n, t in megatron_named_tensors(single).items() if t.grad is not None}
+    assert all((".lora." in n) == lora for n in want) and len(want) > (0 if not lora else 4 * cfg.vision.depth)
 
-    outs = run_distributed(_rank, 2, LAYOUTS[layout], str(tmp_path / "weights"), str(tmp_path / "grads"))
+    outs = run_distributed(_rank, 2, LAYOUTS[layout], str(tmp_path / "weights"), str(tmp_path / "grads"), lora)
     for rank, out in enumerate(outs):
         err = (out - want_out).abs().max().item()
         assert err <= REL_TOL * want_out.abs().max().item(), f"rank {rank}: max abs {err}"
     gathered = _tower(cfg)
+    if lora:
+        _adapted(gathered, cfg)
     load_checkpoint(gathered, tmp_path / "grads")
-    got = megatron_named_tensors(gathered)
+    got = {n: t for n, t in megatron_named_tensors(gathered).items() if n in want or t.requires_grad}
     assert set(got) == set(want)
     for name, w in want.items():
         err = (got[name] - w).abs().max().item()

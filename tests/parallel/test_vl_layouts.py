@@ -8,7 +8,9 @@ on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 pl
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 
 Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
-process's losses at TP2 + SP and CP2 (each packed conversation split over the CP ranks).
+process's losses at TP2 + SP and CP2 (each packed conversation split over the CP ranks). LoRA with the tower adapted
+too (LORA_VISION=1) trains on them, and its checkpoint exports merged and as a peft adapter that transformers + peft
+run with images to load_model's logits.
 """
 
 import subprocess
@@ -150,3 +152,68 @@ def test_image_chat_recipe_at_layout_logs_the_single_process_losses(layout, conv
     run = recipe(tmp_path, *CHAT_FLAGS, nproc=ranks, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats),
                  GLOBAL_BATCH="2", run_name=layout, **{**CHAT_SETTINGS, **settings})
     _same_steps(single_chat, run, layout)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_lora_with_the_tower_adapted_trains_on_image_chats_and_exports_for_transformers_and_peft(
+        converted, vl_chats, tmp_path):
+    """LORA_VISION=1: adapters on every linear of the language model and of the vision tower, trained through the
+    recipe on image chats; the checkpoint records them and holds the tower's; exported merged (--base-dir) and as
+    a peft adapter (--adapter-only), transformers on the merged model and peft on the Hugging Face base give
+    load_model's logits on a batch with images and a video (fp32), as does that adapter imported back
+    (hf_to_megatron.py --adapter)."""
+    import json
+    import runpy
+
+    import torch
+    from peft import PeftModel
+
+    from megatron_qwen35.checkpoint import iteration_dir
+    from megatron_qwen35.config import qwen35_preset
+    from megatron_qwen35.convert.torch_dist import TorchDistReader
+    from megatron_qwen35.inference import load_model
+    from megatron_qwen35.layers.rotary import token_types
+    from megatron_qwen35.lora.peft_format import ADAPTER_CONFIG
+    from megatron_qwen35.lora.targets import VISION_PEFT_TARGETS
+    from tests.test_released_layouts import _transformers_release_model
+    from tests.test_vl_model import vl_batch
+
+    run = recipe(tmp_path, *CHAT_FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats), GLOBAL_BATCH="2",
+                 run_name="lora_vision", LORA_RANK="4", LORA_ALPHA="8", LORA_VISION="1", TRAIN_ITERS="2",
+                 **CHAT_SETTINGS)
+    assert sorted(run.losses) == [1, 2]
+    saved = tmp_path / "ckpt-lora_vision"
+    assert json.loads((saved / "qwen35_config.json").read_text())["metadata"]["lora"]["vision"] is True
+    reader = TorchDistReader(iteration_dir(saved, 2))
+    try:
+        tower = {n: reader.read(n) for n in reader.tensors if n.startswith("vision_model.") and ".lora.B_" in n}
+    finally:
+        reader.close()
+    cfg = qwen35_preset(PRESET)
+    # megatron stacks the blocks' tensors ([depth, ...]): qkv, proj, fc1, fc2 of every block, and the merger's two
+    assert len(tower) == 4 + 2 and all(t.shape[0] == cfg.vision.depth for n, t in tower.items() if ".layers." in n)
+    for name, b in tower.items():  # every block's and the merger's adapters trained (B starts at zero)
+        per_block = b.flatten(1) if ".layers." in name else b.flatten().unsqueeze(0)
+        assert (per_block.abs().amax(1) > 0).all(), name
+
+    tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")
+    assert tool["main"](["--megatron-dir", str(saved), "--base-dir", str(converted), "--out-dir",
+                         str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert tool["main"](["--megatron-dir", str(saved), "--adapter-only", "--out-dir", str(tmp_path / "adapter")]) == 0
+    assert set(VISION_PEFT_TARGETS) <= set(json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())[
+        "target_modules"])
+    batch = vl_batch(cfg)
+    with torch.no_grad():
+        want = load_model(saved, base=converted)(**batch)
+        base = load_model(converted)(**batch)
+        merged = _transformers_release_model(tmp_path / "merged", is_moe=True)(
+            **batch, mm_token_type_ids=token_types(batch["input_ids"], cfg.vision)).logits
+        peft = PeftModel.from_pretrained(_transformers_release_model(converted.parent / "hf", is_moe=True),
+                                         tmp_path / "adapter").eval()
+        on_base = peft(**batch, mm_token_type_ids=token_types(batch["input_ids"], cfg.vision)).logits
+        imported = qwen35_hf_to_megatron(converted.parent / "hf", tmp_path / "imported",
+                                         adapter=tmp_path / "adapter", progress=False)  # and back, beside its base
+        back = load_model(imported)(**batch)
+    assert (base - want).abs().max().item() > 1e-3  # the adapters changed the model
+    for got in (merged, on_base, back):
+        assert (got - want).abs().max().item() <= 1e-4
