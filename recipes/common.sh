@@ -54,14 +54,15 @@ MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python 
 [ "${MTP:-}" = 0 ] && MODEL_ARGS+=(--mtp-num-layers 0)
 # LoRA (LORA_RANK=16): adapters on every linear of the language model (LORA_TARGETS: transformers' module names, e.g.
 # "q_proj k_proj v_proj o_proj"; "experts" for every routed expert's), the base frozen; LORA_ALPHA, LORA_DROPOUT,
-# LORA_MTP=1 for the MTP layer's linears, LORA_VISION=1 for the vision tower's. LoRA on the experts runs each
-# expert as its own linear: no grouped GEMM.
+# LORA_MTP=1 for the MTP layer's linears, LORA_ROUTER=1 for the MoE routers, LORA_VISION=1 for the vision tower's.
+# LoRA on the experts runs each expert as its own linear: no grouped GEMM.
 LORA_ARGS=()
 if [ "${LORA_RANK:-0}" != 0 ]; then
   LORA_ARGS=(--lora-rank "$LORA_RANK" --lora-alpha "${LORA_ALPHA:-32}" --lora-dropout "${LORA_DROPOUT:-0}")
   [ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
     && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
   [ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
+  [ "${LORA_ROUTER:-0}" = 1 ] && LORA_ARGS+=(--lora-router)
   [ "${LORA_VISION:-0}" = 1 ] && LORA_ARGS+=(--lora-vision)
   # the adapters' optimizer state is small: saved in megatron's fully reshardable format (gathered on each model-
   # parallel group's first data-parallel rank), a LoRA checkpoint resumes at any TP / PP / EP / DP

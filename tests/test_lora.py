@@ -26,30 +26,33 @@ TOL = 1e-4  # fp32, as the base model's parity (tests/test_model_parity.py)
 RANK, ALPHA = 4, 8.0
 
 
-def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=False):
-    """peft's LoraConfig for our target names: transformers' module names, routed experts as target_parameters."""
+def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=False, router=False):
+    """peft's LoraConfig for our target names: transformers' module names, routed experts (and the router) as
+    target_parameters."""
     from peft import LoraConfig
 
     modules = [t for t in targets if t != EXPERTS] + (list(VISION_PEFT_TARGETS) if vision else [])
-    parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if EXPERTS in targets and cfg.is_moe else None
+    parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if EXPERTS in targets and cfg.is_moe else []
+    parameters = (parameters + (["mlp.gate.weight"] if router else [])) or None
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=parameters,
                       init_lora_weights=False)  # random A and B: an all-zero B would hide a wrong layout
 
 
-def lora_pair(preset, targets=TARGET_MODULES, seed=0, vision=False):
-    """(cfg, peft model on transformers, our model with the same base and adapter weights); `vision`: the tower's
-    linears adapted too."""
+def lora_pair(preset, targets=TARGET_MODULES, seed=0, vision=False, router=False):
+    """(cfg, peft model on transformers, our model with the same base and adapter weights); `vision`, `router`: the
+    tower's linears, the MoE routers adapted too."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     cfg = qwen35_preset(preset).replace(mtp_num_layers=0)
     hf = reference_model(cfg, seed)
     base = {k: v.clone() for k, v in hf.state_dict().items()}
     torch.manual_seed(seed + 1)
-    peft_model = get_peft_model(hf, peft_config(cfg, targets, vision=vision)).eval()
+    peft_model = get_peft_model(hf, peft_config(cfg, targets, vision=vision, router=router)).eval()
     ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
     names = dict(hf_prefix=MULTIMODAL_PREFIX, expert_layout="packed") if cfg.vision is not None else {}
     load_hf_state_dict(ours, cfg, base, include_mtp=False, **names)
-    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets), vision=vision))
+    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets), vision=vision,
+                                       router=router))
     prefix = {"hf_prefix": "model.language_model."} if cfg.vision is not None else {}
     load_adapter_tensors(ours, from_peft(get_peft_model_state_dict(peft_model), cfg, adapter_whole_shapes(ours),
                                          **prefix))
@@ -70,9 +73,14 @@ def _loss(logits, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_logits_loss_and_adapter_gradients_equal_peft(preset):
-    cfg, peft_model, ours = lora_pair(preset)
+@pytest.mark.parametrize(("preset", "router"), [("tiny", False), ("tiny-moe", False), ("tiny-moe", True)],
+                         ids=["tiny", "tiny-moe", "tiny-moe-router"])
+def test_logits_loss_and_adapter_gradients_equal_peft(preset, router):
+    """With --lora-router the routers' adapters too (peft's target_parameters `mlp.gate.weight`): they change which
+    experts a token reaches, so the logits check the update's placement in the routing."""
+    cfg, peft_model, ours = lora_pair(preset, router=router)
+    routers = [n for n in lora_parameters(ours) if ".mlp.router.lora." in n]
+    assert len(routers) == (2 * cfg.num_layers if router else 0)
     ids = _tokens(cfg)
     a, b = _ours(ours, ids), peft_model(input_ids=ids).logits
     assert (a - b).abs().max().item() <= TOL

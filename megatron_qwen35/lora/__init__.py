@@ -1,6 +1,6 @@
 """LoRA on Megatron's linears (every one of the language model's by default: Gated DeltaNet, attention, MLP, shared
-expert, each routed expert; the MTP layer's and the vision tower's on request), trained through the same recipes and
-entry point, exact against Hugging Face peft.
+expert, each routed expert; the MTP layer's, the routers' and the vision tower's on request), trained through the
+same recipes and entry point, exact against Hugging Face peft.
 
 - `targets.py`: which linears, named as transformers names them, and how each maps onto Megatron's fused linears.
 - `adapter.py`: the adapter on one linear, in megatron's tensor / sequence / expert parallel layout.

@@ -14,6 +14,10 @@ Parallel layout (as the wrapped linear's weight is split; collectives from megat
 - row-parallel (input columns split): A is this rank's columns; `h` is all-reduced (under SP reduce-scattered, like
   the linear's output), B is whole. Under SP each rank's B gradient covers its sequence slice: B is marked
   `sequence_parallel`, so megatron's finalize_model_grads sums it over TP as it does the layer norms'.
+- replicated (the MoE router: its weight whole on every TP rank, reading this rank's tokens): no collective; under
+  SP each rank's A and B gradients cover its sequence slice: marked `sequence_parallel` (summed over TP), as megatron
+  marks the router's weight. The router is not called as a linear (TopKRouter.gating computes its logits), so the
+  update joins the logits there (`_gating_with_update`) instead of through a forward hook.
 - a routed expert's linear (the token dispatcher moves the tokens to it; expert TP is 1): no collective,
   and the adapter's parameters are expert parameters (`allreduce = False`: reduced over the expert data-parallel
   group), like the expert's weight. Expert tensor parallelism (ETP > 1) is refused (lora/apply.py).
@@ -29,7 +33,7 @@ import zlib
 import torch
 from megatron.core.tensor_parallel import mappings
 
-from megatron_qwen35.lora.targets import COLUMN, ROW
+from megatron_qwen35.lora.targets import COLUMN, REPLICATED, ROW
 
 
 class LoRAAdapter(torch.nn.Module):
@@ -105,6 +109,8 @@ class LoRAAdapter(torch.nn.Module):
                 h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
             return torch.nn.functional.linear(h, self.weight_B()) * self.scaling
         h = torch.nn.functional.linear(x, self.A[self.part_names[0]])
+        if self.parallel == REPLICATED:
+            return torch.nn.functional.linear(h, self.weight_B()) * self.scaling
         if not self.expert:
             h = (mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
                  if self.sequence_parallel else mappings.reduce_from_tensor_model_parallel_region(h, self.tp_group))
@@ -139,6 +145,13 @@ def _add_update(linear, inputs, output):
     return output + update.to(output.dtype)
 
 
+def _gating_with_update(router, input):
+    """TopKRouter.gating with the adapter's update added to the logits (in the logits' dtype: --moe-router-dtype)."""
+    logits = type(router).gating(router, input)
+    adapter = router._modules.get("lora")  # None: hidden from a load (hidden_adapters)
+    return logits if adapter is None else logits + adapter(input).to(logits.dtype)
+
+
 def _sharded_state_dict(linear, prefix="", sharded_offsets=(), metadata=None):
     """The linear's own entries (without the adapter, which its class would save as replicated) and the adapter's:
     column-parallel B sections split over TP on rows, row-parallel A split on columns, the rest replicated."""
@@ -154,7 +167,7 @@ def _sharded_state_dict(linear, prefix="", sharded_offsets=(), metadata=None):
         return entries
     state = adapter.state_dict(prefix="", keep_vars=True)
     axis = ({f"B_{i}": 0 for i in range(adapter.sections)} if adapter.parallel == COLUMN
-            else {f"A_{p}": 1 for p in adapter.part_names})
+            else {f"A_{p}": 1 for p in adapter.part_names} if adapter.parallel == ROW else {})
     entries.update(make_sharded_tensors_for_checkpoint(state, f"{prefix}lora.", axis, sharded_offsets,
                                                        tp_group=linear.tp_group,
                                                        dp_cp_group=(metadata or {}).get("dp_cp_group")))
@@ -167,13 +180,20 @@ def attach_adapter(linear: torch.nn.Module, adapter: LoRAAdapter) -> None:
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
     linear.lora = adapter
-    linear.register_forward_hook(_add_update)
+    if adapter.parallel == REPLICATED:
+        linear.gating = types.MethodType(_gating_with_update, linear)
+    else:
+        linear.register_forward_hook(_add_update)
     linear.sharded_state_dict = types.MethodType(_sharded_state_dict, linear)
     if adapter.expert:  # an expert's: one per expert as its weight is, reduced over the expert-DP group
         for p in adapter.parameters():
             for attr in ("allreduce", "tensor_model_parallel", "partition_dim", "partition_stride"):
                 if hasattr(linear.weight, attr):
                     setattr(p, attr, getattr(linear.weight, attr))
+        return
+    if adapter.parallel == REPLICATED:  # whole on every TP rank: under SP each rank's gradient covers its slice
+        for p in adapter.parameters():
+            p.sequence_parallel = adapter.sequence_parallel
         return
     # split over TP (counted on every rank in the gradient norm): column-parallel B's rows, row-parallel A's columns
     for p in adapter.B if adapter.parallel == COLUMN else adapter.A.values():

@@ -1,7 +1,8 @@
 """Put LoRA adapters on a built Megatron Qwen3.5 model chunk and freeze everything else.
 
 `apply_lora(model, cfg, settings)` walks the decoder layers this chunk holds (and the MTP layer's, with
-`settings.mtp`; the vision tower's blocks and merger, with `settings.vision`, where this chunk holds the tower),
+`settings.mtp`; the MoE routers, with `settings.router`; the vision tower's blocks and merger, with
+`settings.vision`, where this chunk holds the tower),
 adapts each linear of lora/targets.py that the target names select, and leaves every other
 parameter without a gradient: megatron's DDP then gives them no gradient buffer and its optimizer (distributed or
 not) no state. It runs in model_provider, on every machine, before megatron wraps the model.
@@ -18,6 +19,9 @@ from megatron_qwen35.lora.adapter import LoRAAdapter, attach_adapter
 from megatron_qwen35.lora.targets import (
     ADAPTED_LINEARS,
     COLUMN,
+    REPLICATED,
+    ROUTER_LINEARS,
+    ROW,
     TARGET_MODULES,
     VISION_BLOCK_LINEARS,
     VISION_BLOCK_PREFIX,
@@ -34,7 +38,7 @@ from megatron_qwen35.lora.targets import (
 
 @dataclasses.dataclass(frozen=True)
 class LoRASettings:
-    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-mtp, --lora-vision."""
+    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-mtp, --lora-router, --lora-vision."""
 
     rank: int
     alpha: float = 32.0
@@ -42,6 +46,7 @@ class LoRASettings:
     target_modules: tuple[str, ...] = TARGET_MODULES
     mtp: bool = False  # the MTP layer's linears too
     vision: bool = False  # the vision tower's linears too
+    router: bool = False  # the MoE routers too
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -54,35 +59,37 @@ class LoRASettings:
     def to_record(self) -> dict:
         """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function."""
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp,
-                "vision": self.vision}
+                "vision": self.vision, "router": self.router}
 
     @classmethod
     def from_record(cls, record: dict) -> LoRASettings:
         return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
                    target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
-                   vision=bool(record.get("vision", False)))  # (records written before the tower could adapt)
+                   vision=bool(record.get("vision", False)),  # (records written before these could adapt)
+                   router=bool(record.get("router", False)))
 
     def shape(self) -> tuple:
         """What an adapter checkpoint must agree on with a run that loads it."""
-        return self.rank, self.alpha, frozenset(self.target_modules), self.mtp, self.vision
+        return self.rank, self.alpha, frozenset(self.target_modules), self.mtp, self.vision, self.router
 
     def describe(self) -> str:
         targets = "all" if set(self.target_modules) == set(TARGET_MODULES) else " ".join(self.target_modules)
         return (f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{', MTP layer' if self.mtp else ''}"
-                f"{', vision tower' if self.vision else ''}")
+                f"{', routers' if self.router else ''}{', vision tower' if self.vision else ''}")
 
 
 def _layers(model, settings: LoRASettings):
     """(prefix, global prefix, module, its table of linears) of every layer this chunk holds: decoder layers (the
     global prefix numbers them across pipeline stages), then the MTP layers' own, then the vision tower's blocks and
     the tower itself (its merger)."""
+    text = ADAPTED_LINEARS + (ROUTER_LINEARS if settings.router else ())
     decoder = getattr(model, "decoder", None)
     for i, layer in enumerate(decoder.layers if decoder is not None else []):
-        yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer, ADAPTED_LINEARS
+        yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer, text
     mtp = getattr(model, "mtp", None)
     if settings.mtp and mtp is not None:
         for i, layer in enumerate(mtp.layers):
-            yield (f"mtp.layers.{i}.mtp_model_layer.",) * 2 + (layer.mtp_model_layer, ADAPTED_LINEARS)
+            yield (f"mtp.layers.{i}.mtp_model_layer.",) * 2 + (layer.mtp_model_layer, text)
     tower = getattr(model, "vision_model", None)
     if settings.vision and tower is not None:
         for i, block in enumerate(tower.decoder.layers):
@@ -136,10 +143,11 @@ def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35C
         row_part = row_part[rows]
     else:
         row_part, sections = torch.zeros(out_local, dtype=torch.long), [out_local]
+    sequence_parallel = getattr(module if linear.parallel != REPLICATED else weight, "sequence_parallel", False)
     index = {p: linear.parts.index(p) for p in parts}
     return LoRAAdapter(parallel=linear.parallel, parts=index, row_part=row_part, sections=sections,
                        in_features=in_local, rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-                       tp_group=tp_group, sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
+                       tp_group=tp_group, sequence_parallel=bool(sequence_parallel),
                        expert=linear.expert, dtype=weight.dtype,
                        device=weight.device)
 
@@ -153,7 +161,7 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
     adapted = []
     for prefix, global_prefix, layer, table in _layers(model, settings):
         for linear in table:
-            parts = parts_adapted(linear, targets) if table is ADAPTED_LINEARS else linear.parts
+            parts = parts_adapted(linear, targets) if linear in ADAPTED_LINEARS else linear.parts  # opt-in: all
             if not parts:
                 continue
             for path, global_path, module in _linears(layer, linear):
@@ -178,7 +186,7 @@ def _whole(adapter: LoRAAdapter, key: str, local: torch.Tensor) -> tuple[tuple[i
     """(the whole tensor's shape, the dimension split over TP or None) of an adapter's tensor `key`."""
     tp = adapter.tp_group.size() if not adapter.expert else 1
     dim = 0 if adapter.parallel == COLUMN and key.startswith("B_") else (
-        1 if adapter.parallel != COLUMN and key.startswith("A_") else None)
+        1 if adapter.parallel == ROW and key.startswith("A_") else None)
     shape = list(local.shape)
     if dim is not None:
         shape[dim] *= tp

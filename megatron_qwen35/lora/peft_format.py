@@ -8,8 +8,9 @@ the fused rows are split into transformers' modules by the conversion's own tran
 routed expert's adapters are peft's `target_parameters` on the packed expert tensors: for `mlp.experts.gate_up_proj`
 then `mlp.experts.down_proj` (peft nests the second wrapper outside the first, so the first's keys carry
 `base_layer.`), lora_A [E x rank, in] holds expert e's A in rows e x rank ..., lora_B [out, rank x E] its B in the
-columns r x E + e (peft's ParamWrapper.get_delta_weight). The vision tower's adapters (`--lora-vision`) sit on
-transformers' `model.visual.*` modules, whatever the language model's prefix.
+columns r x E + e (peft's ParamWrapper.get_delta_weight). The router's (`--lora-router`) is peft's
+`target_parameters` entry `mlp.gate.weight`: `mlp.gate.lora_A` / `lora_B`, as a linear's. The vision tower's
+adapters (`--lora-vision`) sit on transformers' `model.visual.*` modules, whatever the language model's prefix.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import torch
 
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, qwen35_rules, rules_by_megatron_name, vision_rules
-from megatron_qwen35.lora.targets import COLUMN, VISION_PEFT_TARGETS, adapted_linear_of, is_vision_linear
+from megatron_qwen35.lora.targets import (
+    COLUMN,
+    ROUTER_PEFT_PARAMETER,
+    VISION_PEFT_TARGETS,
+    adapted_linear_of,
+    is_vision_linear,
+)
 
 PEFT_PREFIX = "base_model.model."  # what peft's saved adapter keys start with
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # peft's target_parameters order (inner wrapper first)
@@ -157,7 +164,10 @@ def peft_config(settings, cfg: Qwen35Config) -> dict:
     if settings.vision:
         modules += list(VISION_PEFT_TARGETS)
     parameters = ([f"mlp.experts.{p}" for p in EXPERT_PARAMETERS]
-                  if EXPERTS in settings.target_modules and cfg.is_moe else None)
+                  if EXPERTS in settings.target_modules and cfg.is_moe else [])
+    if settings.router and cfg.is_moe:
+        parameters.append(ROUTER_PEFT_PARAMETER)  # a module of its own: the experts' nesting stays as it is
+    parameters = parameters or None
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=modules or None, target_parameters=parameters, task_type="CAUSAL_LM")
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
@@ -191,14 +201,17 @@ def settings_from_peft_config(config: dict, source: str):
                f"({' '.join(VISION_PEFT_TARGETS)}) or not at all")
     modules = [m for m in modules if m not in VISION_PEFT_TARGETS]
     parameters = set(config.get("target_parameters") or [])
+    router = ROUTER_PEFT_PARAMETER in parameters
+    parameters.discard(ROUTER_PEFT_PARAMETER)
     experts = {f"mlp.experts.{p}" for p in EXPERT_PARAMETERS}
     if parameters and parameters != experts:
-        refuse(f"target_parameters {sorted(parameters)}: only both of {sorted(experts)} are supported")
+        refuse(f"target_parameters {sorted(parameters)}: only both of {sorted(experts)} (and the router's "
+               f"{ROUTER_PEFT_PARAMETER}) are supported")
     try:
         return LoRASettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                             dropout=float(config.get("lora_dropout") or 0.0),
                             target_modules=tuple(modules) + ((EXPERTS,) if parameters else ()),
-                            vision=bool(vision))
+                            vision=bool(vision), router=router)
     except (KeyError, ValueError) as e:
         refuse(str(e))
 

@@ -12,6 +12,10 @@ checkpoints split them; None: one contiguous block).
 A routed expert's `gate_up_proj` (one tensor in transformers, `[gate | up]`) has one adapter per expert, as peft's
 `target_parameters` gives the packed expert tensors.
 
+The MoE router (opt-in, `--lora-router`): its weight [experts, hidden] is whole on every TP rank and reads this
+rank's tokens; transformers' router (`mlp.gate`) is not an nn.Linear, so peft adapts its `weight` as a
+`target_parameters` entry (`mlp.gate.weight`), which gives the same update B A.
+
 The vision tower (opt-in, `--lora-vision`) is adapted whole: every block's attention qkv and proj and MLP fc1 and fc2,
 and the merger's fc1 and fc2 (transformers' `attn.qkv` ... `merger.linear_fc2`, which name nothing in the language
 model; its patch embedding, a Conv3d, stays frozen). Megatron keeps qkv's rows per head (the conversion's VISION_QKV).
@@ -28,7 +32,7 @@ import torch
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.transforms import GATE_UP, GATED_QKV, GDN_IN_PROJ, IDENTITY, VISION_QKV, Transform
 
-COLUMN, ROW = "column", "row"
+COLUMN, ROW, REPLICATED = "column", "row", "replicated"  # how the adapted weight is split over TP
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class AdaptedLinear:
     """One Megatron linear LoRA may adapt."""
 
     megatron: str  # the module's path inside a decoder layer
-    parallel: str  # COLUMN (output rows split over TP) or ROW (input columns split)
+    parallel: str  # COLUMN (output rows split over TP), ROW (input columns split) or REPLICATED (whole everywhere)
     parts: tuple[str, ...]  # transformers' modules it fuses, in the conversion rule's order: one adapter each
     transform: Transform = IDENTITY  # the conversion's rows: parts (transformers) -> the fused linear (Megatron)
     sections: Callable[[Qwen35Config], list[int]] | None = None  # how megatron splits the fused rows over TP
@@ -69,6 +73,10 @@ ADAPTED_LINEARS = (
                   sections=lambda cfg: _halves(cfg, cfg.moe_ffn_hidden_size), expert=True),
     AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc2", ROW, ("down_proj",), expert=True),
 )
+
+# The MoE router's (in a decoder or MTP layer, as the table above): logits + scaling * B A x
+ROUTER_LINEARS = (AdaptedLinear("mlp.router", REPLICATED, ("gate",)),)
+ROUTER_PEFT_PARAMETER = "mlp.gate.weight"  # peft's target_parameters entry for it
 
 # The vision tower's: in each block (VISION_BLOCK_PREFIX), then the merger (in the tower, VISION_PREFIX).
 VISION_BLOCK_LINEARS = (
@@ -125,7 +133,7 @@ def part_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int) -> list[int]
 
 
 _LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.)"
-_TABLES = ((_LAYER, ADAPTED_LINEARS),
+_TABLES = ((_LAYER, ADAPTED_LINEARS + ROUTER_LINEARS),
            (re.escape(VISION_BLOCK_PREFIX).replace(re.escape("{i}"), r"\d+"), VISION_BLOCK_LINEARS),
            (re.escape(VISION_PREFIX), VISION_MERGER_LINEARS))
 
@@ -158,7 +166,7 @@ def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: in
     return torch.cat(rows)
 
 
-__all__ = ["COLUMN", "ROW", "AdaptedLinear", "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "VISION_BLOCK_LINEARS",
-           "VISION_MERGER_LINEARS", "VISION_PREFIX", "VISION_BLOCK_PREFIX", "VISION_PEFT_TARGETS", "parts_adapted",
-           "check_target_modules", "fused_row_parts", "part_rows", "adapted_linear_of", "is_vision_linear",
-           "local_rows"]
+__all__ = ["COLUMN", "ROW", "REPLICATED", "ROUTER_LINEARS", "ROUTER_PEFT_PARAMETER", "AdaptedLinear",
+           "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "VISION_BLOCK_LINEARS", "VISION_MERGER_LINEARS",
+           "VISION_PREFIX", "VISION_BLOCK_PREFIX", "VISION_PEFT_TARGETS", "parts_adapted", "check_target_modules",
+           "fused_row_parts", "part_rows", "adapted_linear_of", "is_vision_linear", "local_rows"]

@@ -57,6 +57,7 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj q_proj k_proj v_proj o_proj "
                             "gate_proj up_proj down_proj experts)")
     group.add_argument("--lora-mtp", action="store_true", help="adapt the MTP layer's linears too")
+    group.add_argument("--lora-router", action="store_true", help="adapt the MoE routers too")
     group.add_argument("--lora-vision", action="store_true",
                        help="adapt the vision tower's linears too (every block's qkv, proj, fc1, fc2; the merger's)")
     group.add_argument("--vl-data-path", type=str, default=None,
@@ -111,7 +112,7 @@ def lora_settings_from_args(args):
     try:
         return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=tuple(args.lora_target_modules or TARGET_MODULES), mtp=args.lora_mtp,
-                            vision=args.lora_vision)
+                            vision=args.lora_vision, router=args.lora_router)
     except ValueError as e:
         raise LaunchRefused(str(e)) from None
 

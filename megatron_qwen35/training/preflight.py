@@ -215,6 +215,8 @@ def check_lora(args, cfg: Qwen35Config) -> None:
     lora = lora_settings_from_args(args)
     if lora is not None and lora.vision and cfg.vision is None:
         raise LaunchRefused(f"--lora-vision (LORA_VISION=1): model '{cfg.name}' has no vision tower")
+    if lora is not None and lora.router and not cfg.is_moe:
+        raise LaunchRefused(f"--lora-router (LORA_ROUTER=1): model '{cfg.name}' has no MoE router")
     if lora is None or not cfg.is_moe or EXPERTS not in lora.target_modules:
         return
     if args.moe_grouped_gemm:

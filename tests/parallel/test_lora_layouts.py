@@ -2,7 +2,7 @@
 megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP checkpoint that holds no adapters:
 
 - every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2) logs the single process's losses and gradient
-  norms (adapters only: the base has no gradient), step after step;
+  norms (adapters only, the routers' included: the base has no gradient), step after step;
 - the single process's checkpoint holds the adapters alone (and their optimizer state), records its settings and its
   base's fingerprint, and resumes at EP2 (one optimizer becoming two, the state resharded over EP and DP), the base
   named again (LOAD=), to the uninterrupted run's next step; TP2 + SP's resumes in one process (two becoming one):
@@ -32,8 +32,8 @@ from tests.test_convert import make_hf_checkpoint
 
 pytestmark = pytest.mark.slow
 
-LORA = dict(LORA_RANK="4", LORA_ALPHA="8", PRESET="tiny-moe", MOCK_DATA="0", SEQ_LEN="704", EVAL_ITERS="0",
-            TRAIN_ITERS="3", GLOBAL_BATCH="2")
+LORA = dict(LORA_RANK="4", LORA_ALPHA="8", LORA_ROUTER="1", PRESET="tiny-moe", MOCK_DATA="0", SEQ_LEN="704",
+            EVAL_ITERS="0", TRAIN_ITERS="3", GLOBAL_BATCH="2")  # every linear and the routers
 LAYOUTS = {"pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2"))}  # and tp2_sp below
 
 
@@ -67,6 +67,7 @@ def test_lora_run_from_a_base_saves_its_adapters_alone_and_records_the_base(sing
         reader.close()
     assert model and all(".lora." in k for k in model)  # no frozen base weight in the checkpoint
     assert any(".experts." in k for k in model) and not any(k.startswith("mtp.") for k in model)  # LORA_MTP=0
+    assert any(".mlp.router.lora." in k for k in model)  # LORA_ROUTER=1
     assert run.losses[3] < run.losses[1]  # the adapters train (step 1 runs at warm-up's learning rate 0)
 
 
@@ -131,8 +132,8 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
     saved = str(single[0] / "ckpt-single")
     code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats),
                            **{**LORA, "LORA_RANK": "8"})
-    assert code == 2 and "holds LoRA adapters of another shape (rank 4, alpha 8, targets all) than this run's " \
-        "(rank 8" in err, err
+    assert code == 2 and "holds LoRA adapters of another shape (rank 4, alpha 8, targets all, routers) than this " \
+        "run's (rank 8" in err, err
     code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats),
                            LORA_VISION="1", **LORA)
     assert code == 2 and f"--lora-vision (LORA_VISION=1): model '{PRESET}' has no vision tower" in err, err
@@ -191,7 +192,7 @@ def test_a_peft_adapter_imported_with_its_base_trains_on_from_its_weights(conver
 
     hf = converted.parent / "hf"
     torch.manual_seed(5)
-    get_peft_model(_hf_model(hf), peft_config(qwen35_preset(PRESET), rank=4, alpha=8)).save_pretrained(
+    get_peft_model(_hf_model(hf), peft_config(qwen35_preset(PRESET), rank=4, alpha=8, router=True)).save_pretrained(
         tmp_path / "adapter")
     imported = qwen35_hf_to_megatron(hf, tmp_path / "imported", adapter=tmp_path / "adapter", progress=False)
     merged = qwen35_hf_to_megatron(qwen35_megatron_to_hf(imported, tmp_path / "merged_hf", progress=False),
