@@ -53,7 +53,8 @@ MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python 
 # weights, e.g. transformers' save_pretrained output, otherwise starts the layer from its initialisation)
 [ "${MTP:-}" = 0 ] && MODEL_ARGS+=(--mtp-num-layers 0)
 # LoRA (LORA_RANK=16): adapters on every linear of the language model (LORA_TARGETS: transformers' module names, e.g.
-# "q_proj k_proj v_proj o_proj"; "experts" for every routed expert's), the base frozen; LORA_ALPHA, LORA_DROPOUT,
+# "q_proj k_proj v_proj o_proj"; "experts" for every routed expert's; LORA_EXPERTS=shared: one adapter for all of a
+# layer's experts instead of one each), the base frozen; LORA_ALPHA, LORA_DROPOUT,
 # LORA_MTP=1 for the MTP layer's linears, LORA_ROUTER=1 for the MoE routers, LORA_VISION=1 for the vision tower's.
 # LoRA on the experts runs each expert as its own linear: no grouped GEMM.
 LORA_ARGS=()
@@ -61,6 +62,7 @@ if [ "${LORA_RANK:-0}" != 0 ]; then
   LORA_ARGS=(--lora-rank "$LORA_RANK" --lora-alpha "${LORA_ALPHA:-32}" --lora-dropout "${LORA_DROPOUT:-0}")
   [ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
     && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
+  [ -n "${LORA_EXPERTS:-}" ] && LORA_ARGS+=(--lora-experts "$LORA_EXPERTS")
   [ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
   [ "${LORA_ROUTER:-0}" = 1 ] && LORA_ARGS+=(--lora-router)
   [ "${LORA_VISION:-0}" = 1 ] && LORA_ARGS+=(--lora-vision)

@@ -200,3 +200,44 @@ def test_the_adapter_reads_the_fused_norm_s_output_as_the_local_norm_gives_it(no
         want = local(x)
     assert (adapter_input(fused, x) - want).abs().max().item() <= 1e-5
     assert (x - want).abs().max().item() > 0.1  # the norm did something
+
+
+def test_one_adapter_shared_by_a_layer_s_experts_is_peft_s_with_every_expert_holding_it():
+    """--lora-experts shared: one adapter for all of a layer's routed experts (the rest as by default). In peft's
+    form every expert holds a copy of it: peft with those copies gives our logits and loss, the sum of its experts'
+    gradients is the shared adapter's gradient, and every other adapter's gradient is equal."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    cfg = qwen35_preset("tiny-moe").replace(mtp_num_layers=0)
+    hf = reference_model(cfg, 0)
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    peft_model = get_peft_model(hf, peft_config(cfg)).eval()
+    ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
+    load_hf_state_dict(ours, cfg, base, include_mtp=False)
+    apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, experts="shared"))
+    g = torch.Generator().manual_seed(3)
+    load_adapter_tensors(ours, {n: torch.randn(s, generator=g) * 0.2
+                                for n, s in sorted(adapter_whole_shapes(ours).items())})
+    adapters = lora_parameters(ours)
+    assert not any(".local_experts." in n for n in adapters)
+    assert sum(".lora_shared_fc" in n for n in adapters) == cfg.num_layers * 5  # fc1: A, B's gate and up; fc2: A, B
+    set_peft_model_state_dict(peft_model, to_peft({n: p.detach() for n, p in adapters.items()}, cfg))
+    ids = _tokens(cfg)
+    a, b = _ours(ours, ids), peft_model(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= TOL
+    _loss(a, ids).backward()
+    _loss(b, ids).backward()
+    ours_grads = to_peft({n: p.grad for n, p in adapters.items()}, cfg)  # the shared gradient in every expert's slot
+    peft_grads = {k.replace(".default.weight", ".weight"): p.grad for k, p in peft_model.named_parameters()
+                  if p.requires_grad}
+    assert set(ours_grads) == set(peft_grads)
+    experts = cfg.num_experts
+    for name, want in peft_grads.items():
+        got = ours_grads[name]
+        if ".mlp.experts." in name:  # [E x r, in] / [out, r x E]: the sum over experts vs one expert's slot
+            if "lora_A" in name:
+                want, got = want.view(experts, RANK, -1).sum(0), got.view(experts, RANK, -1)[0]
+            else:
+                want = want.view(want.shape[0], RANK, experts).sum(-1)
+                got = got.view(got.shape[0], RANK, experts)[..., 0]
+        assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name

@@ -179,9 +179,9 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, base
         layout = record.export_layout(cfg)
         rules = layout.rules(cfg)
         check_names(keys.base_names(), {n for r in rules for n in r.megatron}, side="Megatron model")
-        adapter_names: dict[str, list[str]] = {}  # each weight LoRA updates -> its adapter's tensors
-        for n in sorted(keys.lora_names):
-            adapter_names.setdefault(n.split(".lora.")[0] + ".weight", []).append(n)
+        from megatron_qwen35.lora.merge import adapted_weights
+
+        adapter_names = adapted_weights(keys.lora_names, cfg)  # each weight LoRA updates -> its adapter's tensors
         adapted = set(adapter_names)
         plan = _plan(rules, keys, reader, cfg, record)
         shards = _shard_plan(plan, record, max_shard_size, source=megatron_dir / CONFIG)

@@ -21,6 +21,10 @@ Parallel layout (as the wrapped linear's weight is split; collectives from megat
 - a routed expert's linear (the token dispatcher moves the tokens to it; expert TP is 1): no collective,
   and the adapter's parameters are expert parameters (`allreduce = False`: reduced over the expert data-parallel
   group), like the expert's weight. Expert tensor parallelism (ETP > 1) is refused (lora/apply.py).
+- one adapter shared by a layer's routed experts (`share_adapter`, `--lora-experts shared`): no collective in the
+  forward; each rank's gradient covers the tokens its local experts received, so its parameters are dense ones,
+  reduced over data x context parallel ranks (expert-parallel ranks among them) and, under SP, summed over TP (each
+  TP rank's experts received other tokens). It is one set of checkpoint entries for the layer, replicated.
 """
 
 from __future__ import annotations
@@ -137,9 +141,14 @@ def adapter_input(linear, x: torch.Tensor) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + linear.eps) * gamma.float()).to(x.dtype)
 
 
+def _adapter_of(linear) -> LoRAAdapter:
+    """The adapter that updates `linear`: its own (`lora`), or the one its holder shares with other experts."""
+    return linear.__dict__.get("shared_lora_holder", linear).lora
+
+
 def _add_update(linear, inputs, output):
     """Forward hook: the linear's (output, bias) plus the adapter's update of its input."""
-    update = linear.lora(adapter_input(linear, inputs[0]))
+    update = _adapter_of(linear)(adapter_input(linear, inputs[0]))
     if isinstance(output, tuple):
         return (output[0] + update.to(output[0].dtype), *output[1:])
     return output + update.to(output.dtype)
@@ -204,6 +213,45 @@ def attach_adapter(linear: torch.nn.Module, adapter: LoRAAdapter) -> None:
             b.sequence_parallel = True  # each rank's gradient covers its sequence slice: summed over TP
 
 
+def share_adapter(experts: torch.nn.Module, name: str, adapter: LoRAAdapter, linears: list[torch.nn.Module], *,
+                  tp_group, sequence_parallel: bool) -> None:
+    """Make `adapter` update every linear of `linears` (the local routed experts' linear_fc1, or linear_fc2, of one
+    layer), held by a module `name` of `experts` (so its parameters and checkpoint entries exist once), its
+    parameters dense (see the module docstring); `tp_group` is the layer's tensor-parallel group."""
+    if tp_group.size() > 1 and not sequence_parallel:
+        raise ValueError("--lora-experts shared with tensor parallelism needs sequence parallelism (each TP rank's "
+                         "experts then see other tokens, and their shared adapter's gradients are summed over TP): "
+                         "add --sequence-parallel, as the recipes do")
+    holder = torch.nn.Module()
+    holder.lora = adapter
+    experts.add_module(name, holder)
+    for linear in linears:
+        linear.__dict__["shared_lora_holder"] = holder  # not a child: the holder owns the adapter
+        linear.register_forward_hook(_add_update)
+    for p in adapter.parameters():
+        p.sequence_parallel = sequence_parallel
+    experts.shared_lora_tp_group = tp_group
+    if "sharded_state_dict" not in experts.__dict__:
+        experts.sharded_state_dict = types.MethodType(_experts_sharded_state_dict, experts)
+
+
+def _experts_sharded_state_dict(experts, prefix="", sharded_offsets=(), metadata=None):
+    """The experts' entries (megatron's SequentialMLP: each local expert's, under its global index), and each shared
+    adapter's, replicated like a dense layer's tensors (one per layer, the same at every EP size)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+    entries = type(experts).sharded_state_dict(experts, prefix, sharded_offsets, metadata)
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    for name, holder in experts.named_children():
+        adapter = holder._modules.get("lora")
+        if name == "local_experts" or not isinstance(adapter, LoRAAdapter):  # (None: hidden from a load)
+            continue
+        entries.update(make_sharded_tensors_for_checkpoint(
+            adapter.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.lora.", {}, sharded_offsets,
+            tp_group=experts.shared_lora_tp_group, dp_cp_group=metadata["dp_cp_group"]))
+    return entries
+
+
 @contextlib.contextmanager
 def hidden_adapters(model: torch.nn.Module):
     """`model` without its adapters while megatron builds the state dict it loads from a checkpoint that has none."""
@@ -216,4 +264,4 @@ def hidden_adapters(model: torch.nn.Module):
             m._modules["lora"] = a
 
 
-__all__ = ["LoRAAdapter", "adapter_input", "attach_adapter", "hidden_adapters"]
+__all__ = ["LoRAAdapter", "adapter_input", "attach_adapter", "share_adapter", "hidden_adapters"]

@@ -15,10 +15,12 @@ import dataclasses
 import torch
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.lora.adapter import LoRAAdapter, attach_adapter
+from megatron_qwen35.lora.adapter import LoRAAdapter, attach_adapter, share_adapter
 from megatron_qwen35.lora.targets import (
     ADAPTED_LINEARS,
     COLUMN,
+    EXPERT_SHARED_LINEARS,
+    EXPERTS,
     REPLICATED,
     ROUTER_LINEARS,
     ROW,
@@ -35,10 +37,13 @@ from megatron_qwen35.lora.targets import (
     parts_adapted,
 )
 
+EXPERT_ADAPTERS = ("each", "shared")  # --lora-experts
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASettings:
-    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-mtp, --lora-router, --lora-vision."""
+    """--lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-experts, --lora-mtp, --lora-router,
+    --lora-vision."""
 
     rank: int
     alpha: float = 32.0
@@ -47,6 +52,7 @@ class LoRASettings:
     mtp: bool = False  # the MTP layer's linears too
     vision: bool = False  # the vision tower's linears too
     router: bool = False  # the MoE routers too
+    experts: str = "each"  # the routed experts' adapters: one each, or one "shared" by a layer's experts
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -55,34 +61,44 @@ class LoRASettings:
             raise ValueError(f"--lora-dropout {self.dropout}: a dropout probability is in [0, 1)")
         check_target_modules(self.target_modules)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.experts not in EXPERT_ADAPTERS:
+            raise ValueError(f"--lora-experts {self.experts}: one of {', '.join(EXPERT_ADAPTERS)}")
+        if self.experts == "shared" and EXPERTS not in self.target_modules:
+            raise ValueError("--lora-experts shared: the routed experts are not among --lora-target-modules "
+                             "(add 'experts')")
 
     def to_record(self) -> dict:
         """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function."""
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp,
-                "vision": self.vision, "router": self.router}
+                "vision": self.vision, "router": self.router, "experts": self.experts}
 
     @classmethod
     def from_record(cls, record: dict) -> LoRASettings:
         return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
                    target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
                    vision=bool(record.get("vision", False)),  # (records written before these could adapt)
-                   router=bool(record.get("router", False)))
+                   router=bool(record.get("router", False)), experts=str(record.get("experts", "each")))
 
     def shape(self) -> tuple:
         """What an adapter checkpoint must agree on with a run that loads it."""
-        return self.rank, self.alpha, frozenset(self.target_modules), self.mtp, self.vision, self.router
+        return (self.rank, self.alpha, frozenset(self.target_modules), self.mtp, self.vision, self.router,
+                self.experts)
 
     def describe(self) -> str:
         targets = "all" if set(self.target_modules) == set(TARGET_MODULES) else " ".join(self.target_modules)
-        return (f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{', MTP layer' if self.mtp else ''}"
-                f"{', routers' if self.router else ''}{', vision tower' if self.vision else ''}")
+        shared = ", one adapter shared by each layer's experts" if self.experts == "shared" else ""
+        return (f"rank {self.rank}, alpha {self.alpha:g}, targets {targets}{shared}"
+                f"{', MTP layer' if self.mtp else ''}{', routers' if self.router else ''}"
+                f"{', vision tower' if self.vision else ''}")
 
 
 def _layers(model, settings: LoRASettings):
     """(prefix, global prefix, module, its table of linears) of every layer this chunk holds: decoder layers (the
     global prefix numbers them across pipeline stages), then the MTP layers' own, then the vision tower's blocks and
     the tower itself (its merger)."""
-    text = ADAPTED_LINEARS + (ROUTER_LINEARS if settings.router else ())
+    text = ADAPTED_LINEARS if settings.experts == "each" else (
+        tuple(r for r in ADAPTED_LINEARS if not r.expert) + EXPERT_SHARED_LINEARS)
+    text += ROUTER_LINEARS if settings.router else ()
     decoder = getattr(model, "decoder", None)
     for i, layer in enumerate(decoder.layers if decoder is not None else []):
         yield f"decoder.layers.{i}.", f"decoder.layers.{layer.layer_number - 1}.", layer, text
@@ -164,6 +180,10 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
             parts = parts_adapted(linear, targets) if linear in ADAPTED_LINEARS else linear.parts  # opt-in: all
             if not parts:
                 continue
+            if linear.shared_by_experts is not None:
+                if _share_over_experts(layer, linear, global_prefix + linear.megatron, cfg, settings, seed):
+                    adapted.append(prefix + linear.megatron)
+                continue
             for path, global_path, module in _linears(layer, linear):
                 adapter = _adapter(module, linear, parts, cfg, settings)
                 adapter.global_name = global_prefix + global_path
@@ -171,6 +191,21 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
                 attach_adapter(module, adapter)
                 adapted.append(prefix + path)
     return adapted
+
+
+def _share_over_experts(layer, linear: AdaptedLinear, global_name: str, cfg: Qwen35Config, settings: LoRASettings,
+                        seed: int) -> bool:
+    """One adapter for `linear.shared_by_experts` of every routed expert of `layer` (none: a dense layer)."""
+    per_expert = next(r for r in ADAPTED_LINEARS if r.expert and r.megatron.endswith("." + linear.shared_by_experts))
+    linears = [module for _, _, module in _linears(layer, per_expert)]
+    if not linears:
+        return False
+    adapter = _adapter(linears[0], linear, linear.parts, cfg, settings)
+    adapter.global_name = global_name
+    adapter.initialise(global_name, seed, 0, 1)
+    share_adapter(layer.mlp.experts, linear.megatron.rsplit(".", 1)[1], adapter, linears, tp_group=layer.mlp.tp_group,
+                  sequence_parallel=layer.config.sequence_parallel)
+    return True
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -217,4 +252,5 @@ def load_adapter_tensors(model: torch.nn.Module, whole: dict[str, torch.Tensor])
             local.copy_(tensor)
 
 
-__all__ = ["LoRASettings", "apply_lora", "lora_parameters", "adapter_whole_shapes", "load_adapter_tensors"]
+__all__ = ["EXPERT_ADAPTERS", "LoRASettings", "apply_lora", "lora_parameters", "adapter_whole_shapes",
+           "load_adapter_tensors"]

@@ -48,16 +48,20 @@ def _linears(cfg: Qwen35Config, names: set[str], hf_prefix: str):
     rules = rules_by_megatron_name(rules)
     for linear in linears:
         row = adapted_linear_of(linear)
+        if row.shared_by_experts is not None:  # no weight of its own: peft's names are its experts' (_expert_key)
+            yield linear, row, []
+            continue
         modules = [h[: -len(".weight")] for h in rules[f"{linear}.weight"].hf]
         if not is_vision_linear(linear):
             modules = [hf_prefix + m[len(TEXT_ONLY_PREFIX):] for m in modules]
         yield linear, row, modules
 
 
-def _layer_and_expert(linear: str) -> tuple[str, int]:
-    """('decoder.layers.3.', 5) of 'decoder.layers.3.mlp.experts.local_experts.5.linear_fc1'."""
-    head, _, rest = linear.partition("mlp.experts.local_experts.")
-    return head, int(rest.split(".")[0])
+def _layer_and_expert(linear: str) -> tuple[str, int | None]:
+    """('decoder.layers.3.', 5) of 'decoder.layers.3.mlp.experts.local_experts.5.linear_fc1'; ('decoder.layers.3.',
+    None) of the layer's adapter shared by its experts, 'decoder.layers.3.mlp.experts.lora_shared_fc1'."""
+    head, _, rest = linear.partition("mlp.experts.")
+    return head, int(rest.split(".")[1]) if rest.startswith("local_experts.") else None
 
 
 def to_peft(adapters: Mapping[str, torch.Tensor], cfg: Qwen35Config, *, hf_prefix: str = TEXT_ONLY_PREFIX
@@ -74,9 +78,10 @@ def to_peft(adapters: Mapping[str, torch.Tensor], cfg: Qwen35Config, *, hf_prefi
                                                 key=lambda k: int(k.rsplit("_", 1)[1]))]
         b = torch.cat(sections, dim=0)
         if row.expert:
-            layer, e = _layer_and_expert(linear)
+            layer, expert = _layer_and_expert(linear)
             param = row.parts[0] if row.parallel == COLUMN else "down_proj"
-            experts.setdefault((layer, param), {})[e] = (a[row.parts[0]], b)
+            for e in range(cfg.num_experts) if expert is None else [expert]:  # shared: every expert's copy
+                experts.setdefault((layer, param), {})[e] = (a[row.parts[0]], b)
             continue
         part_b = row.transform.to_hf([b], cfg) if row.parallel == COLUMN else [b]
         for part, hf_module, b_part in zip(row.parts, hf_parts, part_b, strict=True):
@@ -112,8 +117,14 @@ def from_peft(peft: Mapping[str, torch.Tensor], cfg: Qwen35Config, like: Mapping
             layer_hf = hf_prefix + layer[len("decoder."):]
             a_all, b_all = (get(_expert_key(layer_hf, param, w)) for w in "AB")
             rank = a_all.shape[0] // cfg.num_experts
-            a = a_all.view(cfg.num_experts, rank, -1)[e]
-            b = b_all.view(b_all.shape[0], rank, cfg.num_experts)[:, :, e]
+            a_each, b_each = a_all.view(cfg.num_experts, rank, -1), b_all.view(b_all.shape[0], rank, cfg.num_experts)
+            if e is None:  # one adapter shared by the layer's experts: peft's copies must be one
+                if not (torch.equal(a_each, a_each[:1].expand_as(a_each))
+                        and torch.equal(b_each, b_each[:, :, :1].expand_as(b_each))):
+                    raise ValueError(f"the PEFT adapter's experts of {layer_hf}mlp.experts differ: they are not one "
+                                     "adapter shared by the layer's experts (load it with --lora-experts each)")
+                e = 0
+            a, b = a_each[e], b_each[:, :, e]
             wanted[f"{linear}.lora.A_{row.parts[0]}"] = a
             _put_sections(wanted, linear, b, like)
             continue

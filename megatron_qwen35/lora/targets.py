@@ -10,7 +10,9 @@ from megatron's split of that linear (`sections`: each section split on its own,
 checkpoints split them; None: one contiguous block).
 
 A routed expert's `gate_up_proj` (one tensor in transformers, `[gate | up]`) has one adapter per expert, as peft's
-`target_parameters` gives the packed expert tensors.
+`target_parameters` gives the packed expert tensors; with `--lora-experts shared` one adapter serves every routed
+expert of a layer (EXPERT_SHARED_LINEARS: it lives in a holder module of the layer's experts, `lora_shared_fc1` /
+`lora_shared_fc2`), the same at every expert-parallel size; in peft's form every expert holds a copy of it.
 
 The MoE router (opt-in, `--lora-router`): its weight [experts, hidden] is whole on every TP rank and reads this
 rank's tokens; transformers' router (`mlp.gate`) is not an nn.Linear, so peft adapts its `weight` as a
@@ -45,6 +47,7 @@ class AdaptedLinear:
     transform: Transform = IDENTITY  # the conversion's rows: parts (transformers) -> the fused linear (Megatron)
     sections: Callable[[Qwen35Config], list[int]] | None = None  # how megatron splits the fused rows over TP
     expert: bool = False  # one linear per routed expert
+    shared_by_experts: str | None = None  # the routed experts' linear (linear_fc1 / fc2) one adapter serves for all
 
 
 def _gdn_sections(cfg: Qwen35Config) -> list[int]:
@@ -72,6 +75,13 @@ ADAPTED_LINEARS = (
     AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc1", COLUMN, ("gate_up_proj",),
                   sections=lambda cfg: _halves(cfg, cfg.moe_ffn_hidden_size), expert=True),
     AdaptedLinear("mlp.experts.local_experts.{E}.linear_fc2", ROW, ("down_proj",), expert=True),
+)
+# --lora-experts shared: these instead of the two per-expert rows above
+EXPERT_SHARED_LINEARS = (
+    AdaptedLinear("mlp.experts.lora_shared_fc1", COLUMN, ("gate_up_proj",),
+                  sections=lambda cfg: _halves(cfg, cfg.moe_ffn_hidden_size), expert=True,
+                  shared_by_experts="linear_fc1"),
+    AdaptedLinear("mlp.experts.lora_shared_fc2", ROW, ("down_proj",), expert=True, shared_by_experts="linear_fc2"),
 )
 
 # The MoE router's (in a decoder or MTP layer, as the table above): logits + scaling * B A x
@@ -133,7 +143,7 @@ def part_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int) -> list[int]
 
 
 _LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.)"
-_TABLES = ((_LAYER, ADAPTED_LINEARS + ROUTER_LINEARS),
+_TABLES = ((_LAYER, ADAPTED_LINEARS + EXPERT_SHARED_LINEARS + ROUTER_LINEARS),
            (re.escape(VISION_BLOCK_PREFIX).replace(re.escape("{i}"), r"\d+"), VISION_BLOCK_LINEARS),
            (re.escape(VISION_PREFIX), VISION_MERGER_LINEARS))
 
@@ -167,6 +177,7 @@ def local_rows(linear: AdaptedLinear, cfg: Qwen35Config, total: int, tp_size: in
 
 
 __all__ = ["COLUMN", "ROW", "REPLICATED", "ROUTER_LINEARS", "ROUTER_PEFT_PARAMETER", "AdaptedLinear",
-           "ADAPTED_LINEARS", "EXPERTS", "TARGET_MODULES", "VISION_BLOCK_LINEARS", "VISION_MERGER_LINEARS",
-           "VISION_PREFIX", "VISION_BLOCK_PREFIX", "VISION_PEFT_TARGETS", "parts_adapted", "check_target_modules",
-           "fused_row_parts", "part_rows", "adapted_linear_of", "is_vision_linear", "local_rows"]
+           "ADAPTED_LINEARS", "EXPERT_SHARED_LINEARS", "EXPERTS", "TARGET_MODULES", "VISION_BLOCK_LINEARS",
+           "VISION_MERGER_LINEARS", "VISION_PREFIX", "VISION_BLOCK_PREFIX", "VISION_PEFT_TARGETS", "parts_adapted",
+           "check_target_modules", "fused_row_parts", "part_rows", "adapted_linear_of", "is_vision_linear",
+           "local_rows"]

@@ -56,6 +56,9 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="transformers' module names to adapt (default: every linear of the language model: "
                             "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj q_proj k_proj v_proj o_proj "
                             "gate_proj up_proj down_proj experts)")
+    group.add_argument("--lora-experts", choices=("each", "shared"), default="each",
+                       help="the routed experts' adapters: one per expert (peft's), or one shared by all of a "
+                            "layer's experts (the same at every expert-parallel size)")
     group.add_argument("--lora-mtp", action="store_true", help="adapt the MTP layer's linears too")
     group.add_argument("--lora-router", action="store_true", help="adapt the MoE routers too")
     group.add_argument("--lora-vision", action="store_true",
@@ -112,7 +115,7 @@ def lora_settings_from_args(args):
     try:
         return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=tuple(args.lora_target_modules or TARGET_MODULES), mtp=args.lora_mtp,
-                            vision=args.lora_vision, router=args.lora_router)
+                            vision=args.lora_vision, router=args.lora_router, experts=args.lora_experts)
     except ValueError as e:
         raise LaunchRefused(str(e)) from None
 

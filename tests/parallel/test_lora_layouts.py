@@ -10,7 +10,9 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
   runtime/register.py's chained_optimizer_count_change and distopt_torch_adam_step);
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
 - the run's checkpoint exports merged onto its base and as a peft adapter; a peft adapter imported with its base
-  trains on from its weights.
+  trains on from its weights;
+- with one adapter shared by each layer's experts (LORA_EXPERTS=shared): TP2 + SP logs the single process's steps,
+  its checkpoint resumes at EP2, and it exports merged and as a peft adapter (every expert holding a copy).
 """
 
 import json
@@ -37,20 +39,20 @@ LORA = dict(LORA_RANK="4", LORA_ALPHA="8", LORA_ROUTER="1", PRESET="tiny-moe", M
 LAYOUTS = {"pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2"))}  # and tp2_sp below
 
 
+def _saving_run(base, data, root, run_name: str, nproc: int, settings: dict):
+    """(root, run): the recipe's 3 steps on the chats `data` from checkpoint `base`, saved at step 2 too."""
+    return root, recipe(root, *FLAGS, nproc=nproc, LOAD=str(base), SFT_DATA_PATH=str(data), run_name=run_name,
+                        SAVE_INTERVAL="2", **settings)
+
+
 @pytest.fixture(scope="module")
 def single(converted, chats, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("single_lora")
-    run = recipe(root, *FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="single",
-                 SAVE_INTERVAL="2", **LORA)
-    return root, run
+    return _saving_run(converted, chats, tmp_path_factory.mktemp("single_lora"), "single", 1, LORA)
 
 
 @pytest.fixture(scope="module")
 def tp2_sp(converted, chats, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("tp2_sp_lora")
-    run = recipe(root, *FLAGS, nproc=2, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="tp2_sp",
-                 SAVE_INTERVAL="2", **{**LORA, "TP": "2"})
-    return root, run
+    return _saving_run(converted, chats, tmp_path_factory.mktemp("tp2_sp_lora"), "tp2_sp", 2, {**LORA, "TP": "2"})
 
 
 def test_lora_run_from_a_base_saves_its_adapters_alone_and_records_the_base(single, converted):  # noqa: F811
@@ -143,6 +145,60 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
                                                      seed=4), tmp_path / "other", progress=False)
     code, err = _preflight(monkeypatch, capsys, LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
     assert code == 2 and f"{other} is not the base the adapters in {saved} were trained on" in err, err
+
+
+# LORA_EXPERTS=shared: one adapter for all of a layer's routed experts, its gradient gathered from every rank's experts
+SHARED = {**LORA, "LORA_EXPERTS": "shared"}
+
+
+@pytest.fixture(scope="module")
+def single_shared(converted, chats, tmp_path_factory):  # noqa: F811
+    return _saving_run(converted, chats, tmp_path_factory.mktemp("single_shared"), "single", 1, SHARED)
+
+
+def test_one_adapter_shared_by_the_experts_trains_alike_at_tp2_sp_and_resumes_at_ep2(converted, chats, single_shared,  # noqa: F811
+                                                                                  tmp_path):
+    """TP2 + SP (each rank's experts see its half of the tokens: the shared adapter's gradient summed over TP) logs
+    the single process's steps; the single process's checkpoint (one replicated entry per layer and linear, no
+    per-expert adapter) resumed at EP2 (each rank two of the four experts) logs its step 3."""
+    root, single = single_shared
+    reader = TorchDistReader(iteration_dir(root / "ckpt-single", 2))
+    try:
+        model = [k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)]
+    finally:
+        reader.close()
+    assert any(".experts.lora_shared_fc1.lora." in k for k in model)
+    assert not any(".local_experts." in k or ".experts.experts." in k for k in model)
+    tp2 = recipe(tmp_path, *FLAGS, nproc=2, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="tp2_sp",
+                 **{**SHARED, "TP": "2"})
+    assert_same_steps(single, tp2, "tp2_sp shared")
+    saved = tmp_path / "adapters"
+    shutil.copytree(root / "ckpt-single", saved)
+    ep2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
+                 SFT_DATA_PATH=str(chats), run_name="ep2", **{**SHARED, "EP": "2"})
+    _assert_resumed_step_3(single, ep2)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_one_adapter_shared_by_the_experts_exports_merged_and_as_a_peft_adapter(converted, single_shared, tmp_path):  # noqa: F811
+    """Merged, the shared adapter updates every expert's weights; as a PEFT adapter every expert holds a copy:
+    transformers and peft give load_model's logits."""
+    from peft import PeftModel
+
+    from megatron_qwen35.inference import load_model
+    from tests.test_lora_export import TOL, _hf_model, _ids, _logits, _megatron_logits
+
+    saved = single_shared[0] / "ckpt-single"
+    tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")
+    assert tool["main"](["--megatron-dir", str(saved), "--base-dir", str(converted), "--out-dir",
+                         str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert tool["main"](["--megatron-dir", str(saved), "--adapter-only", "--out-dir", str(tmp_path / "adapter")]) == 0
+    ids = _ids()
+    want = _megatron_logits(load_model(saved, base=converted), ids)
+    assert (_megatron_logits(load_model(converted), ids) - want).abs().max().item() > 1e-3
+    assert (_logits(_hf_model(tmp_path / "merged"), ids) - want).abs().max().item() <= TOL
+    peft = PeftModel.from_pretrained(_hf_model(converted.parent / "hf"), tmp_path / "adapter").eval()
+    assert (_logits(peft, ids) - want).abs().max().item() <= TOL
 
 
 @pytest.mark.usefixtures("megatron_single_process")
