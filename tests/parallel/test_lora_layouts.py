@@ -11,8 +11,8 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
 - the run's checkpoint exports merged onto its base and as a peft adapter; a peft adapter imported with its base
   trains on from its weights;
-- with one adapter shared by each layer's experts (LORA_EXPERTS=shared): TP2 + SP logs the single process's steps,
-  its checkpoint resumes at EP2, and it exports merged and as a peft adapter (every expert holding a copy).
+- with one adapter shared by each layer's experts (LORA_EXPERTS=shared): the single process's checkpoint resumes at
+  TP2 + SP and at EP2 to its next step, and exports merged and as a peft adapter (every expert holding a copy).
 """
 
 import json
@@ -156,11 +156,12 @@ def single_shared(converted, chats, tmp_path_factory):  # noqa: F811
     return _saving_run(converted, chats, tmp_path_factory.mktemp("single_shared"), "single", 1, SHARED)
 
 
-def test_one_adapter_shared_by_the_experts_trains_alike_at_tp2_sp_and_resumes_at_ep2(converted, chats, single_shared,  # noqa: F811
-                                                                                  tmp_path):
-    """TP2 + SP (each rank's experts see its half of the tokens: the shared adapter's gradient summed over TP) logs
-    the single process's steps; the single process's checkpoint (one replicated entry per layer and linear, no
-    per-expert adapter) resumed at EP2 (each rank two of the four experts) logs its step 3."""
+@pytest.mark.parametrize("layout", ["tp2_sp", "ep2"])
+def test_one_adapter_shared_by_the_experts_resumes_at_tp2_sp_and_ep2_to_the_single_process_step(  # noqa: F811
+        layout, converted, chats, single_shared, tmp_path):  # noqa: F811
+    """The single process's checkpoint of step 2 (one replicated entry per layer and linear, no per-expert adapter)
+    resumed at TP2 + SP (each rank's experts see its half of the tokens: the shared adapter's gradient summed over
+    TP) and at EP2 (each rank two of the four experts: summed over the data-parallel ranks) logs its step 3."""
     root, single = single_shared
     reader = TorchDistReader(iteration_dir(root / "ckpt-single", 2))
     try:
@@ -169,14 +170,12 @@ def test_one_adapter_shared_by_the_experts_trains_alike_at_tp2_sp_and_resumes_at
         reader.close()
     assert any(".experts.lora_shared_fc1.lora." in k for k in model)
     assert not any(".local_experts." in k or ".experts.experts." in k for k in model)
-    tp2 = recipe(tmp_path, *FLAGS, nproc=2, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="tp2_sp",
-                 **{**SHARED, "TP": "2"})
-    assert_same_steps(single, tp2, "tp2_sp shared")
     saved = tmp_path / "adapters"
     shutil.copytree(root / "ckpt-single", saved)
-    ep2 = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
-                 SFT_DATA_PATH=str(chats), run_name="ep2", **{**SHARED, "EP": "2"})
-    _assert_resumed_step_3(single, ep2)
+    resumed = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
+                     SFT_DATA_PATH=str(chats), run_name=layout, **{**SHARED, **{"tp2_sp": {"TP": "2"},
+                                                                                "ep2": {"EP": "2"}}[layout]})
+    _assert_resumed_step_3(single, resumed)
 
 
 @pytest.mark.usefixtures("megatron_single_process")
