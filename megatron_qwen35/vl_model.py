@@ -106,7 +106,8 @@ class Qwen35VLModel(Qwen35GPTModel):
             decoder_input, vision = self._embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                                 pixel_values_videos=pixel_values_videos,
                                                 video_grid_thw=video_grid_thw, full_input_ids=full_input_ids,
-                                                cu_seqlens=cu_seqlens)
+                                                cu_seqlens=cu_seqlens,
+                                                for_mtp=self.mtp_process or self._mtp_channel is not None)
             if self._mtp_channel is not None:
                 decoder_input = self._mtp_channel.send(decoder_input, vision, device=input_ids.device)
         elif self._mtp_channel is not None:  # the MTP stage
@@ -137,11 +138,12 @@ class Qwen35VLModel(Qwen35GPTModel):
         a packed sequence's (padded) document boundaries, each document split over CP ranks on its own."""
         return self._embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                           full_input_ids=full_input_ids, cu_seqlens=cu_seqlens)[0]
+                           full_input_ids=full_input_ids, cu_seqlens=cu_seqlens, for_mtp=False)[0]
 
     def _embed(self, input_ids, *, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, full_input_ids,
-               cu_seqlens) -> tuple[torch.Tensor | None, VisionRows | None]:
-        """`embed`, and the placed features as the MTP layer reads them (whole-sequence slots) where there are any."""
+               cu_seqlens, for_mtp: bool) -> tuple[torch.Tensor | None, VisionRows | None]:
+        """`embed`, and, `for_mtp`, the placed features as the MTP layer reads them (whole-sequence slots) where there
+        are any (generation and models without MTP skip their copy)."""
         inputs = [(self.vision.image_token_id, "image", pixel_values, image_grid_thw),
                   (self.vision.video_token_id, "video", pixel_values_videos, video_grid_thw)]
         inputs = [i for i in inputs if i[2] is not None]
@@ -158,6 +160,7 @@ class Qwen35VLModel(Qwen35GPTModel):
         batch, seq = ids.shape
         placed = embeddings.new_zeros(batch, seq, embeddings.shape[-1])
         is_vision = torch.zeros_like(ids, dtype=torch.bool)
+        rows = 0
         for token_id, kind, pixels, grid in inputs:
             if grid is None:
                 raise ValueError(f"{kind} pixel values were given without their {kind}_grid_thw")
@@ -169,7 +172,8 @@ class Qwen35VLModel(Qwen35GPTModel):
                                  f"{features.shape[0]} feature rows (grids {grid.tolist()})")
             placed = placed.masked_scatter(where.unsqueeze(-1), features.to(placed.dtype))
             is_vision |= where
-        vision = VisionRows(placed[is_vision], vision_slots(is_vision)) if bool(is_vision.any()) else None
+            rows += count
+        vision = VisionRows(placed[is_vision], vision_slots(is_vision)) if for_mtp and rows else None
         # [s, b, ...] like the embeddings, and contiguous: torch.where lays its output out like its inputs, and
         # megatron's MoE router views its input
         placed, is_vision = placed.transpose(0, 1).contiguous(), is_vision.t().contiguous()
