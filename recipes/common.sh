@@ -84,12 +84,11 @@ TRAIN_ARGS=(--micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP"
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.02 $PRECISION)
 [ -n "$RECOMPUTE" ] && read -r -a rc <<< "$RECOMPUTE" && TRAIN_ARGS+=("${rc[@]}")
-CKPT_ARGS=(--save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist)
+LOAD_ARGS=(--load "$LOAD")
 # LoRA: LOAD is the frozen base (megatron's --pretrained-checkpoint) and the run resumes from SAVE, whose checkpoints
 # hold the adapters alone (megatron_qwen35/lora/base.py)
-[ "${LORA_RANK:-0}" != 0 ] && [ "$LOAD" != "$SAVE" ] \
-  && CKPT_ARGS=(--save "$SAVE" --load "$SAVE" --pretrained-checkpoint "$LOAD" --save-interval "$SAVE_INTERVAL"
-    --ckpt-format torch_dist)
+[ "${LORA_RANK:-0}" != 0 ] && [ "$LOAD" != "$SAVE" ] && LOAD_ARGS=(--load "$SAVE" --pretrained-checkpoint "$LOAD")
+CKPT_ARGS=(--save "$SAVE" "${LOAD_ARGS[@]}" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist)
 LOG_ARGS=(--log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}")
 
 ARGS=("${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}" "${LOG_ARGS[@]}" "$@")
