@@ -1,7 +1,9 @@
 """Build Qwen3.5 as megatron-core's GPTModel (megatron.training's `model_provider` is training/model_provider.py).
 
 GPTModel (not HybridModel): one TransformerLayer per Hugging Face decoder layer, our own final norm on the local
-backend, and room for mRoPE (HybridModel rejects it). Nothing here reads megatron.training's arguments.
+backend, and room for mRoPE (HybridModel rejects it). megatron-core 0.19 marks GPTModel deprecated in favour of
+HybridModel and logs so on every build; model.py leaves that notice out of ours. Nothing here reads megatron.training's
+arguments.
 """
 
 from __future__ import annotations
