@@ -13,24 +13,19 @@ from megatron.core.models.gpt import GPTModel
 GPT_MODEL_DEPRECATION_NOTICE = "GPTModel IS DEPRECATED"
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.start)
+def _not_the_deprecation_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(GPT_MODEL_DEPRECATION_NOTICE)
 
 
 @contextlib.contextmanager
 def _without_deprecation_notice():
     """megatron's GPTModel deprecation notice left out while the block runs; every other record of its logger kept."""
-    logger, drop = logging.getLogger(GPTModel.__module__), _DropMessage(GPT_MODEL_DEPRECATION_NOTICE)
-    logger.addFilter(drop)
+    logger = logging.getLogger(GPTModel.__module__)
+    logger.addFilter(_not_the_deprecation_notice)  # a logger takes a plain function as a filter
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        logger.removeFilter(_not_the_deprecation_notice)
 
 
 class Qwen35GPTModel(GPTModel):
