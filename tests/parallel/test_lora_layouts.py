@@ -156,7 +156,10 @@ def single_shared(converted, chats, tmp_path_factory):  # noqa: F811
     return _saving_run(converted, chats, tmp_path_factory.mktemp("single_shared"), "single", 1, SHARED)
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "ep2"])
+SHARED_RESUME_LAYOUTS = {"tp2_sp": {"TP": "2"}, "ep2": {"EP": "2"}}
+
+
+@pytest.mark.parametrize("layout", list(SHARED_RESUME_LAYOUTS))
 def test_one_adapter_shared_by_the_experts_resumes_at_tp2_sp_and_ep2_to_the_single_process_step(  # noqa: F811
         layout, converted, chats, single_shared, tmp_path):  # noqa: F811
     """The single process's checkpoint of step 2 (one replicated entry per layer and linear, no per-expert adapter)
@@ -173,8 +176,7 @@ def test_one_adapter_shared_by_the_experts_resumes_at_tp2_sp_and_ep2_to_the_sing
     saved = tmp_path / "adapters"
     shutil.copytree(root / "ckpt-single", saved)
     resumed = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
-                     SFT_DATA_PATH=str(chats), run_name=layout, **{**SHARED, **{"tp2_sp": {"TP": "2"},
-                                                                                "ep2": {"EP": "2"}}[layout]})
+                     SFT_DATA_PATH=str(chats), run_name=layout, **SHARED, **SHARED_RESUME_LAYOUTS[layout])
     _assert_resumed_step_3(single, resumed)
 
 
