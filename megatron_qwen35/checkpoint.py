@@ -31,6 +31,9 @@ TRAINING_STATE_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "qwen35_config.json"
 RELEASE = "release"  # the tracker's word (and the directory) for weights without a training state
+# qwen35_config.json metadata: the config of the checkpoint a run loaded from its own --save, kept until the run's
+# first save there (training/launch.py writes it; read_config answers with it while that checkpoint is the newest)
+UNTIL_NEXT_SAVE = "until_next_save"
 
 
 def iteration_dir(ckpt_dir: Path | str, iteration: int | str) -> Path:
@@ -64,14 +67,28 @@ def write_config(ckpt_dir: Path | str, cfg: Qwen35Config, metadata: dict[str, An
 
 
 def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
-    """The model config and metadata stored with a checkpoint written by this project."""
+    """The model config and metadata stored with a checkpoint written by this project, for its newest checkpoint: a
+    run that loaded from its own --save and changed what its checkpoints hold (the MTP layer) wrote its config with
+    the loaded one kept (UNTIL_NEXT_SAVE), which answers until the run has saved (a run that fails before its first
+    save leaves the folder describing what it holds)."""
     path = Path(ckpt_dir) / CONFIG
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron_qwen35 checkpoint: {CONFIG} is missing")
-    d = json.loads(path.read_text())
-    return Qwen35Config.from_dict(d["config"]), d.get("metadata", {})
+    try:  # a damaged or crafted file is bad input, named: not a KeyError / TypeError deep in a reader
+        d = json.loads(path.read_text())
+        metadata = d.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise TypeError(f"'metadata' is a {type(metadata).__name__}, not an object")
+        loaded = metadata.get(UNTIL_NEXT_SAVE)
+        if loaded is not None:
+            if (Path(ckpt_dir) / TRACKER).is_file() and str(latest_iteration(ckpt_dir)) == loaded["iteration"]:
+                return Qwen35Config.from_dict(loaded["config"]), dict(loaded["metadata"])
+            metadata = {k: v for k, v in metadata.items() if k != UNTIL_NEXT_SAVE}
+        return Qwen35Config.from_dict(d["config"]), metadata
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json's decode error is a ValueError
+        raise ValueError(f"{path} is not a readable {CONFIG} ({type(e).__name__}: {e})") from None
 
 
 def latest_iteration(ckpt_dir: Path | str) -> int | str:

@@ -31,6 +31,7 @@ class Run:
     grad_norms: dict[int, float]
     stdout: str
     stderr: str
+    returncode: int
 
 
 def _free_port() -> int:
@@ -48,7 +49,7 @@ def _run(command: list[str], workdir: Path, tensorboard: Path, env: dict, check:
         raise AssertionError(f"{' '.join(command[:3])} ... failed ({done.returncode}):\n{done.stderr[-6000:]}")
     losses = scalars(tensorboard, "lm loss") if tensorboard.is_dir() else {}
     grad_norms = scalars(tensorboard, "grad-norm") if tensorboard.is_dir() else {}
-    return Run(losses, grad_norms, done.stdout, done.stderr)
+    return Run(losses, grad_norms, done.stdout, done.stderr, done.returncode)
 
 
 def pretrain(workdir: Path, *flags: str, nproc: int = 1, run_name: str = "run", base: tuple = TINY_RUN,

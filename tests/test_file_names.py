@@ -133,6 +133,34 @@ def test_a_recorded_shard_named_like_a_side_file_is_not_written_over_it(world, c
     assert not (world / "out").exists()
 
 
+DAMAGED_CONFIGS = {  # a qwen35_config.json changed by hand or by a tool -> the fault the one line names
+    "not JSON": (lambda config: "{", "JSONDecodeError"),
+    "no config": (lambda config: {"metadata": config["metadata"]}, "KeyError: 'config'"),
+    "metadata a list": (lambda config: {**config, "metadata": ["hf_files"]}, "'metadata' is a list"),
+    "no source dtype": (lambda config: {**config, "metadata": {k: v for k, v in config["metadata"].items()
+                                                               if k != "source_dtype"}}, "KeyError: 'source_dtype'"),
+    "files a number": (lambda config: {**config, "metadata": {**config["metadata"], "hf_files": 5}}, "TypeError"),
+    "experts a string": (lambda config: {**config, "metadata": {**config["metadata"], "expert_layout": "packed"}},
+                         "AttributeError"),
+    "LoRA without rank": (lambda config: {**config, "metadata": {**config["metadata"], "lora": {"alpha": 8}}},
+                          "a damaged LoRA record"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_CONFIGS))
+def test_a_damaged_config_or_record_is_refused_on_export_in_one_line(world, capsys, damage):
+    """A field missing or of the wrong kind was a raw KeyError / TypeError / AttributeError traceback."""
+    change, says = DAMAGED_CONFIGS[damage]
+    changed = change(json.loads((world / "mg" / CONFIG).read_text()))
+    (world / "mg" / CONFIG).write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    before = tree(world)
+    assert export(world)() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and says in err, err
+    assert str(world / "mg" / CONFIG) in err or damage == "LoRA without rank", err
+    assert tree(world) == before and not (world / "out").exists()
+
+
 @pytest.mark.parametrize("form", ["parent", "absolute", "subfolder"])
 def test_torch_dist_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(world, capsys, form):
     """`.metadata` names each record's data file: the export reads none outside the checkpoint's folder."""

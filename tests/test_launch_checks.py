@@ -25,6 +25,7 @@ def assert_refused_in_one_line(run, *, says: str) -> str:
     """The launch printed exactly one line, the error, and exited 2: no rank started, no traceback."""
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines[-40:]
+    assert run.returncode == 2, run.returncode
     return lines[0]
 
 
@@ -115,13 +116,21 @@ def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path)
     assert list(run.losses) == [1] and (tmp_path / "tuned" / CONFIG).is_file()
 
 
-def test_a_crafted_conversion_record_in_the_loaded_checkpoint_is_refused_at_launch(checkpoint, tmp_path):
-    """Training copies the record into --save: a crafted one is refused before it travels."""
+CRAFTED_RECORDS = {  # how the loaded checkpoint's record was changed -> what the refusal says
+    "a file outside": (lambda meta: meta["hf_files"].update({"../escaped.txt": "x"}),
+                       "'../escaped.txt' among the Hugging Face side files"),
+    "a field missing": (lambda meta: meta.pop("source_dtype"), "a damaged conversion record (KeyError: 'source_dtype')"),
+}
+
+
+@pytest.mark.parametrize("crafted", list(CRAFTED_RECORDS))
+def test_a_crafted_conversion_record_in_the_loaded_checkpoint_is_refused_at_launch(checkpoint, tmp_path, crafted):
+    """Training copies the record into --save: a crafted or damaged one is refused before it travels."""
+    change, says = CRAFTED_RECORDS[crafted]
     config = json.loads((checkpoint / CONFIG).read_text())
-    config["metadata"]["hf_files"]["../escaped.txt"] = "x"
+    change(config["metadata"])
     (checkpoint / CONFIG).write_text(json.dumps(config))
-    recipe_refused(tmp_path, LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"),
-                   says="'../escaped.txt' among the Hugging Face side files")
+    recipe_refused(tmp_path, LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"), says=says)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +191,29 @@ def test_a_checkpoint_without_mtp_weights_fine_tunes_through_the_recipe(without_
                        says="resumes an iteration saved with no MTP layer(s), this run has 1")
 
 
+def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it_holds_until_it_saves(
+        without_mtp, tmp_path):
+    """LOAD = SAVE (the recipes' default) on a checkpoint without MTP weights, MTP on: a run that dies after the
+    load and before its first save (a NaN loss at step 2, megatron's rerun machine off so it saves nothing) leaves
+    the folder exporting the source to the bit, no MTP; the same command then trains from it (the MTP layer fresh,
+    said again) and, once it has saved, the folder holds and exports the MTP layer it trained."""
+    hf, converted = without_mtp
+    folder = tmp_path / "ckpt"
+    shutil.copytree(converted, folder)
+    same = dict(LOAD=str(folder), SAVE=str(folder), WARMUP="0")
+    failed = recipe(tmp_path, "--rerun-mode", "disabled", check=False, run_name="failed", LR="1e30", MIN_LR="1e30",
+                    **same)
+    assert failed.returncode != 0 and list(failed.losses) == [1], failed.stderr[-3000:]
+    assert "found NaN" in failed.stdout + failed.stderr and not list(folder.glob("iter_*"))
+    qwen35_megatron_to_hf(folder, tmp_path / "after_failure", progress=False)
+    source, export = SafetensorsCheckpoint(hf), SafetensorsCheckpoint(tmp_path / "after_failure")
+    assert set(export) == set(source) and all(export[n].equal(source[n]) for n in source)
+    run = recipe(tmp_path, run_name="again", TRAIN_ITERS="1", **same)
+    assert list(run.losses) == [1] and "MTP layer(s) start from their initialisation" in run.stdout + run.stderr
+    qwen35_megatron_to_hf(folder, tmp_path / "trained", progress=False)
+    assert any(n.startswith("mtp.") for n in SafetensorsCheckpoint(tmp_path / "trained"))
+
+
 def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     from megatron.core.datasets import indexed_dataset
 
@@ -196,6 +228,36 @@ def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Permission denied") and "corpus.tmp" in err and len(err.splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+CHAT_AND_VL_TOOLS = {  # tool -> (its input rows, its model)
+    "preprocess_sft.py": ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
+                          "tiny-moe"),
+    "preprocess_vl.py": ('{"text": "A line of text."}', "tiny-vl"),
+}
+
+
+@pytest.mark.parametrize("tool", list(CHAT_AND_VL_TOOLS))
+def test_the_chat_and_vl_tools_name_a_full_disk_in_one_line_and_leave_nothing(tool, tmp_path, capsys, monkeypatch):
+    """A shard that cannot be written (the disk full mid-run): one error line, exit 2, no output folder and no
+    temporary one left beside it."""
+    import errno
+
+    from megatron_qwen35.data.preprocess_vl import ShardWriter
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "shard-00000.pt"))
+
+    monkeypatch.setattr(ShardWriter, "flush", full_disk)
+    rows, preset = CHAT_AND_VL_TOOLS[tool]
+    (tmp_path / "rows.jsonl").write_text(rows + "\n")
+    main = runpy.run_path(str(REPO / "tools/data" / tool), run_name="cli")["main"]
+    assert main(["--input", str(tmp_path / "rows.jsonl"), "--output-dir", str(tmp_path / "out" / "data"),
+                 "--qwen35-preset", preset]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "processing:" not in line]
+    assert len(err) == 1 and err[0].startswith("error: No space left on device"), err
+    assert "shard-00000.pt" in err[0] and "free space and run again" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
 
 
 def test_preprocess_of_a_rejected_input_leaves_no_output_folder(tmp_path, capsys):

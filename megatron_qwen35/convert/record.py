@@ -77,6 +77,13 @@ class ConversionRecord:
         ValueError before anything is read or written."""
         if metadata.get("source") != "huggingface":
             return cls.absent()
+        try:  # a field of the wrong kind is a damaged record, named, not a TypeError deep in an export
+            return cls._from_huggingface_metadata(metadata, source)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: a damaged conversion record ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_huggingface_metadata(cls, metadata: dict[str, Any], source: str | Path) -> ConversionRecord:
         experts = metadata.get("expert_layout") or {}
         layout = HFLayout(metadata.get("hf_prefix", TEXT_ONLY_PREFIX), experts.get("decoder", "per_expert"),
                           experts.get("mtp", "per_expert"), bool(metadata.get("tied_lm_head_in_source")))

@@ -74,10 +74,14 @@ class LoRASettings:
 
     @classmethod
     def from_record(cls, record: dict) -> LoRASettings:
-        return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
-                   target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
-                   vision=bool(record.get("vision", False)),  # (records written before these could adapt)
-                   router=bool(record.get("router", False)), experts=str(record.get("experts", "each")))
+        """The settings a checkpoint records; a field missing or of the wrong kind is a ValueError that says so."""
+        try:
+            return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
+                       target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
+                       vision=bool(record.get("vision", False)),  # (records written before these could adapt)
+                       router=bool(record.get("router", False)), experts=str(record.get("experts", "each")))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"a damaged LoRA record {str(record):.200} ({type(e).__name__}: {e})") from None
 
     def shape(self) -> tuple:
         """What an adapter checkpoint must agree on with a run that loads it."""

@@ -104,6 +104,15 @@ def _mtp_note(args, named: str, cfg: Qwen35Config, saved_mtp: int, weights_only:
             "they are not loaded, and its checkpoints and exports hold none"]
 
 
+def _check_base_is_not_overwritten(args, load: Path, named: str) -> None:
+    """A LoRA run's checkpoints hold the adapters alone: saved into the folder of the base they load (the recipes'
+    LOAD=SAVE), they would become its newest checkpoint, and no run could name that base again."""
+    if args.save and Path(args.save).resolve() == load.resolve():
+        raise LaunchRefused(f"{named} is the base of this LoRA run and its --save: the run's checkpoints (the adapters "
+                            "alone) would hide the base; save the adapters in a folder of their own (SAVE= in the "
+                            "recipes, with LOAD= the base)")
+
+
 def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool) -> list[str]:
     """What a load does with LoRA adapters, the checkpoint's (its record) against the run's; where the run's base
     comes from (`args.qwen35_lora_base`) and its fingerprint (`args.qwen35_lora_base_fingerprint`, rank 0)."""
@@ -115,6 +124,8 @@ def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool)
     saved = LoRASettings.from_record(metadata["lora"]) if metadata.get("lora") else None
     if saved is None and run is None:
         return []
+    if run is not None and (saved is None or recorded_base(metadata) is None):
+        _check_base_is_not_overwritten(args, load, named)
     if saved is None:
         if not weights_only:
             raise LaunchRefused(f"{named} resumes an iteration of full training: its optimizer state is "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_qwen35.checkpoint import CONFIG, read_config, write_config
+from megatron_qwen35.checkpoint import CONFIG, UNTIL_NEXT_SAVE, latest_iteration, read_config, write_config
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.training.flags import (
     add_qwen35_args,
@@ -150,25 +150,33 @@ def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     it trains is what its checkpoints hold), and so are the LoRA adapters' settings (`lora`) and the fingerprint of
     their base (lora/base.py). Called once the load
     has succeeded (`datasets_after_load`): a refused or failed run writes nothing into --save, which may be the
-    --load it failed to load."""
+    --load it failed to load; where --save is the checkpoint just loaded and the run changes what it holds, the
+    loaded config stays the answer until the run's first save there (checkpoint.UNTIL_NEXT_SAVE)."""
     if not args.save or args.rank != 0:
         return
     from megatron_qwen35.lora.base import LORA_BASE
     from megatron_qwen35.training.checkpoint_check import checkpoint_to_load
     from megatron_qwen35.training.flags import lora_settings_from_args
 
-    saved, metadata = cfg, {}
+    saved, loaded_metadata = cfg, {}
     loaded, _ = checkpoint_to_load(args)
     if loaded is not None and (loaded / CONFIG).is_file():
-        saved, metadata = read_config(loaded)
+        saved, loaded_metadata = read_config(loaded)
     lora = lora_settings_from_args(args)
-    metadata = {k: v for k, v in metadata.items() if k not in ("lora", LORA_BASE)}
+    metadata = {k: v for k, v in loaded_metadata.items() if k not in ("lora", LORA_BASE)}
     if lora is not None:  # its checkpoints hold the adapters; the base they train on, where there is one
         base = getattr(args, "qwen35_lora_base_fingerprint", None)
         metadata |= {"lora": lora.to_record()} | ({LORA_BASE: base} if base else {})
     save = Path(args.save)
+    run_config = saved.replace(mtp_num_layers=cfg.mtp_num_layers)
+    if (loaded is not None and (loaded / CONFIG).is_file() and save.resolve() == loaded.resolve()
+            and (run_config, metadata) != (saved, loaded_metadata)):
+        # --save is the checkpoint just loaded (the recipes' LOAD=SAVE): it keeps describing what it holds until
+        # this run's first save there (checkpoint.read_config)
+        metadata[UNTIL_NEXT_SAVE] = {"iteration": str(latest_iteration(loaded)), "config": saved.to_dict(),
+                                     "metadata": loaded_metadata}
     save.mkdir(parents=True, exist_ok=True)
-    write_config(save, saved.replace(mtp_num_layers=cfg.mtp_num_layers), metadata)
+    write_config(save, run_config, metadata)
 
 
 def datasets_after_load(provider):

@@ -145,6 +145,15 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
                                                      seed=4), tmp_path / "other", progress=False)
     code, err = _preflight(monkeypatch, capsys, LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
     assert code == 2 and f"{other} is not the base the adapters in {saved} were trained on" in err, err
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=str(converted), SFT_DATA_PATH=str(chats),
+                           **LORA)  # the adapters' checkpoints would become the base folder's newest
+    assert code == 2 and f"--load {converted} is the base of this LoRA run and its --save" in err, err
+    tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
+    assert tool(["--megatron-dir", saved, "--base-dir", str(other), "--out-dir", str(tmp_path / "merged"),
+                 "--no-progress"]) == 2  # a merge into a base of another model
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{other} is not the base the adapters in {saved} were trained on" in err
+    assert not (tmp_path / "merged").exists()
 
 
 # LORA_EXPERTS=shared: one adapter for all of a layer's routed experts, its gradient gathered from every rank's experts
