@@ -1,7 +1,8 @@
-"""Chat generation: one user turn -> the prompt Qwen3.5's chat template writes for the model to answer, and the ids
-that end the answer.
+"""Chat generation: a conversation's next user turn -> the prompt Qwen3.5's chat template writes for the model to
+answer, and the ids that end the answer.
 
-The prompt is the conversation (an optional system turn, the user turn with its images first) and the generation
+The prompt is the conversation (an optional system turn, its earlier turns as transformers' messages, the new user
+turn with its images first) and the generation
 prompt `<|im_start|>assistant\\n` with the thinking block opened (`<think>\\n`) or empty
 (`<think>\\n\\n</think>\\n\\n`), as rendered by `data/chat_template.py`, or, when a Hugging Face tokenizer folder
 has a chat template of its own, by transformers with that template (what `apply_chat_template` on that folder gives).
@@ -12,6 +13,7 @@ larger the one with thinking on (tests/fixtures/README.md). A reply ends at `<|i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from megatron_qwen35.config import Qwen35Config, qwen35_preset
@@ -35,25 +37,40 @@ def qwen35_thinking_by_default(cfg: Qwen35Config) -> bool:
     return shape(cfg) not in {shape(qwen35_preset(name)) for name in THINKING_OFF_SIZES}
 
 
-def qwen35_chat_messages(prompt: str, *, system: str | None = None, num_images: int = 0) -> list[dict]:
-    """transformers' messages of one user turn: a system turn first when given; the images as content items
-    `{"type": "image"}` before the text, where the template writes them."""
+def qwen35_chat_messages(prompt: str, *, system: str | None = None, num_images: int = 0,
+                         history: Sequence[Mapping] = ()) -> list[dict]:
+    """transformers' messages of a conversation's next user turn: a system turn first when given, then `history`
+    (the earlier turns as transformers' message dicts: user, assistant with reasoning_content and tool_calls, tool;
+    a system turn of their own first instead of `system`), then the turn, its images as content items
+    `{"type": "image"}` before the text, where the template writes them. The images are the new turn's: an earlier
+    turn's image or video is refused (its pixels are not given)."""
+    history = [dict(m) for m in history]
+    for i, message in enumerate(history):
+        items = message.get("content") if isinstance(message.get("content"), list) else []
+        if any(isinstance(item, Mapping) and item.get("type") in ("image", "video") for item in items):
+            raise ValueError(f"the conversation's turn {i} holds an image or video: only the new turn's images are "
+                             "given (--image)")
+    if system is not None and history and history[0].get("role") == "system":
+        raise ValueError("the conversation begins with a system turn of its own, and a system turn was given too")
     content = ([{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]) if num_images else prompt
     messages = [] if system is None else [{"role": "system", "content": system}]
-    return messages + [{"role": "user", "content": content}]
+    return messages + history + [{"role": "user", "content": content}]
 
 
 def qwen35_chat_prompt(cfg: Qwen35Config, prompt: str, *, system: str | None = None, num_images: int = 0,
-                       enable_thinking: bool | None = None, tokenizer_dir: str | Path | None = None) -> str:
-    """The text given to the model for it to answer `prompt` (each image as the template's
-    `<|vision_start|><|image_pad|><|vision_end|>`): rendered by the template of `tokenizer_dir` when that folder has
-    one, else by Qwen3.5's released template of `cfg`'s size. enable_thinking None: as that template does."""
-    messages = qwen35_chat_messages(prompt, system=system, num_images=num_images)
+                       enable_thinking: bool | None = None, tokenizer_dir: str | Path | None = None,
+                       history: Sequence[Mapping] = (), tools: Sequence | None = None) -> str:
+    """The text given to the model for it to answer `prompt` after the conversation's earlier turns `history` (each
+    image as the template's `<|vision_start|><|image_pad|><|vision_end|>`; `tools`: function schemas the template
+    lists in the system turn): rendered by the template of `tokenizer_dir` when that folder has one, else by
+    Qwen3.5's released template of `cfg`'s size. enable_thinking None: as that template does."""
+    messages = qwen35_chat_messages(prompt, system=system, num_images=num_images, history=history)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     if tokenizer_dir is not None and has_chat_template(tokenizer_dir):
-        return render_with_tokenizer_template(tokenizer_dir, messages, add_generation_prompt=True, **kwargs)
-    return render_qwen35_chat(messages, add_generation_prompt=True, thinking_by_default=qwen35_thinking_by_default(cfg),
-                              **kwargs)
+        return render_with_tokenizer_template(tokenizer_dir, messages, tools=tools, add_generation_prompt=True,
+                                              **kwargs)
+    return render_qwen35_chat(messages, tools=tools, add_generation_prompt=True,
+                              thinking_by_default=qwen35_thinking_by_default(cfg), **kwargs)
 
 
 def with_image_placeholders(text: str, num_images: int) -> str:

@@ -25,6 +25,38 @@ def test_document_boundaries_follow_each_end_of_document_token():
         document_boundaries(torch.zeros(2, 4, dtype=torch.long), EOD)
 
 
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_a_sequence_cut_at_its_end_of_document_tokens_runs_each_document_as_if_alone(preset):
+    """What training hands the model for a --reset-attention-mask sequence (training/steps.py: its
+    document_boundaries as THD PackedSeqParams, the dataset's running positions as they come without
+    --reset-position-ids): each document's logits equal it run alone (fp32), and changing one document leaves the
+    next one's logits equal to the bit (the GDN state and conv, attention and rope restart at each boundary)."""
+    from megatron_qwen35.config import qwen35_preset, qwen35_transformer_config
+    from megatron_qwen35.provider import qwen35_gpt_model
+    from tests.test_sft import _packed_params
+
+    cfg = qwen35_preset(preset)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32)).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = (70, 33, 25)  # 70: not a multiple of the GDN's 64-token chunk
+    tokens = torch.randint(0, EOD, (1, sum(lengths)), generator=g)
+    ends = torch.tensor(lengths).cumsum(0)
+    tokens[0, ends[:-1] - 1] = EOD  # the last document ends with the sequence
+    cu = document_boundaries(tokens, EOD)
+    assert cu.tolist() == [0, *ends.tolist()]
+    running = torch.arange(tokens.shape[1]).unsqueeze(0)
+    changed = tokens.clone()
+    changed[0, 10:60] = torch.randint(0, EOD, (50,), generator=g)  # the first document only
+    with torch.no_grad():
+        packed, after = (model(t, running, None, packed_seq_params=_packed_params(cu)) for t in (tokens, changed))
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            alone = model(tokens[:, start:end], torch.arange(end - start).unsqueeze(0), None)
+            assert (packed[:, start:end] - alone).abs().max().item() <= 1e-5, (start, end)
+    assert not torch.equal(packed[:, :70], after[:, :70])
+    assert torch.equal(packed[:, 70:], after[:, 70:])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """80 documents of 3-14 byte ids, each ending in the end-of-document token."""

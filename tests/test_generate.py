@@ -10,6 +10,7 @@ log-probabilities by the same (<= 1e-5). Measured maxima are in the docstrings.
 from __future__ import annotations
 
 import io
+import json
 import runpy
 from pathlib import Path
 
@@ -526,3 +527,69 @@ def test_chat_reply_equals_transformers_generate_on_the_templated_prompt(chat_ch
     assert _tool()["main"](["--checkpoint", str(path), "--chat", "--system", "Be brief.", "--prompt", "What is 2+2?",
                             "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == qwen_tokenizer.decode(reply) + "\n"
+
+
+HISTORY = {  # a conversation's earlier turns, as a row of tools/data/preprocess_sft.py's input
+    "messages": [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "What is 2+2?"},
+                 {"role": "assistant", "content": "4.", "reasoning_content": "Two and two."},
+                 {"role": "user", "content": "And times 3?"},
+                 {"role": "assistant", "content": "",
+                  "tool_calls": [{"function": {"name": "calc", "arguments": {"expr": "4*3"}}}]},
+                 {"role": "tool", "content": "12"}],
+    "tools": [{"type": "function", "function": {"name": "calc", "description": "Evaluate.",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"expr": {"type": "string"}}}}}],
+}
+
+
+@pytest.mark.parametrize("thinking", [[], ["--no-thinking"]])
+@pytest.mark.parametrize("preset", ["tiny", "0.8b"])
+def test_a_conversations_earlier_turns_render_as_the_released_template_does(preset, thinking, tmp_path):
+    """--history (the earlier turns: a system prompt, reasoning, which the template drops from turns before the
+    last user query, a tool call and its result, the tools' schemas) then --prompt: transformers' rendering of the
+    whole conversation with the released template of the checkpoint's size."""
+    tool = _tool()
+    (tmp_path / "turns.json").write_text(json.dumps(HISTORY))
+    argv = ["--checkpoint", "unused", "--prompt", "Thanks!", "--chat", "--history", str(tmp_path / "turns.json")]
+    text = tool["_model_text"](tool["_arguments"](argv + thinking), qwen35_preset(preset))
+    kwargs = {} if not thinking else {"enable_thinking": False}
+    want = _released_template(HISTORY["messages"] + [{"role": "user", "content": "Thanks!"}], tools=HISTORY["tools"],
+                              thinking_by_default=preset == "tiny", **kwargs)
+    assert text == want and "<tool_call>" in text and "# Tools" in text and "Two and two." not in text
+    (tmp_path / "list.json").write_text(json.dumps(HISTORY["messages"][1:]))  # a plain list of messages
+    argv[-1] = str(tmp_path / "list.json")
+    assert tool["_model_text"](tool["_arguments"](argv + ["--system", "Be brief."]), qwen35_preset(preset)) == \
+        _released_template(HISTORY["messages"] + [{"role": "user", "content": "Thanks!"}],
+                           thinking_by_default=preset == "tiny")
+
+
+@pytest.mark.parametrize("history, says", [
+    ("{not json", "is not valid JSON"),
+    ({"turns": []}, "expected a list of messages"),
+    ([{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, {"role": "assistant", "content": "A."}],
+     "turn 0 holds an image or video"),
+    ([{"role": "system", "content": "Other."}], "begins with a system turn of its own, and a system turn was given"),
+])
+def test_a_history_the_chat_cannot_render_is_one_error_line(history, says, tmp_path, capsys, chat_checkpoint):
+    _, path, _, _ = chat_checkpoint
+    (tmp_path / "turns.json").write_text(history if isinstance(history, str) else json.dumps(history))
+    assert _tool()["main"](["--checkpoint", str(path), "--chat", "--system", "Hi.", "--prompt", "Go on.",
+                            "--history", str(tmp_path / "turns.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_a_chat_with_earlier_turns_answers_as_transformers_generate(chat_checkpoint, qwen_tokenizer, tmp_path, capsys):
+    """The conversation's turns before the new one, through --history: the reply transformers' greedy `generate`
+    gives for the whole conversation rendered with the released template, token for token."""
+    hf, path, _, _ = chat_checkpoint
+    ids = torch.tensor([qwen_tokenizer.encode(_released_template(
+        HISTORY["messages"] + [{"role": "user", "content": "Thanks!"}], tools=HISTORY["tools"]))])
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=CHAT_END_IDS,
+                           pad_token_id=ENDOFTEXT)[0, ids.shape[1]:].tolist()
+    (tmp_path / "turns.json").write_text(json.dumps(HISTORY))
+    assert _tool()["main"](["--checkpoint", str(path), "--chat", "--history", str(tmp_path / "turns.json"),
+                            "--prompt", "Thanks!", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == qwen_tokenizer.decode([t for t in want if t not in CHAT_END_IDS]) + "\n"

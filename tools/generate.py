@@ -4,7 +4,8 @@
     python tools/generate.py --checkpoint DIR --prompt TEXT [--image PNG ... [--image-pixels MIN MAX]]
                              [--max-new-tokens N] [--min-new-tokens M] [--temperature T --top-p P --seed S]
                              [--tokenizer-dir DIR]
-                             [--chat [--system TEXT] [--thinking | --no-thinking]] [--adapter PEFT_DIR] [--base DIR]
+                             [--chat [--system TEXT] [--history TURNS.json] [--thinking | --no-thinking]]
+                             [--adapter PEFT_DIR] [--base DIR]
 
 DIR is what training or tools/convert/hf_to_megatron.py wrote (its newest iteration is used); a LoRA run's checkpoint
 runs with its adapters on the base --base names (the checkpoint it was trained on), and --adapter puts a Hugging
@@ -16,7 +17,8 @@ Greedy by default; generation ends at <|endoftext|> (not before --min-new-tokens
 input is one `error: ...` line (exit 2). Under torchrun, --tensor-parallel / --expert-parallel split the model and
 rank 0 prints.
 
---chat: the prompt is the user's turn (its images first), after a --system turn when given, rendered by Qwen3.5's
+--chat: the prompt is the user's turn (its images first), after a --system turn when given and the conversation's
+earlier turns (--history: transformers' messages, with reasoning, tool calls and tool results), rendered by Qwen3.5's
 chat template with the generation prompt `<|im_start|>assistant\n` (megatron_qwen35/chat.py); a --tokenizer-dir
 with a chat template of its own renders with that instead, as transformers would. The reply's thinking block opens
 as the checkpoint's template revision does (on for 4B and larger, off for 0.8B and 2B) unless --thinking or
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +66,10 @@ def _arguments(argv):
     chat.add_argument("--chat", action="store_true",
                       help="answer --prompt as the user's turn, in Qwen3.5's chat template; print only the reply")
     chat.add_argument("--system", default=None, help="with --chat: a system turn before the user's")
+    chat.add_argument("--history", type=Path, default=None,
+                      help="with --chat: a .json file of the conversation's earlier turns, before --prompt: a list of "
+                           "transformers' messages, or an object with 'messages' (and 'tools'), as a row of "
+                           "tools/data/preprocess_sft.py's input")
     chat.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                       help="with --chat: open the reply's thinking block, or (--no-thinking) leave it empty "
                            "(default: as the checkpoint's template revision does)")
@@ -125,15 +132,33 @@ def _model_text(args, cfg) -> str:
 
     if not args.chat:
         return IMAGE_PLACEHOLDER * len(args.image) + args.prompt
+    history, tools = _history(args.history) if args.history else ([], None)
     text = qwen35_chat_prompt(cfg, args.prompt, system=args.system, num_images=len(args.image),
-                              enable_thinking=args.thinking, tokenizer_dir=args.tokenizer_dir)
+                              enable_thinking=args.thinking, tokenizer_dir=args.tokenizer_dir, history=history,
+                              tools=tools)
     return with_image_placeholders(text, len(args.image))
+
+
+def _history(path: Path) -> tuple[list, list | None]:
+    """(the earlier turns, the tools) of a --history file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--history {path} does not exist")
+    try:
+        loaded = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--history {path} is not valid JSON ({e})") from None
+    messages, tools = (loaded.get("messages"), loaded.get("tools")) if isinstance(loaded, dict) else (loaded, None)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"--history {path}: expected a list of messages (objects with a 'role'), or an object with "
+                         "'messages'")
+    return messages, tools
 
 
 def main(argv=None) -> int:
     args = _arguments(argv)
-    if not args.chat and (args.system is not None or args.thinking is not None):  # before the slow imports
-        flag = "--system" if args.system is not None else "--thinking" if args.thinking else "--no-thinking"
+    if not args.chat and (args.system is not None or args.thinking is not None or args.history):  # before imports
+        flag = ("--system" if args.system is not None else "--history" if args.history else
+                "--thinking" if args.thinking else "--no-thinking")
         print(f"error: {flag} shapes a chat prompt: it needs --chat", file=sys.stderr)
         return 2
     import torch

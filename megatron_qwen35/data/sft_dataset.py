@@ -14,7 +14,7 @@ multiple of `align` (2 x context parallel), and a padding document filling the r
 
 The sequences of a split are visited epoch after epoch, each epoch in its own seeded order. The model separates the
 conversations through megatron's PackedSeqParams: attention, the Gated DeltaNet conv and recurrence, rope and MTP
-restart at every boundary, so a packed conversation computes as it does alone (tests/parallel/test_sft_layouts.py).
+restart at every boundary, so a packed conversation computes as it does alone (tests/test_sft.py, tests/parallel/test_sft_matrix.py).
 """
 
 from __future__ import annotations
