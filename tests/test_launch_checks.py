@@ -119,7 +119,8 @@ def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path)
 CRAFTED_RECORDS = {  # how the loaded checkpoint's record was changed -> what the refusal says
     "a file outside": (lambda meta: meta["hf_files"].update({"../escaped.txt": "x"}),
                        "'../escaped.txt' among the Hugging Face side files"),
-    "a field missing": (lambda meta: meta.pop("source_dtype"), "a damaged conversion record (KeyError: 'source_dtype')"),
+    "a field missing": (lambda meta: meta.pop("source_dtype"),
+                        "a damaged conversion record (KeyError: 'source_dtype')"),
 }
 
 
@@ -231,8 +232,8 @@ def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tm
 
 
 CHAT_AND_VL_TOOLS = {  # tool -> (its input rows, its model)
-    "preprocess_sft.py": ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
-                          "tiny-moe"),
+    "preprocess_sft.py": ('{"messages": [{"role": "user", "content": "Hi"}, '
+                          '{"role": "assistant", "content": "Hello"}]}', "tiny-moe"),
     "preprocess_vl.py": ('{"text": "A line of text."}', "tiny-vl"),
 }
 

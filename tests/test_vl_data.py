@@ -269,7 +269,7 @@ def test_long_samples_cut_only_text_and_oversized_samples_name_themselves(demo_d
 
 def test_build_vl_datasets_splits_wraps_and_checks_the_model(demo_dir):
     """Megatron's --split bookends, each dataset as long as asked (wrapping around, a new seeded order each epoch,
-    the same on every call), None where none is asked, batched by a DataLoader worker; a model with other vision
+    the same on every call), None where none is asked or the split gives none, batched by a DataLoader worker; a model with other vision
     ids is refused."""
     import dataclasses
 
@@ -278,6 +278,8 @@ def test_build_vl_datasets_splits_wraps_and_checks_the_model(demo_dir):
     vision = qwen35_preset("tiny-vl").vision
     train, valid, test = build_vl_datasets(demo_dir, 256, [50, 5, 0], vision=vision, split="75,25,0")
     assert test is None and (len(train), len(valid)) == (50, 5)
+    # evaluation on: megatron asks for test samples too, which a split of no test share leaves without a dataset
+    assert build_vl_datasets(demo_dir, 256, [50, 5, 5], vision=vision, split="75,25,0")[2] is None
     assert list(train.indices) == list(range(18)) and list(valid.indices) == list(range(18, 24))
     first = [int(train[i]["tokens"][1]) for i in range(36)]
     again = build_vl_datasets(demo_dir, 256, [50, 5, 0], vision=vision, split="75,25,0")[0]

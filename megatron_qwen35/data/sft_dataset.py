@@ -14,7 +14,8 @@ multiple of `align` (2 x context parallel), and a padding document filling the r
 
 The sequences of a split are visited epoch after epoch, each epoch in its own seeded order. The model separates the
 conversations through megatron's PackedSeqParams: attention, the Gated DeltaNet conv and recurrence, rope and MTP
-restart at every boundary, so a packed conversation computes as it does alone (tests/test_sft.py, tests/parallel/test_sft_matrix.py).
+restart at every boundary, so a packed conversation computes as it does alone (tests/test_sft.py,
+tests/parallel/test_sft_matrix.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import torch
 
 from megatron_qwen35.config import Qwen35VisionConfig
 from megatron_qwen35.data.packing import PackedLayout, aligned, first_fit
-from megatron_qwen35.data.vl_dataset import _SPLITS, DEFAULT_SPLIT, LIMITS, Qwen35VLSamples, _pad_rows
+from megatron_qwen35.data.vl_dataset import (
+    _SPLITS,
+    DEFAULT_SPLIT,
+    LIMITS,
+    Qwen35VLSamples,
+    _pad_rows,
+    split_ranges,
+)
 from megatron_qwen35.layers.rotary import mrope_position_ids
 
 SFT_FORMAT = "qwen35-sft-samples/1"  # data/preprocess_sft.py's FORMAT (not imported: that module loads the processor)
@@ -119,12 +127,8 @@ class Qwen35SFTDataset(torch.utils.data.Dataset):
 def build_sft_datasets(data_dir, seq_length: int, train_valid_test_num_samples, *, vision: Qwen35VisionConfig | None,
                        split: str = DEFAULT_SPLIT, seed: int = 1234, pack: bool = True, align: int = 1):
     """(train, valid, test) datasets of a preprocessed chat directory for megatron.training: the conversations split
-    in order by `split` (megatron's --split), each split packed on its own; None where megatron asks for none."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
+    in order by `split` (megatron's --split), each split packed on its own; None where megatron asks for none or the
+    split gives the part no share (megatron asks for test samples whenever evaluation is on)."""
     samples = sft_samples(data_dir)
     if (samples.vision is None) != (vision is None):
         raise ValueError(f"{data_dir} was preprocessed for a {'text' if samples.vision is None else 'vision-language'} "
@@ -135,16 +139,12 @@ def build_sft_datasets(data_dir, seq_length: int, train_valid_test_num_samples, 
         if differ:
             raise ValueError(f"{data_dir} was preprocessed for model '{samples.index['model']}', whose vision config "
                              f"differs from this model's (field: data, model): {differ}")
-    n = len(samples)
     datasets = []
-    for name, bookend, wanted in zip(_SPLITS, convert_split_vector_to_split_matrix(parse_and_normalize_split(split)),
-                                     train_valid_test_num_samples, strict=True):
-        if not wanted:
-            datasets.append(None)
-            continue
-        begin, end = (0, 0) if bookend is None else (int(round(b * n)) for b in bookend)
-        datasets.append(Qwen35SFTDataset(samples, np.arange(begin, end), seq_length, int(wanted), pack=pack,
-                                         align=align, vision=vision, seed=seed, name=name))
+    for name, part, wanted in zip(_SPLITS, split_ranges(split, len(samples)), train_valid_test_num_samples,
+                                  strict=True):
+        datasets.append(None if not wanted or part is None else Qwen35SFTDataset(
+            samples, np.arange(*part), seq_length, int(wanted), pack=pack, align=align, vision=vision, seed=seed,
+            name=name))
     return datasets
 
 

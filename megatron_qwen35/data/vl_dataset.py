@@ -37,6 +37,18 @@ LIMITS = ("image_patches", "images", "video_patches", "videos")  # a batch slot'
 _SPLITS = ("train", "valid", "test")
 
 
+def split_ranges(split: str, count: int) -> list[tuple[int, int] | None]:
+    """(begin, end) of the train / valid / test parts of `count` samples under megatron's --split, with megatron's
+    rounding; None for a part the split gives no share (megatron builds no dataset for it)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [None if b is None else (int(round(b[0] * count)), int(round(b[1] * count))) for b in matrix]
+
+
 class Qwen35VLSamples:
     """A dataset directory (tools/data/preprocess_vl.py's output) read sample by sample: each shard's offsets in
     memory, the arrays sliced from the safetensors files on demand."""
@@ -217,14 +229,10 @@ def build_vl_datasets(data_dir: str | Path, seq_length: int, train_valid_test_nu
                       split: str = DEFAULT_SPLIT, seed: int = 1234, limits: dict[str, int] | None = None):
     """(train, valid, test) datasets of a preprocessed directory for megatron.training's
     `train_valid_test_datasets_provider`: the samples split in order by `split` (Megatron's --split, e.g.
-    "98,2,0"), each dataset as long as megatron asks (None where it asks for none). `vision` is the model's
+    "98,2,0"), each dataset as long as megatron asks (None where it asks for none or the split gives the part no
+    share: megatron asks for test samples whenever evaluation is on). `vision` is the model's
     Qwen35VisionConfig: the directory must have been made for the same token ids and patch sizes.
     `limits` default to the directory's largest sample, so every split batches to the same shapes."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
     samples = Qwen35VLSamples(data_dir)
     differ = {f: (samples.vision[f], getattr(vision, f)) for f in VISION_FIELDS
               if samples.vision[f] != getattr(vision, f)}
@@ -232,14 +240,9 @@ def build_vl_datasets(data_dir: str | Path, seq_length: int, train_valid_test_nu
         raise ValueError(f"{data_dir} was preprocessed for model '{samples.index['model']}', whose vision config "
                          f"differs from this model's (field: data, model): {differ}")
     limits = dict(limits) if limits is not None else {k: samples.index["max"][k] for k in LIMITS}
-    n = len(samples)
     datasets = []
-    for name, bookend, wanted in zip(_SPLITS, convert_split_vector_to_split_matrix(parse_and_normalize_split(split)),
-                                     train_valid_test_num_samples, strict=True):
-        if not wanted:
-            datasets.append(None)
-            continue
-        begin, end = (0, 0) if bookend is None else (int(round(b * n)) for b in bookend)  # megatron's rounding
-        datasets.append(Qwen35VLDataset(samples, np.arange(begin, end), seq_length, int(wanted), limits=limits,
-                                        vision=vision, seed=seed, name=name))
+    for name, part, wanted in zip(_SPLITS, split_ranges(split, len(samples)), train_valid_test_num_samples,
+                                  strict=True):
+        datasets.append(None if not wanted or part is None else Qwen35VLDataset(
+            samples, np.arange(*part), seq_length, int(wanted), limits=limits, vision=vision, seed=seed, name=name))
     return datasets

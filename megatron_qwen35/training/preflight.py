@@ -65,15 +65,11 @@ def evaluation_is_on(args) -> bool:
     return bool(args.eval_iters)
 
 
-def _split_ranges(split: str, count: int) -> list[tuple[int, int]]:
-    """(begin, end) of the train / valid / test parts of `count` documents under megatron's --split."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
+def _validation_range(split: str, count: int) -> tuple[int, int]:
+    """(begin, end) of the validation part of `count` samples under megatron's --split ((0, 0): none)."""
+    from megatron_qwen35.data.vl_dataset import split_ranges
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [(0, 0) if b is None else (int(round(b[0] * count)), int(round(b[1] * count))) for b in matrix]
+    return split_ranges(split, count)[1] or (0, 0)
 
 
 def check_indexed_data(args) -> None:
@@ -101,7 +97,7 @@ def check_indexed_data(args) -> None:
         dataset = IndexedDataset(prefix, mmap=True)
         lengths = dataset.sequence_lengths.copy()  # a view of the index's mapping, which closes with the dataset
         del dataset
-        begin, end = _split_ranges(args.split, len(lengths))[1]
+        begin, end = _validation_range(args.split, len(lengths))
         tokens = int(lengths[begin:end].sum())
         if tokens - 1 < args.seq_length:  # a sample is seq_length + 1 tokens (the labels' extra one)
             raise LaunchRefused(
@@ -133,7 +129,7 @@ def check_vl_data(args, cfg: Qwen35Config) -> None:
     if evaluation_is_on(args):
         from megatron_qwen35.training.steps import vl_split
 
-        begin, end = _split_ranges(vl_split(args), len(samples))[1]
+        begin, end = _validation_range(vl_split(args), len(samples))
         if end <= begin:
             raise LaunchRefused(f"--split {vl_split(args)} leaves no validation sample of the {len(samples)} in "
                                 f"--vl-data-path {args.vl_data_path} for evaluation (--eval-iters {args.eval_iters}); "
@@ -182,7 +178,7 @@ def check_sft_data(args, cfg: Qwen35Config) -> None:
                             f"({len(too_long)} conversations); raise --seq-length, or preprocess with --seq-length and "
                             "--too-long truncate / skip")
     if evaluation_is_on(args):
-        begin, end = _split_ranges(vl_split(args), len(samples))[1]
+        begin, end = _validation_range(vl_split(args), len(samples))
         if end <= begin:
             raise LaunchRefused(f"--split {vl_split(args)} leaves no validation conversation of the {len(samples)} in "
                                 f"{flag} for evaluation (--eval-iters {args.eval_iters}); give a larger validation "

@@ -97,3 +97,30 @@ def test_sft_recipe_at_layout_logs_the_single_process_losses(layout, converted, 
     run = recipe(tmp_path, *FLAGS, nproc=ranks, LOAD=str(converted), SFT_DATA_PATH=str(chats), GLOBAL_BATCH="2",
                  run_name=layout, **{**SETTINGS, **settings})
     assert_same_steps(single, run, layout)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_validation_loss_is_the_mean_over_the_held_out_conversations_assistant_tokens(converted, chats, tmp_path):
+    """--split 50,50,0 holds the last two of the four conversations out; megatron's evaluation after step 1 (learning
+    rate 0: the converted weights) logs as `lm loss validation` the mean cross entropy over their assistant tokens,
+    as load_model's forward of each conversation alone gives it."""
+    import torch
+
+    from megatron_qwen35.inference import load_model
+    from tests.pretrain_runs import scalars
+
+    run = recipe(tmp_path, *FLAGS, "--split", "50,50,0", LOAD=str(converted), SFT_DATA_PATH=str(chats),
+                 GLOBAL_BATCH="2", **{**SETTINGS, "TRAIN_ITERS": "1", "EVAL_ITERS": "1", "EVAL_INTERVAL": "1",
+                                      "WARMUP": "0", "LR": "0", "MIN_LR": "0"})
+    logged = scalars(tmp_path / "tb-run", "lm loss validation")
+    assert list(logged) == [1], logged
+    model, samples = load_model(converted), sft_samples(chats)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for held_out in (2, 3):
+            ids, mask = samples[held_out]["tokens"].long(), samples[held_out]["loss_mask"].bool()
+            logits = model(ids.unsqueeze(0))[0, :-1].double()
+            losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")[mask[1:]]
+            total, count = total + losses.sum().item(), count + len(losses)
+    assert count > 0 and abs(logged[1] - total / count) <= 1e-5 * abs(total / count), (logged[1], total / count)
+    assert abs(logged[1] - run.losses[1]) > 1e-3  # held-out conversations, not the training ones
