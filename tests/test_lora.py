@@ -26,7 +26,7 @@ TOL = 1e-4  # fp32, as the base model's parity (tests/test_model_parity.py)
 RANK, ALPHA = 4, 8.0
 
 
-def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=False, router=False):
+def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=False, router=False, dropout=0.0):
     """peft's LoraConfig for our target names: transformers' module names, routed experts (and the router) as
     target_parameters."""
     from peft import LoraConfig
@@ -35,24 +35,25 @@ def peft_config(cfg, targets=TARGET_MODULES, rank=RANK, alpha=ALPHA, vision=Fals
     parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if EXPERTS in targets and cfg.is_moe else []
     parameters = (parameters + (["mlp.gate.weight"] if router else [])) or None
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=parameters,
+                      lora_dropout=dropout,
                       init_lora_weights=False)  # random A and B: an all-zero B would hide a wrong layout
 
 
-def lora_pair(preset, targets=TARGET_MODULES, seed=0, vision=False, router=False):
+def lora_pair(preset, targets=TARGET_MODULES, seed=0, vision=False, router=False, dropout=0.0):
     """(cfg, peft model on transformers, our model with the same base and adapter weights); `vision`, `router`: the
-    tower's linears, the MoE routers adapted too."""
+    tower's linears, the MoE routers adapted too; `dropout`: --lora-dropout (peft's lora_dropout)."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     cfg = qwen35_preset(preset).replace(mtp_num_layers=0)
     hf = reference_model(cfg, seed)
     base = {k: v.clone() for k, v in hf.state_dict().items()}
     torch.manual_seed(seed + 1)
-    peft_model = get_peft_model(hf, peft_config(cfg, targets, vision=vision, router=router)).eval()
+    peft_model = get_peft_model(hf, peft_config(cfg, targets, vision=vision, router=router, dropout=dropout)).eval()
     ours = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local").eval()
     names = dict(hf_prefix=MULTIMODAL_PREFIX, expert_layout="packed") if cfg.vision is not None else {}
     load_hf_state_dict(ours, cfg, base, include_mtp=False, **names)
     apply_lora(ours, cfg, LoRASettings(rank=RANK, alpha=ALPHA, target_modules=tuple(targets), vision=vision,
-                                       router=router))
+                                       router=router, dropout=dropout))
     prefix = {"hf_prefix": "model.language_model."} if cfg.vision is not None else {}
     load_adapter_tensors(ours, from_peft(get_peft_model_state_dict(peft_model), cfg, adapter_whole_shapes(ours),
                                          **prefix))
@@ -148,6 +149,24 @@ def test_a_subset_of_targets_adapts_only_those_parts():
     assert (_ours(ours, ids) - peft_model(input_ids=ids).logits).abs().max().item() <= TOL
     names = set(lora_parameters(ours))
     assert names and all(".lora.A_in_proj_b" in n or "linear_proj" in n or ".lora.B_" in n for n in names)
+
+
+def test_lora_dropout_acts_on_the_adapters_input_while_training_only():
+    """--lora-dropout 0.5: evaluation gives peft's logits (dropout off); training draws a new mask each forward, on
+    the adapters' input only (with every B zero, as peft starts, two training forwards give the same logits). (The
+    dense model: peft takes no dropout on target_parameters, its routed experts' form.)"""
+    cfg, peft_model, ours = lora_pair("tiny", dropout=0.5)
+    ids = _tokens(cfg, batch=1, seq=20)
+    with torch.no_grad():
+        assert (_ours(ours, ids) - peft_model(input_ids=ids).logits).abs().max().item() <= TOL
+        ours.train()
+        assert not torch.equal(_ours(ours, ids), _ours(ours, ids))
+        for name, p in lora_parameters(ours).items():
+            if ".lora.B_" in name:
+                p.zero_()
+        assert torch.equal(_ours(ours, ids), _ours(ours, ids))
+    with pytest.raises(ValueError, match=r"--lora-dropout 1.0: a dropout probability is in \[0, 1\)"):
+        LoRASettings(rank=4, dropout=1.0)
 
 
 def test_an_unknown_target_module_names_the_valid_ones():

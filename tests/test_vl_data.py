@@ -269,8 +269,8 @@ def test_long_samples_cut_only_text_and_oversized_samples_name_themselves(demo_d
 
 def test_build_vl_datasets_splits_wraps_and_checks_the_model(demo_dir):
     """Megatron's --split bookends, each dataset as long as asked (wrapping around, a new seeded order each epoch,
-    the same on every call), None where none is asked or the split gives none, batched by a DataLoader worker; a model with other vision
-    ids is refused."""
+    the same on every call), None where none is asked or the split gives none, batched by a DataLoader worker; a
+    model with other vision ids is refused."""
     import dataclasses
 
     from megatron_qwen35.data.vl_dataset import build_vl_datasets

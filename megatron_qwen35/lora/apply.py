@@ -194,6 +194,7 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
                 adapter.initialise(adapter.global_name, seed, module.tp_group.rank(), module.tp_group.size())
                 attach_adapter(module, adapter)
                 adapted.append(prefix + path)
+    model.train(model.training)  # the new adapters (their dropout) in the model's mode, as if built with it
     return adapted
 
 

@@ -241,6 +241,18 @@ def test_lora_run_checkpoint_exports_merged_on_its_base_and_as_a_peft_adapter(co
     peft = PeftModel.from_pretrained(_hf_model(converted.parent / "hf"), tmp_path / "adapter").eval()
     assert (_logits(peft, ids) - want).abs().max().item() <= TOL
     assert torch.isfinite(want).all()
+    # tools/generate.py --base: the adapters on their base, peft's greedy tokens
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+    tokenizer, prompt = Qwen35Tokenizer(), "ab c"
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        greedy = peft.generate(input_ids=prompt_ids, max_new_tokens=6, do_sample=False)[0, prompt_ids.shape[1]:]
+    capsys.readouterr()
+    generate = runpy.run_path(str(REPO / "tools/generate.py"), run_name="cli")["main"]
+    assert generate(["--checkpoint", str(saved), "--base", str(converted), "--prompt", prompt,
+                     "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(greedy.tolist()) + "\n"
 
 
 @pytest.mark.usefixtures("megatron_single_process")
@@ -271,3 +283,37 @@ def test_a_peft_adapter_imported_with_its_base_trains_on_from_its_weights(conver
     a, b = on_adapter.losses[1], on_merged.losses[1]
     assert abs(a - b) <= 1e-5 * abs(b), (a, b)
     assert abs(a - single[1].losses[1]) > 1e-3  # the base alone (fresh adapters on it) gives another loss
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_lora_on_the_mtp_layer_trains_and_merges_into_it(converted, chats, tmp_path, capsys):  # noqa: F811
+    """LORA_MTP=1: the MTP layer's linears get adapters too, which train with the others, are saved, and merge into
+    the MTP weights of the export (W + alpha / r B A, here checked on its attention output projection); the PEFT
+    form, which transformers' MTP-less model has no place for, is refused by name with nothing written."""
+    import torch
+
+    from megatron_qwen35.convert.safetensors_files import SafetensorsCheckpoint
+
+    recipe(tmp_path, *FLAGS, LOAD=str(converted), SFT_DATA_PATH=str(chats), run_name="mtp",
+           **{**LORA, "LORA_MTP": "1", "TRAIN_ITERS": "2"})
+    saved = tmp_path / "ckpt-mtp"
+    linear = "mtp.layers.0.transformer_layer.self_attention.linear_proj"  # (its checkpoint name)
+    reader = TorchDistReader(iteration_dir(saved, 2))
+    try:
+        adapters = sorted(k for k in reader.tensors if k.startswith(f"{linear}.lora."))
+        assert len(adapters) == 2, adapters  # its A and B
+        a, b = (reader.read(k).double() for k in adapters)  # A_<part>, then B_0
+    finally:
+        reader.close()
+    assert b.abs().max().item() > 0  # trained (step 1 ran at warm-up's learning rate 0)
+    tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")["main"]
+    assert tool(["--megatron-dir", str(saved), "--base-dir", str(converted), "--out-dir", str(tmp_path / "merged"),
+                 "--no-progress"]) == 0
+    name = "mtp.layers.0.self_attn.o_proj.weight"
+    base = SafetensorsCheckpoint(converted.parent / "hf")[name]
+    merged = SafetensorsCheckpoint(tmp_path / "merged")[name]
+    want = base.double() + int(LORA["LORA_ALPHA"]) / int(LORA["LORA_RANK"]) * (b @ a)
+    assert (merged.double() - want).abs().max().item() <= 1e-6 and not torch.equal(merged, base)
+    capsys.readouterr()
+    assert tool(["--megatron-dir", str(saved), "--adapter-only", "--out-dir", str(tmp_path / "adapter")]) == 2
+    assert "MTP" in capsys.readouterr().err and not (tmp_path / "adapter").exists()
