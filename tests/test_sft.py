@@ -112,3 +112,42 @@ def test_chat_demo_set_is_what_the_script_writes_and_preprocesses_for_the_demo_m
     assert counts["conversations"] == 144 and counts["images"] == 36 and counts["truncated"] == counts["skipped"] == 0
     samples = sft_samples(tmp_path / "sft")
     assert all(int(samples[i]["loss_mask"].sum()) > 0 for i in range(len(samples)))
+
+
+def test_padding_is_out_of_the_routers_load_balancing_loss():
+    """Two conversations packed with 26 or 90 padding tokens after them (padding_mask, as the chat data gives it):
+    the loss and every gradient, the routers' (load-balancing loss on) included, are the same; counted as tokens
+    (no padding mask), the padding changes the routers' gradients."""
+    from megatron_qwen35.provider import qwen35_gpt_model
+
+    cfg = qwen35_preset("tiny-moe")
+    assert cfg.router_aux_loss_coef > 0
+    torch.manual_seed(0)
+    model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32))
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 256, (1, 70), generator=g)
+
+    def gradients(length: int, mask_padding: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+        tokens = torch.cat([text, torch.full((1, length - 70), 256)], dim=1)
+        labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+        loss_mask = torch.zeros(1, length)
+        loss_mask[0, :39], loss_mask[0, 40:69] = 1, 1  # each conversation's next tokens
+        padding = torch.zeros(1, length, dtype=torch.bool)
+        padding[0, 70:] = mask_padding
+        positions = torch.cat([torch.arange(40), torch.arange(30), torch.arange(length - 70)]).unsqueeze(0)
+        cu = torch.tensor([0, 40, 70, length], dtype=torch.int32)
+        model.zero_grad()
+        per_token = model(tokens, positions, None, labels=labels, loss_mask=loss_mask, padding_mask=padding,
+                          packed_seq_params=_packed_params(cu))
+        loss = (per_token * loss_mask).sum()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (short_loss, short), (long_loss, long) = gradients(96), gradients(160)
+    assert abs(short_loss - long_loss) <= 1e-6 * abs(short_loss) and set(short) == set(long)
+    routers = [n for n in short if n.endswith("router.weight")]
+    assert routers
+    for name in short:
+        assert (short[name] - long[name]).abs().max().item() <= 1e-6 * max(1.0, short[name].abs().max().item()), name
+    _, counted = gradients(160, mask_padding=False)
+    assert any((counted[n] - long[n]).abs().max().item() > 1e-6 for n in routers)
