@@ -185,6 +185,34 @@ def test_preprocessing_writes_the_rendered_conversations_and_their_masks(chats, 
     assert int(image_pads) == int(samples[1]["image_grid_thw"].prod(-1).sum()) // 4 > 0
 
 
+def test_videos_as_items_and_placeholders_preprocess_alike_with_workers(tmp_path, capsys):
+    """A video as a content item (frames and fps) and as a `<video>` placeholder with the row's `videos` list: the
+    template's video slot, expanded to the processor's pads for the frames' grid; with --workers 2 the same bytes."""
+    frames = [f"videos/moving_square/{i:02d}.png" for i in range(4)]  # in data/vl, the --media-dir
+    rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": {"frames": frames, "fps": 2}},
+                                                       {"type": "text", "text": "Where does it go?"}]},
+                          {"role": "assistant", "content": "Right."}]},
+            {"messages": [{"role": "user", "content": "<video>Where does it go?"},
+                          {"role": "assistant", "content": "Right."}], "videos": [frames]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    chats = _write(tmp_path / "videos.jsonl", rows)
+    for workers in ("1", "2"):
+        assert PREPROCESS(["--input", str(chats), "--output-dir", str(tmp_path / workers), "--qwen35-preset",
+                           "tiny-vl-demo", "--video-pixels", "4096", "65536", "--workers", workers,
+                           "--media-dir", str(REPO / "data/vl")]) == 0
+    assert "2 videos" in capsys.readouterr().out
+    samples = Qwen35VLSamples(tmp_path / "1", formats=("qwen35-sft-samples/1",))
+    video = qwen35_preset("tiny-vl-demo").vision.video_token_id
+    for i in (0, 1):
+        grid = samples[i]["video_grid_thw"]
+        assert int((samples[i]["tokens"] == video).sum()) == int(grid.prod(-1).sum()) // 4 > 0
+    assert torch.equal(samples[0]["tokens"], samples[1]["tokens"])
+    assert torch.equal(samples[0]["pixel_values_videos"], samples[1]["pixel_values_videos"])
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == sorted(p.name for p in (tmp_path / "2").iterdir())
+    for name in (p.name for p in (tmp_path / "1").iterdir() if p.suffix == ".safetensors"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("row,says", [
     ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}, "has the role 'bot'"),
