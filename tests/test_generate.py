@@ -593,3 +593,43 @@ def test_a_chat_with_earlier_turns_answers_as_transformers_generate(chat_checkpo
     assert _tool()["main"](["--checkpoint", str(path), "--chat", "--history", str(tmp_path / "turns.json"),
                             "--prompt", "Thanks!", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == qwen_tokenizer.decode([t for t in want if t not in CHAT_END_IDS]) + "\n"
+
+
+def test_a_chat_fine_tune_answers_as_transformers_on_its_export(tmp_path, qwen_tokenizer, capsys,
+                                                               megatron_single_process):
+    """The flow users run: a converted tiny-demo checkpoint (the real vocabulary) fine-tuned on chats through the
+    recipe, then `tools/generate.py --chat` on the run's checkpoint prints the reply transformers' greedy `generate`
+    gives on the exported checkpoint for the prompt the released template renders, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
+    from megatron_qwen35.convert.megatron_to_hf import qwen35_megatron_to_hf
+    from megatron_qwen35.data.preprocess_sft import qwen35_preprocess_sft
+    from megatron_qwen35.hf_reference import modeling
+    from tests.pretrain_runs import recipe
+    from tests.test_convert import make_hf_checkpoint
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
+                          {"role": "assistant", "content": f"It is {2 * a}."}]} for a in range(8)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qwen35_preprocess_sft([tmp_path / "chats.jsonl"], tmp_path / "sft", qwen35_preset("tiny-demo"))
+    hf = make_hf_checkpoint(tmp_path / "hf", "tiny-demo", how="packed", mtp_layout="per_expert", seed=2)
+    converted = qwen35_hf_to_megatron(hf, tmp_path / "converted", progress=False)
+    recipe(tmp_path, LOAD=str(converted), SFT_DATA_PATH=str(tmp_path / "sft"), PRESET="tiny-demo", MOCK_DATA="0",
+           SEQ_LEN="128", GLOBAL_BATCH="2", TRAIN_ITERS="2", WARMUP="0", LR="1e-2", MIN_LR="1e-2")
+    tuned = tmp_path / "ckpt-run"
+    exported = qwen35_megatron_to_hf(tuned, tmp_path / "exported", progress=False)
+    modeling(is_moe=True)  # transformers' torch kernels on CPU
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is 3 plus 3?"}]
+    ids = torch.tensor([qwen_tokenizer.encode(_released_template(messages))])
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=CHAT_END_IDS,
+                              pad_token_id=ENDOFTEXT)[0, ids.shape[1]:].tolist()
+        before = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval().generate(
+            ids, max_new_tokens=6, do_sample=False, eos_token_id=CHAT_END_IDS, pad_token_id=ENDOFTEXT)
+    capsys.readouterr()
+    assert _tool()["main"](["--checkpoint", str(tuned), "--chat", "--prompt", "What is 3 plus 3?",
+                            "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == qwen_tokenizer.decode([t for t in want if t not in CHAT_END_IDS]) + "\n"
+    assert before[0, ids.shape[1]:].tolist() != want  # the fine-tune changed the reply
