@@ -8,9 +8,9 @@ on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 pl
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 
 Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
-process's losses at TP2 + SP and CP2 (each packed conversation split over the CP ranks). LoRA with the tower adapted
-too (LORA_VISION=1) trains on them, and its checkpoint exports merged and as a peft adapter that transformers + peft
-run with images to load_model's logits.
+process's losses at TP2 + SP, PP2, EP2 and CP2 (each packed conversation split over the CP ranks). LoRA with the
+tower adapted too (LORA_VISION=1) trains on them, and its checkpoint exports merged and as a peft adapter that
+transformers + peft run with images to load_model's logits.
 """
 
 import subprocess
@@ -31,6 +31,7 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest samp
 # numbers of loss tokens: the per-token normalisation pretrain_qwen35.py sets keeps CP exact (training/steps.py).
 FLAGS = ()
 LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "cp2": (2, dict(CP="2"))}
+CHAT_LAYOUTS = {**LAYOUTS, "ep2": (2, dict(EP="2"))}  # ep2: experts split, the rest (tower too) data-parallel
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +144,13 @@ def test_packed_image_chats_train_as_the_same_chats_one_per_sequence(converted, 
     _same_steps(one_each, single_chat, "packed vs one per sequence")
 
 
-# PP2: the VL recipe above, packed text chats in test_lora_layouts
-@pytest.mark.parametrize("layout", ["tp2_sp", "cp2"])
+@pytest.mark.parametrize("layout", list(CHAT_LAYOUTS))
 def test_image_chat_recipe_at_layout_logs_the_single_process_losses(layout, converted, vl_chats, single_chat,
                                                                     tmp_path):
-    """CP2 splits each packed conversation over the two ranks (its image features placed before the split)."""
-    ranks, settings = LAYOUTS[layout]
+    """PP2 keeps the tower on stage 0 and hands the packed sequences' MTP inputs to stage 1; EP2 gives each rank one
+    packed sequence of the two (data parallel) and half the experts; CP2 splits each packed conversation over the two
+    ranks (its image features placed before the split)."""
+    ranks, settings = CHAT_LAYOUTS[layout]
     run = recipe(tmp_path, *CHAT_FLAGS, nproc=ranks, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats),
                  GLOBAL_BATCH="2", run_name=layout, **{**CHAT_SETTINGS, **settings})
     _same_steps(single_chat, run, layout)
