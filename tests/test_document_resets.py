@@ -1,8 +1,9 @@
 """--reset-attention-mask: pretraining sequences cut into their documents at end-of-document tokens, through the same
 packed (THD) path as chat fine-tuning, so every layer (attention, Gated DeltaNet state, rope, MTP) restarts at each.
 Proven through the recipe (recipes/common.sh -> pretrain_qwen35.py) from a converted checkpoint: the documents are
-separated (the losses change), the layouts log the single process's losses, and what the path cannot do is refused by
-name."""
+separated (the losses change), TP2 + SP, PP2, EP2 and DP2 log the single process's losses, and what the path cannot
+do (CP, several sequences per micro-batch) is refused by name; in one process, each document of a cut sequence
+computes as it does alone."""
 
 import numpy as np
 import pytest
@@ -97,7 +98,8 @@ def test_separated_documents_train_otherwise_than_a_running_stream(separated, co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [dict(TP="2")], ids=["tp2_sp"])  # PP, EP, CP: the packed chats' layouts
+@pytest.mark.parametrize("settings", [dict(TP="2"), dict(PP="2"), dict(EP="2"), {}],
+                         ids=["tp2_sp", "pp2", "ep2", "dp2"])
 def test_separated_documents_at_a_layout_log_the_single_process_losses(separated, corpus, converted, tmp_path,
                                                                       settings):
     """(From a converted checkpoint, as every layout test: megatron.training would initialise each layout
