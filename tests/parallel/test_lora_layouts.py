@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 LORA = dict(LORA_RANK="4", LORA_ALPHA="8", LORA_ROUTER="1", PRESET="tiny-moe", MOCK_DATA="0", SEQ_LEN="704",
             EVAL_ITERS="0", TRAIN_ITERS="3", GLOBAL_BATCH="2")  # every linear and the routers
-LAYOUTS = {"pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2"))}  # and tp2_sp below
+LAYOUTS = {"pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2")),
+           "dp2": (2, {})}  # and tp2_sp below; dp2: the adapters' optimizer state split over the two ranks
 
 
 def _saving_run(base, data, root, run_name: str, nproc: int, settings: dict):
