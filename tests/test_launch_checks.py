@@ -39,6 +39,17 @@ def recipe_refused(tmp_path: Path, *, says: str, nproc: int = 1, **settings) -> 
     return line
 
 
+def test_a_vl_dataset_naming_a_shard_outside_its_folder_is_refused_at_launch(tmp_path):
+    """A crafted index.json in VL_DATA_PATH: its shard names are data, refused by name before any rank reads one."""
+    from megatron_qwen35.data.preprocess_vl import FORMAT, INDEX
+
+    (tmp_path / "vl").mkdir()
+    (tmp_path / "vl" / INDEX).write_text(json.dumps({"format": FORMAT, "vision": {}, "eod_id": 0, "patch_dim": 1,
+                                                     "shards": [{"file": "../x.safetensors", "samples": 1}]}))
+    recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),
+                   says="'../x.safetensors', which is not a plain file name")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """tiny-moe with MTP weights, converted: a release checkpoint."""
