@@ -99,6 +99,12 @@ def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
     recipe_refused(tmp_path, TRAIN_ITERS="100", WARMUP="2000", says="--lr-warmup-iters 2000 (WARMUP) must be below")
 
 
+def test_a_run_without_a_length_is_refused(tmp_path):
+    """TRAIN_ITERS=0: megatron raised 'either train-iters or train-samples should be provided' on every rank after
+    building the model and optimizer."""
+    recipe_refused(tmp_path, TRAIN_ITERS="0", WARMUP="0", says="--train-iters 0 (TRAIN_ITERS): give the run a length")
+
+
 def test_a_missing_data_path_is_refused(tmp_path):
     recipe_refused(tmp_path, MOCK_DATA="0", DATA_PATH=str(tmp_path / "corpus"),
                    says=f"--data-path {tmp_path / 'corpus'}: {tmp_path / 'corpus'}.bin and")

@@ -50,8 +50,11 @@ def check_layout(args, cfg: Qwen35Config) -> None:
 
 
 def check_schedule(args) -> None:
-    """The learning-rate warm-up ends before the decay does (megatron's scheduler asserts it once the model and
-    optimizer are built: a short fine-tune with a recipe's default warm-up)."""
+    """A run length, and the learning-rate warm-up ends before the decay does (megatron's scheduler raises on either
+    once the model and optimizer are built: a short fine-tune with a recipe's default warm-up)."""
+    if not args.train_iters and not args.train_samples and not args.skip_train:
+        raise LaunchRefused(f"--train-iters {args.train_iters} (TRAIN_ITERS): give the run a length (or "
+                            "--train-samples; --skip-train to evaluate only)")
     if args.train_iters and args.lr_warmup_fraction is None:
         decay = args.lr_decay_iters or args.train_iters
         if args.lr_warmup_iters >= decay:
