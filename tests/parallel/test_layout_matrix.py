@@ -128,11 +128,12 @@ def _build_chunks(cfg, tc, lay):
 
 
 def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_optimizer=False, save_weights=None,
-                forward_only=False, batches=None, data=None):
+                forward_only=False, batches=None, data=None, lora=None):
     """Run `lay` on this rank; write reduced gradients (or, with optimizer_step, the updated parameters) as a
     checkpoint in out_dir. Returns the mean loss over this rank's micro-batches (None off the last stage).
     forward_only: evaluation mode, loss only, nothing written. batches / data: other micro-batches (e.g. packed chat
-    sequences) and the args naming their kind (_set_training_args)."""
+    sequences) and the args naming their kind (_set_training_args). lora: LoRASettings to adapt the model with (the
+    weights then hold the adapters too; only they get gradients, the base's weights are saved unchanged)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -146,6 +147,11 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
     cfg, _ = read_config(weights_dir)  # the model the weights are for (the matrix's, or a converted checkpoint's)
     tc = _transformer_config(cfg, lay)
     chunks = _build_chunks(cfg, tc, lay)
+    if lora is not None:
+        from megatron_qwen35.lora import apply_lora
+
+        for chunk in chunks:
+            apply_lora(chunk, cfg, lora)
     load_checkpoint(chunks if len(chunks) > 1 else chunks[0], weights_dir)
     if save_weights:  # the same weights, re-saved from this layout (for the cross-layout checks)
         save_checkpoint(chunks if len(chunks) > 1 else chunks[0], cfg, save_weights)
@@ -184,7 +190,8 @@ def _run_layout(lay, weights_dir, out_dir, *, optimizer_step=False, distributed_
         else:
             for m in model:
                 for p in m.module.parameters():
-                    p.copy_(p.main_grad)
+                    if p.requires_grad:  # (LoRA: the frozen base has no gradient)
+                        p.copy_(p.main_grad)
     save_checkpoint(chunks if len(chunks) > 1 else chunks[0], cfg, out_dir)
     return loss
 
@@ -282,14 +289,14 @@ def _check_loss(losses, lay, want, world):
     assert abs(mean - want) <= 1e-5 * abs(want), (got, want)
 
 
-def _check_grads(ckpt_dir, want):
+def _check_grads(ckpt_dir, want, load=_load_named):
     """Every gradient tensor equals the single process's: max abs error <= REL_TOL x the largest gradient entry
     of the model, and <= 1e-4 x the tensor's own scale, its largest entry but no less than 1% of the model's largest.
     That floor is fp32's: the GDN decays' gradients (dt_bias, A_log) sum every token of every sequence with heavy
     cancellation, so a deep layer's can be 1e-3 of the largest gradient while its terms carry ordinary reordering
     noise (measured 3.3e-4 of such a tensor's own largest entry under CP2 x EP2, 3e-9 absolute). A wrong term or
-    scale in any tensor is still an error of order one."""
-    got = _load_named(ckpt_dir)
+    scale in any tensor is still an error of order one. `load`: the checkpoint's named tensors to compare."""
+    got = load(ckpt_dir)
     assert set(got) == set(want)
     largest = max(w.abs().max().item() for w in want.values())
     for name, w in want.items():
