@@ -1,5 +1,5 @@
 """Packed chat sequences in the layout matrix (tests/parallel/test_layout_matrix.py's harness): the loss and every
-full gradient of two packed micro-batches at TP2 + SP, PP2, EP2 and CP2 (conversations crossing the CP ranks) equal
+full gradient of two packed micro-batches at TP2 + SP, PP2, EP2, CP2 (conversations crossing the CP ranks) and DP2 equal
 the single process's, and the single process's equal the same conversations one per sequence: the objective (per
 token over the global batch, MTP included) does not depend on how conversations are packed. The MoE router's
 load-balancing loss is a statistic of the tokens a micro-batch routes together, so the packed-vs-unpacked check runs
@@ -17,7 +17,7 @@ from tests.parallel.test_sft_layouts import conversations
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "ep2": dict(ep=2), "cp2": dict(cp=2)}
+LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "ep2": dict(ep=2), "cp2": dict(cp=2), "dp2": dict()}
 
 
 def _collated(sample: dict) -> dict:
@@ -79,10 +79,10 @@ def layouts(reference, packed):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_packed_sequences_at_layout_give_the_single_process_loss_and_gradients(name, reference, layouts):
-    """(Under EP2 each rank's loss is its own sequence's (the dense part runs data-parallel), under CP2 its own
-    tokens'; their loss-token counts differ, so the ranks' means do not average to the whole: the gradients carry
-    the check there.)"""
+    """(Under EP2 and DP2 each rank's loss is its own sequence's (the dense part runs data-parallel), under CP2 its
+    own tokens'; their loss-token counts differ, so the ranks' means do not average to the whole: the gradients
+    carry the check there.)"""
     losses = matrix._losses(layouts, name)
-    if name not in ("ep2", "cp2"):
+    if name not in ("ep2", "cp2", "dp2"):
         matrix._check_loss(losses, LAYOUTS[name], reference["loss"], 2)
     matrix._check_grads(reference["root"] / name, reference["grads"])
