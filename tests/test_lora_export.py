@@ -113,6 +113,10 @@ def test_an_adapter_of_another_model_is_named_and_nothing_is_written(released, t
     with pytest.raises(ValueError, match=f"{adapter}: the PEFT adapter lacks '.*' \\(an adapter of other target"):
         qwen35_hf_to_megatron(other, tmp_path / "out", adapter=adapter, progress=False)
     assert not (tmp_path / "out").exists()
+    from megatron_qwen35.inference import load_model
+
+    with pytest.raises(ValueError, match=f"{adapter}: the PEFT adapter lacks"):  # generation on the other base
+        load_model(qwen35_hf_to_megatron(other, tmp_path / "other_mg", progress=False), adapter=adapter)
     with pytest.raises(ValueError, match="holds no LoRA adapters"):
         qwen35_adapter_to_peft(qwen35_hf_to_megatron(hf, tmp_path / "base", progress=False), tmp_path / "x")
     assert not (tmp_path / "x").exists()
