@@ -124,7 +124,7 @@ def _preflight(monkeypatch, capsys, **settings) -> tuple[int, str]:
     env = {**os.environ, **TINY_RECIPE, "PYTHON": sys.executable, **settings, "DRY_RUN": "1"}
     argv = subprocess.run(["bash", str(REPO / "recipes/common.sh")], env=env, check=True, capture_output=True,
                           text=True).stdout.splitlines()
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", settings.get("GPUS_PER_NODE", "1"))  # as the recipe passes it
     monkeypatch.setenv("RANK", "0")
     capsys.readouterr()
     return preflight.main(argv), capsys.readouterr().err
@@ -146,6 +146,9 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
                                                      seed=4), tmp_path / "other", progress=False)
     code, err = _preflight(monkeypatch, capsys, LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
     assert code == 2 and f"{other} is not the base the adapters in {saved} were trained on" in err, err
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats), TP="2",
+                           ETP="2", GPUS_PER_NODE="2", **LORA)  # a layout the expert adapters cannot follow
+    assert code == 2 and "--expert-tensor-parallel-size 2 with LoRA on the routed experts" in err, err
     code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=str(converted), SFT_DATA_PATH=str(chats),
                            **LORA)  # the adapters' checkpoints would become the base folder's newest
     assert code == 2 and f"--load {converted} is the base of this LoRA run and its --save" in err, err
