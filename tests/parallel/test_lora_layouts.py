@@ -149,6 +149,9 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
     code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats), TP="2",
                            ETP="2", GPUS_PER_NODE="2", **LORA)  # a layout the expert adapters cannot follow
     assert code == 2 and "--expert-tensor-parallel-size 2 with LoRA on the routed experts" in err, err
+    code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=saved, SFT_DATA_PATH=str(chats),
+                           **{**LORA, "PRESET": "tiny"})  # LORA_ROUTER=1 on a dense model
+    assert code == 2 and "--lora-router (LORA_ROUTER=1): model 'tiny' has no MoE router" in err, err
     code, err = _preflight(monkeypatch, capsys, LOAD=str(converted), SAVE=str(converted), SFT_DATA_PATH=str(chats),
                            **LORA)  # the adapters' checkpoints would become the base folder's newest
     assert code == 2 and f"--load {converted} is the base of this LoRA run and its --save" in err, err
