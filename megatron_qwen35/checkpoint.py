@@ -81,14 +81,15 @@ def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
         metadata = d.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise TypeError(f"'metadata' is a {type(metadata).__name__}, not an object")
-        loaded = metadata.get(UNTIL_NEXT_SAVE)
+        loaded = metadata.pop(UNTIL_NEXT_SAVE, None)
+        run = Qwen35Config.from_dict(d["config"]), metadata
         if loaded is not None:
-            if (Path(ckpt_dir) / TRACKER).is_file() and str(latest_iteration(ckpt_dir)) == loaded["iteration"]:
-                return Qwen35Config.from_dict(loaded["config"]), dict(loaded["metadata"])
-            metadata = {k: v for k, v in metadata.items() if k != UNTIL_NEXT_SAVE}
-        return Qwen35Config.from_dict(d["config"]), metadata
+            loaded = str(loaded["iteration"]), Qwen35Config.from_dict(loaded["config"]), dict(loaded["metadata"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # json's decode error is a ValueError
         raise ValueError(f"{path} is not a readable {CONFIG} ({type(e).__name__}: {e})") from None
+    if loaded is not None and (Path(ckpt_dir) / TRACKER).is_file() and str(latest_iteration(ckpt_dir)) == loaded[0]:
+        return loaded[1:]  # the run that wrote `run` has not saved here yet
+    return run
 
 
 def latest_iteration(ckpt_dir: Path | str) -> int | str:

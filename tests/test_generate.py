@@ -569,6 +569,8 @@ def test_a_conversations_earlier_turns_render_as_the_released_template_does(pres
     ({"turns": []}, "expected a list of messages"),
     ([{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, {"role": "assistant", "content": "A."}],
      "turn 0 holds an image or video"),
+    ({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A."}],
+      "images": ["a.png"]}, "gives images or videos"),
     ([{"role": "system", "content": "Other."}], "begins with a system turn of its own, and a system turn was given"),
 ])
 def test_a_history_the_chat_cannot_render_is_one_error_line(history, says, tmp_path, capsys, chat_checkpoint):

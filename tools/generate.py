@@ -148,6 +148,8 @@ def _history(path: Path) -> tuple[list, list | None]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--history {path} is not valid JSON ({e})") from None
     messages, tools = (loaded.get("messages"), loaded.get("tools")) if isinstance(loaded, dict) else (loaded, None)
+    if isinstance(loaded, dict) and (loaded.get("images") or loaded.get("videos")):  # their <image> would be text
+        raise ValueError(f"--history {path} gives images or videos: only the new turn's images are given (--image)")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ValueError(f"--history {path}: expected a list of messages (objects with a 'role'), or an object with "
                          "'messages'")

@@ -158,10 +158,9 @@ def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     from megatron_qwen35.training.checkpoint_check import checkpoint_to_load
     from megatron_qwen35.training.flags import lora_settings_from_args
 
-    saved, loaded_metadata = cfg, {}
     loaded, _ = checkpoint_to_load(args)
-    if loaded is not None and (loaded / CONFIG).is_file():
-        saved, loaded_metadata = read_config(loaded)
+    has_config = loaded is not None and (loaded / CONFIG).is_file()
+    saved, loaded_metadata = read_config(loaded) if has_config else (cfg, {})
     lora = lora_settings_from_args(args)
     metadata = {k: v for k, v in loaded_metadata.items() if k not in ("lora", LORA_BASE)}
     if lora is not None:  # its checkpoints hold the adapters; the base they train on, where there is one
@@ -169,8 +168,7 @@ def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
         metadata |= {"lora": lora.to_record()} | ({LORA_BASE: base} if base else {})
     save = Path(args.save)
     run_config = saved.replace(mtp_num_layers=cfg.mtp_num_layers)
-    if (loaded is not None and (loaded / CONFIG).is_file() and save.resolve() == loaded.resolve()
-            and (run_config, metadata) != (saved, loaded_metadata)):
+    if has_config and save.resolve() == loaded.resolve() and (run_config, metadata) != (saved, loaded_metadata):
         # --save is the checkpoint just loaded (the recipes' LOAD=SAVE): it keeps describing what it holds until
         # this run's first save there (checkpoint.read_config)
         metadata[UNTIL_NEXT_SAVE] = {"iteration": str(latest_iteration(loaded)), "config": saved.to_dict(),
