@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one process):
 # most tests launch recipes whose single-threaded start-up (importing megatron.training) leaves a core idle.
-# Measured on a 2-core machine: 18 to 22 minutes (three runs) instead of 29 in one process (TEST_WORKERS=0 runs it so).
+# Measured on a 2-core machine: 20 to 23 minutes (the latest runs) instead of 29+ in one process (TEST_WORKERS=0).
 TEST_WORKERS ?= 2
 
 test: setup
