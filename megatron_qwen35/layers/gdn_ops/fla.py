@@ -63,8 +63,8 @@ def kernel(name: str, x: torch.Tensor, *, kernels: str, deterministic: bool):
     fn, error = _load(name)
     if fn is None:
         raise FLAUnavailable(f"FLA's {name} does not import on this machine ({type(error).__name__}: {error}); "
-                             "install flash-linear-attention (pip install -e .), or choose the PyTorch path "
-                             "explicitly (--gdn-kernels torch)")
+                             "install flash-linear-attention's kernels (fla-core: pip install -e .), or choose the "
+                             "PyTorch path explicitly (--gdn-kernels torch)")
     return fn
 
 
