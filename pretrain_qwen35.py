@@ -15,9 +15,10 @@ import os
 import sys
 import time
 
-# Every import is inside main(): megatron's first checkpoint save starts its writer's results manager with
-# multiprocessing's 'spawn', which re-imports this script in the new process; with the imports here at the top that
-# child spent 6.5 s importing megatron before the save could finish (measured on a tiny model, CPU).
+# Every import is inside main(): megatron's asynchronous checkpoint save (--async-save) starts its writer's results
+# manager with multiprocessing's 'spawn', which re-imports this script in the new process; with the imports here at the
+# top that child spent 6.5 s importing megatron before the save could finish (measured on a tiny model, CPU).
+# Synchronous saves start no such process (runtime/upstream_costs.py).
 
 
 def main(argv: list[str]) -> None:

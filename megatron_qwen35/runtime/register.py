@@ -1,8 +1,9 @@
 """The register of every run-time change this project makes to megatron-core, megatron.training and torch.cuda, and
 of the upstream code it depends on without changing it (DEPENDENCIES).
 
-One row per patch: its name; its kind, NO_CUDA (an adaptation to a machine without CUDA, applied only there) or
-UPSTREAM_BUG (a defect of the pinned release that also stops or skews GPU runs, applied everywhere); the upstream
+One row per patch: its name; its kind, NO_CUDA (an adaptation to a machine without CUDA, applied only there),
+UPSTREAM_BUG (a defect of the pinned release that also stops or skews GPU runs, applied everywhere) or UPSTREAM_COST
+(a needless cost of the pinned release, time or processes, that changes no result; applied everywhere); the upstream
 objects it replaces ("module" for a module whose `torch` binding is swapped, "module:qualname" for one function);
 why; the upstream issue where one is known; and the fingerprint (sha256 prefix of the replaced source) at the
 version it was written for. `apply_patches()` checks the installed versions first and names every patch to re-check
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_qwen35.runtime import no_cuda, training_patches, upstream_fixes
+from megatron_qwen35.runtime import no_cuda, training_patches, upstream_costs, upstream_fixes
 
 NO_CUDA = "no-CUDA adaptation"
 UPSTREAM_BUG = "upstream bug"
+UPSTREAM_COST = "upstream cost"
 
 # The releases every fingerprint below was taken from (pyproject.toml pins them).
 WRITTEN_FOR = {"megatron-core": "0.19.2", "torch": "2.13.0"}
@@ -31,7 +33,7 @@ WRITTEN_FOR = {"megatron-core": "0.19.2", "torch": "2.13.0"}
 @dataclass(frozen=True)
 class Patch:
     name: str
-    kind: str  # NO_CUDA or UPSTREAM_BUG
+    kind: str  # NO_CUDA, UPSTREAM_BUG or UPSTREAM_COST
     replaces: tuple[str, ...]  # upstream targets: "pkg.module" (its torch binding) or "pkg.module:qualname"
     why: str
     apply: Callable[[], None]
@@ -159,6 +161,14 @@ PATCHES: tuple[Patch, ...] = (
           "MoE expert parameters get an optimizer of their own only in some layouts: a checkpoint saved with one "
           "optimizer does not load where there are two, and the reverse, even in the fully reshardable format",
           upstream_fixes.fix_chained_optimizer_count_change, "403774c7dde1"),
+    # ---- needless costs of the release, on every machine (upstream_costs.py) ----
+    Patch("results_manager_in_synchronous_saves", UPSTREAM_COST,
+          ("megatron.core.dist_checkpointing.strategies.torch:TorchDistSaveShardedStrategy.save",
+           "megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue",
+           "megatron.core.dist_checkpointing.strategies.filesystem_async:FileSystemWriterAsync.prepare_write_data"),
+          "a synchronous torch_dist save passes its write results within the process through a Manager queue that "
+          "the first save starts by spawning a process per rank (it imports torch): 2.5-3 s of every run's first save",
+          upstream_costs.remove_results_manager_from_synchronous_saves, "e43df71eb63b"),
 )
 
 @dataclass(frozen=True)
@@ -224,9 +234,10 @@ def version_mismatches() -> dict[str, tuple[str, str]]:
 
 
 def apply_patches(*, without_cuda: bool | None = None) -> list[str]:
-    """Apply the UPSTREAM_BUG rows, and the NO_CUDA rows where CUDA is absent; idempotent. Returns what is applied."""
+    """Apply the UPSTREAM_BUG and UPSTREAM_COST rows, and the NO_CUDA rows where CUDA is absent; idempotent. Returns
+    what is applied."""
     without_cuda = not torch.cuda.is_available() if without_cuda is None else without_cuda
-    rows = [p for p in PATCHES if p.kind == UPSTREAM_BUG or without_cuda]
+    rows = [p for p in PATCHES if p.kind != NO_CUDA or without_cuda]
     if not _APPLIED and (mismatched := version_mismatches()):
         versions = ", ".join(f"{pkg} {got} (written for {want})" for pkg, (want, got) in mismatched.items())
         warnings.warn(f"megatron_qwen35's run-time patches were written for other releases: {versions}; re-check "
@@ -242,7 +253,7 @@ def apply_patches(*, without_cuda: bool | None = None) -> list[str]:
 def missing_patches(*, without_cuda: bool | None = None) -> list[str]:
     """The rows this machine needs (as `apply_patches` chooses them) that this process has not applied."""
     without_cuda = not torch.cuda.is_available() if without_cuda is None else without_cuda
-    return [p.name for p in PATCHES if (p.kind == UPSTREAM_BUG or without_cuda) and p.name not in _APPLIED]
+    return [p.name for p in PATCHES if (p.kind != NO_CUDA or without_cuda) and p.name not in _APPLIED]
 
 
 def applied_patches() -> list[str]:
@@ -250,5 +261,5 @@ def applied_patches() -> list[str]:
     return list(_APPLIED)
 
 
-__all__ = ["NO_CUDA", "UPSTREAM_BUG", "WRITTEN_FOR", "Patch", "PATCHES", "Dependency", "DEPENDENCIES",
+__all__ = ["NO_CUDA", "UPSTREAM_BUG", "UPSTREAM_COST", "WRITTEN_FOR", "Patch", "PATCHES", "Dependency", "DEPENDENCIES",
            "apply_patches", "applied_patches", "missing_patches", "version_mismatches"]
