@@ -2,8 +2,9 @@
 
 What runs on a GPU (FLA's chunk_gated_delta_rule and causal_conv1d) is held here against the torch path every other
 CPU test uses: the whole Qwen35GatedDeltaNet layer (plain, packed THD, CP2) and the grouped-heads kernel call.
-The FLA side runs in a spawned process (tests/parallel/harness.py) that enables the interpreter before anything
-imports triton and makes gdn_ops' torch path raise, so every GDN kernel there is FLA's; the torch side runs here.
+The FLA side runs in a freshly spawned interpreter (tests/parallel/harness.py) that enables Triton's interpreter before
+anything imports triton and makes gdn_ops' torch path raise, so every GDN kernel there is FLA's; the torch side runs
+here.
 
 Tolerance: both sides compute in fp32, in a different summation order (FLA's blocked Triton dots and its own WY
 solve), so they differ by rounding: measured 1e-8..1e-6 absolute, at most 1.2e-5 of the tensor's largest entry (the
@@ -98,7 +99,7 @@ def test_layer_on_fla_kernels_equals_torch_path(megatron_single_process, batch, 
     seq = sum(lengths) if lengths else SEQ
     x, w = (torch.randn(seq, batch, cfg.hidden_size, generator=gen) for _ in range(2))
     expected = _layer_forward_backward(state, x, w, lengths)
-    (fla,) = run_distributed(_layer_on_fla, 1, state, x, w, lengths)
+    (fla,) = run_distributed(_layer_on_fla, 1, state, x, w, lengths, fresh_interpreter=True)
     _assert_layer_results_equal(fla, expected)
 
 
@@ -123,7 +124,7 @@ def test_context_parallel_layer_on_fla_kernels_equals_single_process_torch_path(
     y, _ = layer(x, None)
     (y * w).sum().backward()
     state = {k: (v.clone() if v is not None else None) for k, v in layer.state_dict().items()}
-    results = run_distributed(_cp_rank_on_fla, CP, state)
+    results = run_distributed(_cp_rank_on_fla, CP, state, fresh_interpreter=True)
     for rank, (y_r, x_grad_r, _) in enumerate(results):
         _assert_close(y_r, _load_balanced(y.detach(), rank), f"rank {rank} output")
         _assert_close(x_grad_r, _load_balanced(x.grad, rank), f"rank {rank} input grad")
@@ -172,7 +173,7 @@ def test_fla_grouped_value_heads_equal_torch_path():
     path: output, final state and every input gradient, across document boundaries."""
     inputs, cu_seqlens = _grouped_inputs()
     expected = _grouped_rule_forward_backward(inputs, cu_seqlens)
-    (fla,) = run_distributed(_grouped_rule_on_fla, 1, inputs, cu_seqlens)
+    (fla,) = run_distributed(_grouped_rule_on_fla, 1, inputs, cu_seqlens, fresh_interpreter=True)
     names = ["output", "final state", "grad q", "grad k", "grad v", "grad g", "grad beta", "grad initial state"]
     for name, a, b in zip(names, fla, expected, strict=True):
         _assert_close(a, b, name)
@@ -236,7 +237,7 @@ def test_fla_generation_kernels_equal_torch_path():
     recurrent state over a 68-token prompt and 4 decode steps (grouped value heads)."""
     inputs = _generation_inputs()
     expected = _generate_states(*inputs)
-    (fla,) = run_distributed(_generate_states_on_fla, 1, *inputs)
+    (fla,) = run_distributed(_generate_states_on_fla, 1, *inputs, fresh_interpreter=True)
     for name, a, b in zip(["output", "conv state", "recurrent state"], fla, expected, strict=True):
         _assert_close(a, b, name)
 

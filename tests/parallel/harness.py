@@ -3,9 +3,16 @@
     results = run_distributed(fn, 2, arg, key=value)
 
 ``fn(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. Each child
-gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT plus TORCHDYNAMO_DISABLE=1 and
-OMP_NUM_THREADS=1 in its environment *before* it imports anything (set at spawn time), so
-``megatron_qwen35.runtime.initialize_parallel()`` picks the job up from the env.
+gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment before ``fn`` runs,
+so ``megatron_qwen35.runtime.initialize_parallel()`` picks the job up from the env, and one CPU thread.
+
+Children are forked from multiprocessing's forkserver, which imported torch, megatron-core and the
+package once (_PRELOAD): a spawned child spent ~5 s of CPU importing them before its function ran,
+for every rank of every test. Nothing is initialised in the server (no process group, no patch, no
+torch thread pool): each child starts from imported modules only, as a fresh process would after
+its imports. TORCHDYNAMO_DISABLE=1, which dynamo reads at import, is set by tests/conftest.py before
+the server starts. ``fresh_interpreter=True`` spawns new interpreters instead, for a test that must
+set something up before the first import (Triton's interpreter).
 
 Return values come back by value (pickled to bytes in the child), so tensors should be small;
 they are moved to CPU first. A child exception is re-raised in the parent with the child's
@@ -29,6 +36,13 @@ import torch.multiprocessing as mp
 
 # How long surviving ranks may keep running after another rank failed (to report their own error).
 _GRACE_AFTER_FAILURE_S = 3.0
+
+# What the forkserver imports once for every child (a module that fails to import is skipped by multiprocessing).
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.dist_checkpointing", "transformers",
+            "megatron_qwen35.runtime", "megatron_qwen35.provider", "megatron_qwen35.checkpoint",
+            "megatron_qwen35.convert.model_state", "tests.parallel.harness"]
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(_PRELOAD)
 
 
 class RemoteTraceback(Exception):
@@ -58,7 +72,9 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _child(fn: Callable, rank: int, world_size: int, args, kwargs, results) -> None:
+def _child(fn: Callable, rank: int, world_size: int, args, kwargs, results, env: dict) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     try:
         value = _to_cpu(fn(rank, world_size, *args, **kwargs))
         # Plain pickle (not the ForkingPickler the queue would use) so tensors travel by value
@@ -79,44 +95,26 @@ def _child(fn: Callable, rank: int, world_size: int, args, kwargs, results) -> N
             pass
 
 
-def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, **kwargs) -> list:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes and return
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, fresh_interpreter: bool = False,
+                    **kwargs) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` forked processes and return
     the per-rank results (index = rank). Raises the first failing rank's exception (with the
-    child traceback as its cause), or TimeoutError if the ranks do not finish within ``timeout``."""
+    child traceback as its cause), or TimeoutError if the ranks do not finish within ``timeout``.
+    ``fresh_interpreter``: spawn each rank as a new interpreter that has imported nothing yet (Triton's
+    interpreter must be switched on before triton's first import, which megatron-core makes)."""
     __tracebackhide__ = True  # pytest: show the child traceback, not this function's source
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    child_env = {
-        "WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "TORCHDYNAMO_DISABLE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-
-    # A spawned child inherits os.environ as it is at start(); set it there so the values are
-    # visible before the child imports torch (dynamo reads TORCHDYNAMO_DISABLE at import).
-    saved = {k: os.environ.get(k) for k in list(child_env) + ["RANK", "LOCAL_RANK"]}
+    context = mp.get_context("spawn") if fresh_interpreter else _CONTEXT
+    results = context.Queue()
+    job_env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "OMP_NUM_THREADS": "1"}
     procs = []
-    try:
-        for rank in range(world_size):
-            os.environ.update(child_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            p = ctx.Process(
-                target=_child,
-                args=(fn, rank, world_size, args, kwargs, results),
-                name=f"rank{rank}",
-                # not a daemon: dist_checkpointing (filesystem_async) starts its own helper process
-                daemon=False,
-            )
-            p.start()
-            procs.append(p)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for rank in range(world_size):
+        env = {**job_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        # not a daemon: a daemon may not start processes of its own (an asynchronous checkpoint save does)
+        p = context.Process(target=_child, args=(fn, rank, world_size, args, kwargs, results, env),
+                             name=f"rank{rank}", daemon=False)
+        p.start()
+        procs.append(p)
 
     outputs: list[Any] = [None] * world_size
     done = set()
