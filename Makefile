@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one process):
 # most tests launch recipes whose single-threaded start-up (importing megatron.training) leaves a core idle.
-# Measured on a 2-core machine: 20 to 23 minutes (the latest runs) instead of 29+ in one process (TEST_WORKERS=0).
+# Measured on a 2-core machine: 17.5 minutes (the latest run; TEST_WORKERS=0 runs them in one process, slower).
 TEST_WORKERS ?= 2
 
 test: setup
