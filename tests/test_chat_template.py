@@ -187,7 +187,8 @@ def test_preprocessing_writes_the_rendered_conversations_and_their_masks(chats, 
 
 def test_videos_as_items_and_placeholders_preprocess_alike_with_workers(tmp_path, capsys):
     """A video as a content item (frames and fps) and as a `<video>` placeholder with the row's `videos` list: the
-    template's video slot, expanded to the processor's pads for the frames' grid; with --workers 2 the same bytes."""
+    template's video slot, expanded to the processor's pads for the frames' grid; with --workers 2 (and the folder
+    named by --output-prefix) the same bytes."""
     frames = [f"videos/moving_square/{i:02d}.png" for i in range(4)]  # in data/vl, the --media-dir
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": {"frames": frames, "fps": 2}},
                                                        {"type": "text", "text": "Where does it go?"}]},
@@ -196,8 +197,8 @@ def test_videos_as_items_and_placeholders_preprocess_alike_with_workers(tmp_path
                           {"role": "assistant", "content": "Right."}], "videos": [frames]},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
     chats = _write(tmp_path / "videos.jsonl", rows)
-    for workers in ("1", "2"):
-        assert PREPROCESS(["--input", str(chats), "--output-dir", str(tmp_path / workers), "--qwen35-preset",
+    for workers, output in (("1", "--output-dir"), ("2", "--output-prefix")):  # megatron's name for it, too
+        assert PREPROCESS(["--input", str(chats), output, str(tmp_path / workers), "--qwen35-preset",
                            "tiny-vl-demo", "--video-pixels", "4096", "65536", "--workers", workers,
                            "--media-dir", str(REPO / "data/vl")]) == 0
     assert "2 videos" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Preprocess chat conversations for Qwen3.5 fine-tuning: jsonl -> tokenized conversations with loss masks.
 
-usage: python tools/data/preprocess_sft.py --input chats.jsonl [more ...] --output-dir data/chats
+usage: python tools/data/preprocess_sft.py --input chats.jsonl [more ...] --output-dir data/chats (or --output-prefix)
        (--qwen35-preset NAME | --hf-config PATH) [--seq-length N --too-long refuse|truncate|skip]
        [--loss-on all|last] [--no-thinking-loss] [--no-empty-thinking-loss] [--workers 8]
        [--tokenizer-dir HF_TOKENIZER_DIR] [--image-pixels MIN MAX] [--video-pixels MIN MAX]
@@ -25,7 +25,10 @@ from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, me
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl files of conversations")
-    p.add_argument("--output-dir", required=True, type=Path)
+    # --output-prefix: the name megatron's preprocess_data.py (and tools/data/preprocess.py) use for where output goes;
+    # here it names the folder that SFT_DATA_PATH then names
+    p.add_argument("--output-dir", "--output-prefix", dest="output_dir", required=True, type=Path,
+                   help="the folder to write (train with SFT_DATA_PATH=it)")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     add_model_flags(p)
     p.add_argument("--seq-length", type=int, default=None,

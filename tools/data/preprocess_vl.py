@@ -20,7 +20,10 @@ from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, me
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl files of samples")
-    p.add_argument("--output-dir", required=True, type=Path)
+    # --output-prefix: the name megatron's preprocess_data.py (and tools/data/preprocess.py) use for where output goes;
+    # here it names the folder that VL_DATA_PATH then names
+    p.add_argument("--output-dir", "--output-prefix", dest="output_dir", required=True, type=Path,
+                   help="the folder to write (train with VL_DATA_PATH=it)")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     add_model_flags(p)
     p.add_argument("--workers", type=int, default=1)
