@@ -325,13 +325,18 @@ def test_dp2_distributed_optimizer_step_equals_single_process_adam(reference, ma
     """DP2, megatron DDP + distributed optimizer, one Adam step on half the batch each == single-process Adam on the
     whole batch: every parameter within REL_TOL of its tensor's largest entry (measured: 1 fp32 ulp, 3e-8)."""
     _check_loss(_losses(matrix2, "dp2_distopt"), {}, reference["loss"], 2)
-    root = reference["root"]
-    before, want, got = _load_named(root / "weights"), _load_named(root / "ref_step"), _load_named(root / "dp2_distopt")
+    _check_step(reference["root"], "dp2_distopt")
+
+
+def _check_step(root, name):
+    """The parameters layout `name` wrote after its Adam step equal the single process's (`ref_step`), each within
+    REL_TOL of its tensor's largest entry, and the step moved them."""
+    before, want, got = _load_named(root / "weights"), _load_named(root / "ref_step"), _load_named(root / name)
     moved = max((want[n] - before[n]).abs().max().item() for n in want)
     assert 0.5 * LR < moved <= 1.01 * LR  # the step really happened (Adam moves by at most ~lr)
-    for name, w in want.items():
-        err = (got[name] - w).abs().max().item()
-        assert err <= REL_TOL * w.abs().max().item(), f"{name}: max abs error {err:.3g}"
+    for n, w in want.items():
+        err = (got[n] - w).abs().max().item()
+        assert err <= REL_TOL * w.abs().max().item(), f"{n}: max abs error {err:.3g}"
 
 
 def test_checkpoints_cross_layouts_with_equal_logits(reference, matrix2):

@@ -1,9 +1,9 @@
 """Packed chat sequences in the layout matrix (tests/parallel/test_layout_matrix.py's harness): the loss and every
-full gradient of two packed micro-batches at TP2 + SP, PP2, EP2, CP2 (conversations crossing the CP ranks) and DP2 equal
-the single process's, and the single process's equal the same conversations one per sequence: the objective (per
-token over the global batch, MTP included) does not depend on how conversations are packed. The MoE router's
-load-balancing loss is a statistic of the tokens a micro-batch routes together, so the packed-vs-unpacked check runs
-without it; the layouts run with it."""
+full gradient of two packed micro-batches at TP2 + SP, PP2, EP2, CP2 (conversations crossing the CP ranks) and DP2
+equal the single process's, as does every parameter after one Adam step at DP2 with the distributed optimizer; and the
+single process's equal the same conversations one per sequence: the objective (per token over the global batch, MTP
+included) does not depend on how conversations are packed. The MoE router's load-balancing loss is a statistic of the
+tokens a micro-batch routes together, so the packed-vs-unpacked check runs without it; the layouts run with it."""
 
 import json
 
@@ -17,7 +17,10 @@ from tests.parallel.test_sft_layouts import conversations
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "ep2": dict(ep=2), "cp2": dict(cp=2), "dp2": dict()}
+LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "ep2": dict(ep=2), "cp2": dict(cp=2), "dp2": dict(),
+           # each rank one packed sequence, megatron DDP + the distributed optimizer: one Adam step
+           "dp2_distopt": dict(run=dict(optimizer_step=True, distributed_optimizer=True))}
+GRADIENT_LAYOUTS = [n for n, lay in LAYOUTS.items() if not lay.get("run", {}).get("optimizer_step")]
 
 
 def _collated(sample: dict) -> dict:
@@ -59,6 +62,8 @@ def reference(tmp_path_factory, megatron_single_process, packed):
     save_checkpoint(model, cfg, root / "weights")
     loss = matrix._run_layout({}, str(root / "weights"), str(root / "ref"), batches=packed["packed"],
                               data=_data(packed))
+    matrix._run_layout({}, str(root / "weights"), str(root / "ref_step"), optimizer_step=True, batches=packed["packed"],
+                       data=_data(packed))
     return dict(root=root, loss=loss, grads=matrix._load_named(root / "ref"))
 
 
@@ -77,7 +82,7 @@ def layouts(reference, packed):
     return matrix._run_matrix(reference["root"], LAYOUTS, 2, packed["packed"], _data(packed))
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", GRADIENT_LAYOUTS)
 def test_packed_sequences_at_layout_give_the_single_process_loss_and_gradients(name, reference, layouts):
     """(Under EP2 and DP2 each rank's loss is its own sequence's (the dense part runs data-parallel), under CP2 its
     own tokens'; their loss-token counts differ, so the ranks' means do not average to the whole: the gradients
@@ -86,3 +91,10 @@ def test_packed_sequences_at_layout_give_the_single_process_loss_and_gradients(n
     if name not in ("ep2", "cp2", "dp2"):
         matrix._check_loss(losses, LAYOUTS[name], reference["loss"], 2)
     matrix._check_grads(reference["root"] / name, reference["grads"])
+
+
+def test_packed_sequences_at_dp2_with_the_distributed_optimizer_take_the_single_process_adam_step(reference, layouts):
+    """DP2, each rank one packed sequence, megatron DDP + distributed optimizer: one Adam step == the single process's
+    step on both sequences, every parameter within REL_TOL of its tensor's largest entry."""
+    matrix._losses(layouts, "dp2_distopt")
+    matrix._check_step(reference["root"], "dp2_distopt")

@@ -8,9 +8,9 @@ on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 pl
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 
 Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
-process's losses at TP2 + SP, PP2, EP2 and CP2 (each packed conversation split over the CP ranks). LoRA with the
-tower adapted too (LORA_VISION=1) trains on them, and its checkpoint exports merged and as a peft adapter that
-transformers + peft run with images to load_model's logits.
+process's losses at TP2 + SP, PP2, EP2, CP2 (each packed conversation split over the CP ranks) and DP2 (the
+distributed optimizer). LoRA with the tower adapted too (LORA_VISION=1) trains on them, and its checkpoint exports
+merged and as a peft adapter that transformers + peft run with images to load_model's logits.
 """
 
 import subprocess
@@ -20,6 +20,7 @@ import pytest
 
 from megatron_qwen35.convert.hf_to_megatron import qwen35_hf_to_megatron
 from tests.parallel.test_pretrain_layouts import REL_TOL
+from tests.parallel.test_sft_layouts import assert_same_steps
 from tests.pretrain_runs import REPO, recipe
 from tests.test_convert import make_hf_checkpoint
 
@@ -31,7 +32,9 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest samp
 # numbers of loss tokens: the per-token normalisation pretrain_qwen35.py sets keeps CP exact (training/steps.py).
 FLAGS = ()
 LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "cp2": (2, dict(CP="2"))}
-CHAT_LAYOUTS = {**LAYOUTS, "ep2": (2, dict(EP="2"))}  # ep2: experts split, the rest (tower too) data-parallel
+# ep2: experts split, the rest (tower too) data-parallel; dp2: each rank one packed sequence, the recipe's
+# distributed optimizer
+CHAT_LAYOUTS = {**LAYOUTS, "ep2": (2, dict(EP="2")), "dp2": (2, {})}
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +132,11 @@ def single_chat(converted, vl_chats, tmp_path_factory):
                   SFT_DATA_PATH=str(vl_chats), GLOBAL_BATCH="2", run_name="single", **CHAT_SETTINGS)
 
 
-def _same_steps(want, got, what):
-    assert sorted(want.losses) == sorted(got.losses) == [1, 2, 3], (want.losses, got.losses)
-    for step in want.losses:
-        for name, a, b in (("lm loss", want.losses[step], got.losses[step]),
-                           ("grad norm", want.grad_norms[step], got.grad_norms[step])):
-            assert abs(b - a) <= REL_TOL[step] * abs(a), (what, step, name, b, a)
-
-
 def test_packed_image_chats_train_as_the_same_chats_one_per_sequence(converted, vl_chats, single_chat, tmp_path):
     one_each = recipe(tmp_path, *CHAT_FLAGS, nproc=1, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats),
                       SFT_PACKING="0", GLOBAL_BATCH="4", run_name="one_each", **CHAT_SETTINGS)
     assert "mtp_1 loss" in single_chat.stdout + single_chat.stderr
-    _same_steps(one_each, single_chat, "packed vs one per sequence")
+    assert_same_steps(one_each, single_chat, "packed vs one per sequence")
 
 
 @pytest.mark.parametrize("layout", list(CHAT_LAYOUTS))
@@ -149,11 +144,12 @@ def test_image_chat_recipe_at_layout_logs_the_single_process_losses(layout, conv
                                                                     tmp_path):
     """PP2 keeps the tower on stage 0 and hands the packed sequences' MTP inputs to stage 1; EP2 gives each rank one
     packed sequence of the two (data parallel) and half the experts; CP2 splits each packed conversation over the two
-    ranks (its image features placed before the split)."""
+    ranks (its image features placed before the split); DP2 gives each rank one packed sequence, the optimizer's
+    state split."""
     ranks, settings = CHAT_LAYOUTS[layout]
     run = recipe(tmp_path, *CHAT_FLAGS, nproc=ranks, LOAD=str(converted), SFT_DATA_PATH=str(vl_chats),
                  GLOBAL_BATCH="2", run_name=layout, **{**CHAT_SETTINGS, **settings})
-    _same_steps(single_chat, run, layout)
+    assert_same_steps(single_chat, run, layout)
 
 
 @pytest.mark.usefixtures("megatron_single_process")
