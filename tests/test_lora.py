@@ -87,6 +87,11 @@ def test_logits_loss_and_adapter_gradients_equal_peft(preset, router):
     assert (a - b).abs().max().item() <= TOL
     loss_a, loss_b = _loss(a, ids), _loss(b, ids)
     assert abs(loss_a.item() - loss_b.item()) <= TOL
+    with torch.no_grad():  # each model's own loss: megatron's per-token loss from labels, transformers' from labels=
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        own = ours(ids[:, :-1], pos[:, :-1], None, labels=ids[:, 1:]).mean()
+        assert abs(own.item() - peft_model(input_ids=ids, labels=ids).loss.item()) <= TOL
+        assert abs(own.item() - loss_a.item()) <= TOL
     loss_a.backward()
     loss_b.backward()
     ours_grads = to_peft({n: p.grad for n, p in lora_parameters(ours).items()}, cfg)
@@ -140,6 +145,43 @@ def test_every_adapted_linear_changes_the_output():
                 p.zero_()
                 assert not torch.equal(_ours(ours, ids), before), name
                 p.copy_(saved)
+
+
+def test_an_expert_linear_as_the_transformer_engine_wrapper_leaves_it_is_adapted_alike():
+    """Under expert parallelism megatron's TE wrapper builds an expert linear with TE's own `tp_group` None (megatron
+    does the expert communication) and megatron's group in `_tp_group` (lora/adapter.py: linear_tp_group). A stand-in
+    (TE does not run here): the local model's expert linears with their groups moved so get the same adapters, the
+    same checkpoint entries and the same logits."""
+    from megatron_qwen35.lora.adapter import linear_tp_group
+
+    cfg = qwen35_preset("tiny-moe").replace(mtp_num_layers=0)
+
+    base = {}
+
+    def build(te_like: bool):
+        model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, params_dtype=torch.float32), backend="local")
+        base.update(base or model.state_dict())
+        model.load_state_dict(base)  # the same base weights (the experts' RNG tracker moved on between builds)
+        moved = 0
+        for name, m in model.named_modules():
+            if te_like and ".local_experts." in name and name.endswith(("linear_fc1", "linear_fc2")):
+                m._tp_group, m.tp_group = m.tp_group, None
+                assert linear_tp_group(m) is m._tp_group
+                moved += 1
+        assert moved == (2 * cfg.num_experts * cfg.num_layers if te_like else 0)
+        apply_lora(model, cfg, LoRASettings(rank=RANK, alpha=ALPHA))
+        g = torch.Generator().manual_seed(3)
+        load_adapter_tensors(model, {n: torch.randn(s, generator=g) * 0.2
+                                     for n, s in sorted(adapter_whole_shapes(model).items())})
+        return model.eval()
+
+    want, got = build(False), build(True)
+    entries = [{k: (tuple(v.global_shape), v.global_offset, v.replica_id) for k, v in m.sharded_state_dict().items()
+                if ".lora." in k} for m in (want, got)]
+    assert entries[0] == entries[1] and any(".local_experts." in k for k in entries[0])
+    ids = _tokens(cfg, batch=1, seq=20)
+    with torch.no_grad():
+        assert torch.equal(_ours(got, ids), _ours(want, ids))
 
 
 def test_a_subset_of_targets_adapts_only_those_parts():

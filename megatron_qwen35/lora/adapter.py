@@ -121,6 +121,17 @@ class LoRAAdapter(torch.nn.Module):
         return torch.nn.functional.linear(h, self.weight_B()) * self.scaling
 
 
+def linear_tp_group(linear: torch.nn.Module):
+    """The tensor-parallel group megatron built `linear` for (an expert's: the expert tensor-parallel group). Megatron's
+    Transformer Engine wrappers keep it as `_tp_group`; TE's own `tp_group` is None on an expert linear under expert
+    parallelism, whose communication megatron does itself (read against megatron-core 0.19.2's
+    extensions/transformer_engine.py, TELinear.__init__: `tp_group_for_te = None` where `explicit_expert_comm`, then
+    `self._tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)`). The local backend's
+    linears keep it as `tp_group`."""
+    group = getattr(linear, "_tp_group", None)
+    return group if group is not None else linear.tp_group
+
+
 def adapter_input(linear, x: torch.Tensor) -> torch.Tensor:
     """What the adapted linear multiplies: its input, normalised first where the linear fuses the layer norm before
     it (Transformer Engine's LayerNormLinear: `layer_norm_weight`, read against TE 2.x's LayerNormLinear: RMSNorm in
@@ -178,7 +189,7 @@ def _sharded_state_dict(linear, prefix="", sharded_offsets=(), metadata=None):
     axis = ({f"B_{i}": 0 for i in range(adapter.sections)} if adapter.parallel == COLUMN
             else {f"A_{p}": 1 for p in adapter.part_names} if adapter.parallel == ROW else {})
     entries.update(make_sharded_tensors_for_checkpoint(state, f"{prefix}lora.", axis, sharded_offsets,
-                                                       tp_group=linear.tp_group,
+                                                       tp_group=linear_tp_group(linear),
                                                        dp_cp_group=(metadata or {}).get("dp_cp_group")))
     return entries
 
@@ -264,4 +275,4 @@ def hidden_adapters(model: torch.nn.Module):
             m._modules["lora"] = a
 
 
-__all__ = ["LoRAAdapter", "adapter_input", "attach_adapter", "share_adapter", "hidden_adapters"]
+__all__ = ["LoRAAdapter", "linear_tp_group", "adapter_input", "attach_adapter", "share_adapter", "hidden_adapters"]

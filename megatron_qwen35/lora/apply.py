@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.lora.adapter import LoRAAdapter, attach_adapter, share_adapter
+from megatron_qwen35.lora.adapter import LoRAAdapter, attach_adapter, linear_tp_group, share_adapter
 from megatron_qwen35.lora.targets import (
     ADAPTED_LINEARS,
     COLUMN,
@@ -145,7 +145,7 @@ def _linears(layer, linear: AdaptedLinear):
 
 def _adapter(module, linear: AdaptedLinear, parts: tuple[str, ...], cfg: Qwen35Config,
              settings: LoRASettings) -> LoRAAdapter:
-    tp_group = module.tp_group
+    tp_group = linear_tp_group(module)
     tp, tp_rank = tp_group.size(), tp_group.rank()
     if linear.expert and tp > 1:
         raise ValueError(f"LoRA on routed experts with expert tensor parallelism {tp}: not supported; use "
@@ -191,7 +191,7 @@ def apply_lora(model: torch.nn.Module, cfg: Qwen35Config, settings: LoRASettings
             for path, global_path, module in _linears(layer, linear):
                 adapter = _adapter(module, linear, parts, cfg, settings)
                 adapter.global_name = global_prefix + global_path
-                adapter.initialise(adapter.global_name, seed, module.tp_group.rank(), module.tp_group.size())
+                adapter.initialise(adapter.global_name, seed, adapter.tp_group.rank(), adapter.tp_group.size())
                 attach_adapter(module, adapter)
                 adapted.append(prefix + path)
     model.train(model.training)  # the new adapters (their dropout) in the model's mode, as if built with it
