@@ -141,7 +141,7 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapte
     unless `backend="local"` says otherwise; elsewhere on the local backend."""
     from megatron_qwen35.convert.record import ConversionRecord
     from megatron_qwen35.lora import LoRASettings, adapter_whole_shapes, apply_lora, from_peft, load_adapter_tensors
-    from megatron_qwen35.lora.base import check_base, load_base, recorded_base
+    from megatron_qwen35.lora.base import base_named_by_the_run, check_base, load_base, recorded_base
     from megatron_qwen35.lora.peft_format import read_peft_adapter
 
     apply_runtime_patches()
@@ -156,7 +156,7 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapte
     if fingerprint is not None:
         if base is None:
             raise ValueError(f"{checkpoint_dir} holds LoRA adapters without their frozen base: give `base`, the "
-                             "checkpoint they were trained on")
+                             f"checkpoint they were trained on{base_named_by_the_run(metadata)}")
         check_base(base, fingerprint, checkpoint_dir)
     peft_lora, peft_tensors = read_peft_adapter(adapter) if adapter is not None else (None, None)
     if not parallel_state.model_parallel_is_initialized():

@@ -105,7 +105,7 @@ def _lora_settings(metadata: dict, source: Path):
 def _lora_readers(megatron_dir: Path, metadata: dict, lora, base_dir: Path | str | None):
     """(the reader of the base's tensors, the reader of the adapters') of a checkpoint: the same reader for one that
     holds its base (or no adapters), the named base's and the checkpoint's own for a LoRA run's (adapters only)."""
-    from megatron_qwen35.lora.base import check_base, recorded_base
+    from megatron_qwen35.lora.base import base_named_by_the_run, check_base, recorded_base
 
     fingerprint = recorded_base(metadata) if lora is not None else None
     if fingerprint is None and base_dir is not None:
@@ -117,7 +117,7 @@ def _lora_readers(megatron_dir: Path, metadata: dict, lora, base_dir: Path | str
     try:
         if base_dir is None:
             raise ValueError(f"{megatron_dir} holds LoRA adapters without their frozen base: name the checkpoint they "
-                             "were trained on with --base-dir")
+                             f"were trained on with --base-dir{base_named_by_the_run(metadata)}")
         check_base(base_dir, fingerprint, megatron_dir)
         return TorchDistReader(iteration_dir(base_dir, latest_iteration(base_dir))), reader
     except BaseException:

@@ -38,6 +38,8 @@ from megatron_qwen35.checkpoint import (
 )
 
 LORA_BASE = "lora_base"  # qwen35_config.json metadata: the base's fingerprint, in a checkpoint of adapters only
+# ... and the base as the training run named it: text for a message that asks for the base, never opened
+LORA_BASE_NAMED = "lora_base_named"
 FINGERPRINT_ELEMENTS = 16
 
 
@@ -63,6 +65,13 @@ def recorded_base(metadata: dict) -> str | None:
     """The base fingerprint a checkpoint's metadata records: a checkpoint of adapters only; None where it holds its
     base (or holds no adapters)."""
     return metadata.get(LORA_BASE) or None
+
+
+def base_named_by_the_run(metadata: dict) -> str:
+    """How a message asking for the base can help: the path the training run named its base by, quoted as text (a
+    name read from a file is data: shown, never opened)."""
+    named = metadata.get(LORA_BASE_NAMED)
+    return f" (its training run named the base {str(named)[:300]!r})" if named else ""
 
 
 def check_base(base_dir: Path | str, fingerprint: str, lora_dir: Path | str) -> None:

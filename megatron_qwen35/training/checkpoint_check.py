@@ -115,9 +115,10 @@ def _check_base_is_not_overwritten(args, load: Path, named: str) -> None:
 
 def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool) -> list[str]:
     """What a load does with LoRA adapters, the checkpoint's (its record) against the run's; where the run's base
-    comes from (`args.qwen35_lora_base`) and its fingerprint (`args.qwen35_lora_base_fingerprint`, rank 0)."""
+    comes from (`args.qwen35_lora_base`) and its fingerprint and name (`args.qwen35_lora_base_fingerprint`,
+    `args.qwen35_lora_base_named`: rank 0)."""
     from megatron_qwen35.lora import LoRASettings
-    from megatron_qwen35.lora.base import base_fingerprint, check_base, recorded_base
+    from megatron_qwen35.lora.base import base_fingerprint, base_named_by_the_run, check_base, recorded_base
     from megatron_qwen35.training.flags import lora_settings_from_args
 
     run = lora_settings_from_args(args)
@@ -133,7 +134,7 @@ def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool)
         args.finetune = True  # megatron then asks the model to hide its adapters while loading
         args.qwen35_lora_absent_from_load = True
         if args.rank == 0:
-            args.qwen35_lora_base_fingerprint = base_fingerprint(load)
+            args.qwen35_lora_base_fingerprint, args.qwen35_lora_base_named = base_fingerprint(load), str(load)
         return [f"{named} holds no LoRA adapters: its weights are the frozen base, the adapters "
                 f"({run.describe()}) start from peft's initialisation (B = 0: the model starts as the base); the "
                 "run's checkpoints hold the adapters, resumed with this base as --pretrained-checkpoint"]
@@ -149,19 +150,19 @@ def _lora_note(args, load: Path, named: str, metadata: dict, weights_only: bool)
     if fingerprint is None:  # it holds its base too (hf_to_megatron.py --adapter)
         args.qwen35_lora_base = str(load)
         if args.rank == 0:
-            args.qwen35_lora_base_fingerprint = base_fingerprint(load)
+            args.qwen35_lora_base_fingerprint, args.qwen35_lora_base_named = base_fingerprint(load), str(load)
         return []
     base = args.pretrained_checkpoint
     if not base or Path(base).resolve() == load.resolve():
         raise LaunchRefused(f"{named} holds LoRA adapters without their frozen base: name the checkpoint they "
                             "were trained on with --pretrained-checkpoint (LOAD= in the recipes, the run resuming "
-                            "from SAVE)")
+                            f"from SAVE){base_named_by_the_run(metadata)}")
     if args.rank == 0:  # kilobytes per tensor; the other ranks follow rank 0's refusal
         try:
             check_base(base, fingerprint, load)
         except (ValueError, OSError) as e:
             raise LaunchRefused(f"--pretrained-checkpoint: {e}") from None
-        args.qwen35_lora_base_fingerprint = fingerprint
+        args.qwen35_lora_base_fingerprint, args.qwen35_lora_base_named = fingerprint, str(base)
     args.qwen35_lora_base = str(base)
     return []
 

@@ -154,7 +154,7 @@ def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     loaded config stays the answer until the run's first save there (checkpoint.UNTIL_NEXT_SAVE)."""
     if not args.save or args.rank != 0:
         return
-    from megatron_qwen35.lora.base import LORA_BASE
+    from megatron_qwen35.lora.base import LORA_BASE, LORA_BASE_NAMED
     from megatron_qwen35.training.checkpoint_check import checkpoint_to_load
     from megatron_qwen35.training.flags import lora_settings_from_args
 
@@ -162,10 +162,11 @@ def write_checkpoint_config(args, cfg: Qwen35Config) -> None:
     has_config = loaded is not None and (loaded / CONFIG).is_file()
     saved, loaded_metadata = read_config(loaded) if has_config else (cfg, {})
     lora = lora_settings_from_args(args)
-    metadata = {k: v for k, v in loaded_metadata.items() if k not in ("lora", LORA_BASE)}
+    metadata = {k: v for k, v in loaded_metadata.items() if k not in ("lora", LORA_BASE, LORA_BASE_NAMED)}
     if lora is not None:  # its checkpoints hold the adapters; the base they train on, where there is one
         base = getattr(args, "qwen35_lora_base_fingerprint", None)
-        metadata |= {"lora": lora.to_record()} | ({LORA_BASE: base} if base else {})
+        metadata |= {"lora": lora.to_record()} | ({LORA_BASE: base, LORA_BASE_NAMED: args.qwen35_lora_base_named}
+                                                  if base else {})
     save = Path(args.save)
     run_config = saved.replace(mtp_num_layers=cfg.mtp_num_layers)
     if has_config and save.resolve() == loaded.resolve() and (run_config, metadata) != (saved, loaded_metadata):

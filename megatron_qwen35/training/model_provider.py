@@ -36,7 +36,29 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         model.checkpoint_adapters_only = True  # its checkpoints hold the adapters (lora/base.py)
         base = getattr(args, "qwen35_lora_base", None)  # --load holds adapters: the base comes from here
         if base is not None:
-            from megatron_qwen35.lora.base import load_base
-
-            load_base(model, base)
+            _load_base_once_every_chunk_is_built(model, base, vp_stage, args.virtual_pipeline_model_parallel_size)
     return model
+
+
+_chunks_awaiting_base: list[Qwen35GPTModel] = []
+
+
+def _load_base_once_every_chunk_is_built(model: Qwen35GPTModel, base: str, vp_stage: int | None,
+                                         virtual_stages: int | None) -> None:
+    """Load the frozen base into this rank's model once all its virtual pipeline chunks exist. megatron.training's
+    get_model builds the chunks one after another, and building one can be a collective (the tied embedding's
+    all-reduce between the first and the last pipeline stage, which those ranks reach at different chunks): a load,
+    itself collective, between two chunks' builds deadlocks the ranks (rank 0 in the embedding's all-reduce, rank 1 in
+    the load's metadata exchange, measured at PP2 x VPP2)."""
+    from megatron_qwen35.lora.base import load_base
+
+    if vp_stage is None:
+        load_base(model, base)
+        return
+    if vp_stage == 0:
+        _chunks_awaiting_base.clear()
+    _chunks_awaiting_base.append(model)
+    if vp_stage == virtual_stages - 1:
+        chunks = list(_chunks_awaiting_base)
+        _chunks_awaiting_base.clear()
+        load_base(chunks, base)

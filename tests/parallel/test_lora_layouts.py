@@ -1,11 +1,12 @@
 """LoRA through the path users run (recipes/common.sh with LORA_RANK -> torchrun -> pretrain_qwen35.py ->
 megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP checkpoint that holds no adapters:
 
-- every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2) logs the single process's losses and gradient
+- every layout (TP2 + SP, PP2, EP2 with per-expert adapters, CP2, DP2) logs the single process's losses and gradient
   norms (adapters only, the routers' included: the base has no gradient), step after step;
 - the single process's checkpoint holds the adapters alone (and their optimizer state), records its settings and its
   base's fingerprint, and resumes at EP2 (one optimizer becoming two, the state resharded over EP and DP), the base
-  named again (LOAD=), to the uninterrupted run's next step; TP2 + SP's resumes in one process (two becoming one):
+  named again (LOAD=), to the uninterrupted run's next step, and so at PP2 with virtual stages (27b's interleaved
+  schedule); TP2 + SP's resumes in one process (two becoming one):
   the recipe saves LoRA's optimizer state in megatron's fully reshardable format (with two runtime fixes:
   runtime/register.py's chained_optimizer_count_change and distopt_torch_adam_step);
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
@@ -62,6 +63,7 @@ def test_lora_run_from_a_base_saves_its_adapters_alone_and_records_the_base(sing
     metadata = json.loads((root / "ckpt-single" / "qwen35_config.json").read_text())["metadata"]
     record = metadata["lora"]
     assert record["rank"] == 4 and record["alpha"] == 8 and "experts" in record["target_modules"]
+    assert record["dropout"] == 0.0
     assert metadata[LORA_BASE] == base_fingerprint(converted)
     reader = TorchDistReader(iteration_dir(root / "ckpt-single", 2))
     try:
@@ -105,6 +107,18 @@ def test_lora_checkpoint_of_one_process_resumes_at_ep2_to_its_next_step(converte
     _assert_resumed_step_3(single[1], ep2)
 
 
+def test_lora_checkpoint_of_one_process_resumes_at_pp2_with_virtual_stages_to_its_next_step(  # noqa: F811
+        converted, chats, single, tmp_path):  # noqa: F811
+    """The single process's checkpoint of step 2 resumed at PP2 with two virtual stages of one layer each (the
+    interleaved schedule recipes/27b.sh runs: the base loaded into each virtual chunk, then the adapters and their
+    optimizer state) logs the uninterrupted run's step 3."""
+    saved = tmp_path / "adapters"
+    shutil.copytree(single[0] / "ckpt-single", saved)
+    run = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
+                 SFT_DATA_PATH=str(chats), run_name="pp2_vpp2", **{**LORA, "PP": "2", "VPP": "1"})
+    _assert_resumed_step_3(single[1], run)
+
+
 def test_lora_checkpoint_of_tp2_sp_resumes_in_one_process_to_its_next_step(converted, chats, single, tp2_sp,  # noqa: F811
                                                                           tmp_path):
     """The other way: TP2 + SP's checkpoint of step 2 (two optimizers: the experts' and the rest) resumed by one
@@ -142,6 +156,7 @@ def test_lora_adapters_of_another_shape_without_their_base_or_on_another_base_ar
     assert code == 2 and f"--lora-vision (LORA_VISION=1): model '{PRESET}' has no vision tower" in err, err
     code, err = _preflight(monkeypatch, capsys, SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)  # LOAD: SAVE's
     assert code == 2 and "holds LoRA adapters without their frozen base" in err, err
+    assert f"(its training run named the base {str(converted)!r})" in err, err
     other = qwen35_hf_to_megatron(make_hf_checkpoint(tmp_path / "hf", PRESET, how="packed", mtp_layout="per_expert",
                                                      seed=4), tmp_path / "other", progress=False)
     code, err = _preflight(monkeypatch, capsys, LOAD=str(other), SAVE=saved, SFT_DATA_PATH=str(chats), **LORA)
@@ -233,8 +248,8 @@ def test_lora_run_checkpoint_exports_merged_on_its_base_and_as_a_peft_adapter(co
     saved = single[0] / "ckpt-single"
     tool = runpy.run_path(str(REPO / "tools/convert/megatron_to_hf.py"), run_name="cli")
     assert tool["main"](["--megatron-dir", str(saved), "--out-dir", str(tmp_path / "alone"), "--no-progress"]) == 2
-    assert "holds LoRA adapters without their frozen base: name the checkpoint they were trained on with --base-dir" \
-        in capsys.readouterr().err
+    assert ("holds LoRA adapters without their frozen base: name the checkpoint they were trained on with --base-dir "
+            f"(its training run named the base {str(converted)!r})") in capsys.readouterr().err
     assert not (tmp_path / "alone").exists()
     assert tool["main"](["--megatron-dir", str(saved), "--base-dir", str(converted), "--out-dir",
                          str(tmp_path / "merged"), "--no-progress"]) == 0
