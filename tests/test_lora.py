@@ -214,6 +214,8 @@ def test_lora_dropout_acts_on_the_adapters_input_while_training_only():
 def test_an_unknown_target_module_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"--lora-target-modules qkv_proj: not a linear .* in_proj_qkv in_proj_z"):
         LoRASettings(rank=4, target_modules=("qkv_proj", "o_proj"))
+    with pytest.raises(ValueError, match="--lora-target-modules lm_head: LoRA on the output layer is not built"):
+        LoRASettings(rank=4, target_modules=("lm_head",))
     with pytest.raises(ValueError, match="--lora-rank 0"):
         LoRASettings(rank=0)
 

@@ -1,6 +1,7 @@
 """LoRA checkpoints through the converters and the generator, against transformers + peft (fp32, CPU):
 
 - a peft adapter imports beside its base (`hf_to_megatron.py --adapter`) and runs in load_model equal to peft;
+- the dropout an adapter trains with is recorded and written where peft takes it;
 - the export writes it back as a peft adapter (`--adapter-only`) that PeftModel.from_pretrained loads with equal
   logits (every tensor equal to the source adapter's), or merged into the base, where transformers alone gives the
   LoRA model's logits;
@@ -67,7 +68,10 @@ def test_imported_adapter_runs_in_load_model_equal_to_peft(released, tmp_path):
     from megatron_qwen35.inference import load_model
 
     _, hf, adapter, peft_model = released
-    lora_ckpt = qwen35_hf_to_megatron(hf, tmp_path / "lora", adapter=adapter, progress=False)
+    tool = runpy.run_path(str(REPO / "tools/convert/hf_to_megatron.py"), run_name="cli")  # the command users run
+    assert tool["main"](["--hf-dir", str(hf), "--adapter", str(adapter), "--out-dir", str(tmp_path / "lora"),
+                         "--no-progress"]) == 0
+    lora_ckpt = tmp_path / "lora"
     base_ckpt = qwen35_hf_to_megatron(hf, tmp_path / "base", progress=False)
     ids = _ids()
     want = _logits(peft_model, ids)
@@ -120,3 +124,52 @@ def test_an_adapter_of_another_model_is_named_and_nothing_is_written(released, t
     with pytest.raises(ValueError, match="holds no LoRA adapters"):
         qwen35_adapter_to_peft(qwen35_hf_to_megatron(hf, tmp_path / "base", progress=False), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_dropout_trained_with_is_recorded_and_written_where_peft_takes_it():
+    """--lora-dropout is kept in the checkpoint's record and written as the PEFT adapter's lora_dropout; peft takes no
+    dropout on target_parameters (routed experts, routers), so an adapter with those is written without it."""
+    from megatron_qwen35.config import qwen35_preset
+    from megatron_qwen35.lora import LoRASettings
+    from megatron_qwen35.lora.peft_format import peft_config as written_config
+
+    settings = LoRASettings(rank=4, dropout=0.1)
+    assert LoRASettings.from_record(settings.to_record()) == settings
+    assert written_config(settings, qwen35_preset("tiny"))["lora_dropout"] == 0.1
+    assert written_config(settings, qwen35_preset("tiny-moe"))["lora_dropout"] == 0.0
+    dense_only = LoRASettings(rank=4, dropout=0.1, target_modules=("q_proj", "down_proj"))
+    assert written_config(dense_only, qwen35_preset("tiny-moe"))["lora_dropout"] == 0.1
+
+
+def test_a_merged_export_onto_a_bf16_release_keeps_its_dtypes_and_files(tmp_path):
+    """A bf16 release (transformers' save_pretrained: sharded, per-expert) with a peft adapter: the merged export
+    writes every tensor under the release's name, in the release's dtype and shard file, each adapted weight
+    `W + scaling B A` computed in fp32 (peft's merge_and_unload on the fp32 model) and rounded once to bf16."""
+    import json
+
+    from peft import PeftModel, get_peft_model
+    from safetensors import safe_open
+
+    from megatron_qwen35.config import qwen35_preset
+
+    hf = make_hf_checkpoint(tmp_path / "hf", "tiny-moe", dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    get_peft_model(_hf_model(hf), peft_config(qwen35_preset("tiny-moe"))).save_pretrained(tmp_path / "adapter")
+    lora_ckpt = qwen35_hf_to_megatron(hf, tmp_path / "lora", adapter=tmp_path / "adapter", progress=False)
+    merged = qwen35_megatron_to_hf(lora_ckpt, tmp_path / "merged", progress=False)
+    # peft's merge in fp32, saved by transformers: the release's names (per expert)
+    PeftModel.from_pretrained(_hf_model(hf), tmp_path / "adapter").merge_and_unload().save_pretrained(
+        tmp_path / "want", max_shard_size="200KB")
+    index = "model.safetensors.index.json"
+    source, written, want = (json.loads((d / index).read_text())["weight_map"] for d in (hf, merged, tmp_path / "want"))
+    assert written == source
+    changed = 0
+    for name, file in written.items():
+        with safe_open(merged / file, "pt") as f, safe_open(hf / file, "pt") as g, \
+                safe_open(tmp_path / "want" / want[name], "pt") as w:
+            got, base, expected = f.get_tensor(name), g.get_tensor(name), w.get_tensor(name).to(torch.bfloat16)
+        assert got.dtype == base.dtype == torch.bfloat16, name
+        assert torch.equal(got, expected) or (got.float() - expected.float()).abs().max() <= \
+            2 ** -7 * expected.float().abs().max(), name  # fp32 sums in another order: at most a rounding apart
+        changed += not torch.equal(got, base)
+    assert changed > 0

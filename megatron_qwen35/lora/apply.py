@@ -68,15 +68,19 @@ class LoRASettings:
                              "(add 'experts')")
 
     def to_record(self) -> dict:
-        """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function."""
-        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "mtp": self.mtp,
-                "vision": self.vision, "router": self.router, "experts": self.experts}
+        """What a checkpoint records of its adapters (qwen35_config.json): what fixes their shapes and function, and
+        the dropout they were trained with (which a PEFT export writes; it does not change what the adapters compute
+        in evaluation, so a resume may change it)."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules), "mtp": self.mtp, "vision": self.vision,
+                "router": self.router, "experts": self.experts}
 
     @classmethod
     def from_record(cls, record: dict) -> LoRASettings:
         """The settings a checkpoint records; a field missing or of the wrong kind is a ValueError that says so."""
         try:
             return cls(rank=int(record["rank"]), alpha=float(record["alpha"]),
+                       dropout=float(record.get("dropout", 0.0)),  # (records written before it was kept)
                        target_modules=tuple(record["target_modules"]), mtp=bool(record["mtp"]),
                        vision=bool(record.get("vision", False)),  # (records written before these could adapt)
                        router=bool(record.get("router", False)), experts=str(record.get("experts", "each")))

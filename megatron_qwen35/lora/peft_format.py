@@ -179,7 +179,11 @@ def peft_config(settings, cfg: Qwen35Config) -> dict:
     if settings.router and cfg.is_moe:
         parameters.append(ROUTER_PEFT_PARAMETER)  # a module of its own: the experts' nesting stays as it is
     parameters = parameters or None
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    # peft refuses any lora_dropout on an adapter with target_parameters (its routed experts' and router's form:
+    # peft 0.21 tuners/lora/layer.py ParamWrapper, "does not work with lora_dropout != 0"); dropout acts only in
+    # training, so such an adapter is written without it, to stay loadable (docs/lora.md)
+    dropout = settings.dropout if parameters is None else 0.0
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=dropout,
                         target_modules=modules or None, target_parameters=parameters, task_type="CAUSAL_LM")
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 

@@ -119,9 +119,17 @@ def parts_adapted(linear: AdaptedLinear, targets: frozenset[str]) -> tuple[str, 
     return tuple(p for p in linear.parts if p in targets)
 
 
+# transformers' names of the layers peft could also adapt that these adapters do not (docs/lora.md, "Not yet")
+NOT_BUILT = {"embed_tokens": "the embedding", "lm_head": "the output layer"}
+
+
 def check_target_modules(names) -> frozenset[str]:
     """The user's target names, each one we know; else a ValueError naming the valid ones."""
     names = list(names)
+    for name in names:
+        if name in NOT_BUILT:
+            raise ValueError(f"--lora-target-modules {name}: LoRA on {NOT_BUILT[name]} is not built (it stays frozen); "
+                             f"the names (transformers' modules) are: {' '.join(TARGET_MODULES)}")
     unknown = [n for n in names if n not in TARGET_MODULES]
     if unknown or not names:
         raise ValueError(f"--lora-target-modules {' '.join(unknown) or '(none)'}: not a linear layer LoRA adapts "
