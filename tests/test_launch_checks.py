@@ -87,6 +87,16 @@ def test_pretrain_launched_directly_refuses_on_rank_0_only_and_without_a_traceba
     assert tree(tmp_path) == before
 
 
+def test_an_moe_model_at_tp2_without_sequence_parallelism_is_refused_on_rank_0_without_a_traceback(tmp_path):
+    """megatron-core's MoE layer refuses training at TP > 1 without SP in its first forward, on every rank, after the
+    model and optimizer are built; launched directly, the check before the build says it once."""
+    run = pretrain(tmp_path, "--tensor-model-parallel-size", "2", nproc=2, check=False)
+    out = run.stdout + run.stderr
+    assert out.count("MoE model 'tiny-moe' at --tensor-model-parallel-size 2 trains with --sequence-parallel") == 1, \
+        out[-3000:]
+    assert "pretrain_qwen35.py\", line" not in out and not run.losses  # (torchrun reports the ranks' exit code 2)
+
+
 def make_config_json(preset: str, **changes) -> dict:
     from megatron_qwen35.config import qwen35_config_to_hf, qwen35_preset
 

@@ -47,6 +47,11 @@ def check_layout(args, cfg: Qwen35Config) -> None:
             seq_length=args.seq_length)
     except ParallelLayoutError as e:
         raise LaunchRefused(str(e)) from None
+    if cfg.is_moe and args.tensor_model_parallel_size > 1 and not args.sequence_parallel and not args.skip_train:
+        # megatron-core's MoELayer raises this at the first training forward, on every rank, once all is built
+        raise LaunchRefused(f"MoE model '{cfg.name}' at --tensor-model-parallel-size "
+                            f"{args.tensor_model_parallel_size} trains with --sequence-parallel (megatron-core's MoE "
+                            "layer refuses training without it); add --sequence-parallel, as the recipes do")
 
 
 def check_schedule(args) -> None:
