@@ -24,6 +24,21 @@ def token_batch(cfg, *, seed: int):
     return ids[:, :-1], pos, ids[:, 1:]
 
 
+def packed_token_batch(cfg, *, seed: int):
+    """One packed (THD) sequence of three documents of unequal length, [1, model_tokens]: token ids, positions
+    restarting at each document, next-token labels within each document, and cu_seqlens (int32) on DEVICE."""
+    total = SHAPES.model_tokens
+    lengths = [total // 2 + 3, total // 3 - 5]
+    lengths.append(total - sum(lengths))
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=gen) for n in lengths]
+    ids = torch.cat([d[:-1] for d in docs]).unsqueeze(0).to(DEVICE)
+    labels = torch.cat([d[1:] for d in docs]).unsqueeze(0).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return ids, pos, labels, cu_seqlens
+
+
 def vl_batch(cfg, *, seed: int) -> dict:
     """Two rows: text, image 0, text, the video's frames (each its own run, text between them), text; and text,
     image 1, text; the same length, as `Qwen35VLModel.forward` takes them (ids, mRoPE positions, labels, pixels and

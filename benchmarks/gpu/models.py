@@ -10,11 +10,12 @@ before any build (runtime.apply_runtime_patches).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 
 import torch
 
-from .batches import token_batch
+from .batches import packed_token_batch, token_batch
 from .environment import DEVICE
 
 # The VL token ids a ViT swapped in from another preset keeps from the text model's preset.
@@ -111,6 +112,25 @@ def forward_backward(model, cfg, *, seed: int):
     loss = model(ids, pos, None, labels=labels).float().mean()  # MTP and MoE aux losses join in backward
     loss.backward()
     return logits, loss.detach()
+
+
+def packed_forward_backward(model, cfg, *, seed: int):
+    """(logits [1, s, vocab] fp32, mean loss) of `model` on one packed (THD) sequence of three documents, gradients
+    accumulated into its parameters; and the logits of each document run alone, concatenated: equal where no layer
+    lets a document see another."""
+    from megatron_qwen35.training.steps import thd_packed_seq_params
+
+    ids, pos, labels, cu_seqlens = packed_token_batch(cfg, seed=seed)
+    packed = thd_packed_seq_params(cu_seqlens)
+    with torch.no_grad():
+        logits = model(ids, pos, None, packed_seq_params=packed).float()
+        bounds = cu_seqlens.tolist()
+        alone = torch.cat([model(ids[:, a:b], pos[:, a:b], None).float() for a, b in itertools.pairwise(bounds)],
+                          dim=1)
+    fresh_loss_scales()
+    loss = model(ids, pos, None, labels=labels, packed_seq_params=packed).float().mean()
+    loss.backward()
+    return logits, loss.detach(), alone
 
 
 def parameters_by_checkpoint_name(model) -> dict[str, torch.nn.Parameter]:

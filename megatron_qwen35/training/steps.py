@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state as mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
 from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_tp_rank
 
@@ -118,7 +119,6 @@ def _every_rank_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Te
 
     Packed sequences reach the model as megatron's THD PackedSeqParams (one sequence per micro-batch), with a padding
     mask that keeps padding out of the MoE router's counts and auxiliary loss."""
-    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.training import get_args, get_tokenizer
 
     from megatron_qwen35.data.sft_dataset import qwen35_sft_unpad
@@ -149,11 +149,17 @@ def _every_rank_batch(data_iterator, vp_stage: int | None) -> dict[str, torch.Te
         text["padding_mask"] = batch["padding_mask"]
     out = {**batch_on_this_cp_rank(text, cp_group), "attention_mask": None, **vision}
     if cu is not None:
-        longest = int((cu[1:] - cu[:-1]).max())
-        out["packed_seq_params"] = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
-            max_seqlen_q=longest, max_seqlen_kv=longest)
+        out["packed_seq_params"] = thd_packed_seq_params(cu)
     return out
+
+
+def thd_packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """megatron's THD PackedSeqParams of one packed sequence whose documents end at `cu_seqlens` (int32 [n + 1], on
+    the model's device), each document its own length (already aligned where context parallelism needs it)."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           cu_seqlens_q_padded=cu_seqlens, cu_seqlens_kv_padded=cu_seqlens, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt's: a loss this many times its running value is reported as spiky

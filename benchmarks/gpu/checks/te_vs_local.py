@@ -1,6 +1,9 @@
 """te_vs_local (where Transformer Engine imports, on CUDA): one checkpoint loaded into the TE and the local model,
 fp32: logits, loss and the gradient of every parameter, matched by checkpoint name (the names both backends save
-under, from convert.names: TE fuses the input norms into its linears, so module names differ)."""
+under, from convert.names: TE fuses the input norms into its linears, so module names differ); then the same on one
+packed (THD) sequence of three documents, as chat fine-tuning runs them, where each backend's packed logits must also
+equal its documents run alone. Elsewhere (the dry run) the local model's packed logits against its documents alone
+still run, which is the half of the packed check a CPU can do."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from ..models import (
     forward_backward,
     grad,
     key_difference,
+    packed_forward_backward,
     parameters_by_checkpoint_name,
     preset,
     reference,
@@ -29,11 +33,10 @@ NAME = "te_vs_local"
 def run() -> None:
     from megatron_qwen35.runtime import transformer_engine_available
 
-    if not transformer_engine_available():
-        skip(NAME, "Transformer Engine not importable")
-        return
-    if DEVICE.type != "cuda":
-        skip(NAME, "dry run (Transformer Engine runs on CUDA only)")
+    if not transformer_engine_available() or DEVICE.type != "cuda":
+        _local_packed_documents_alone()
+        skip(NAME, "Transformer Engine not importable" if not transformer_engine_available()
+             else "dry run (Transformer Engine runs on CUDA only)")
         return
     # Both models take the torch GDN path (FLA's TF32 dots would round the backends' tiny differences unevenly);
     # megatron refuses TE attention under deterministic_mode unless TE is told to pick deterministic algorithms.
@@ -58,5 +61,34 @@ def run() -> None:
                     "grads": grads[worst]}
             report(f"{NAME} {preset_name}", f"{fmt(errs)} ({len(grads)} params, worst {worst}) tol {TE_TOL:.0e}",
                    max(errs.values()) <= TE_TOL)
+            for m in models.values():
+                m.zero_grad(set_to_none=True)
+            _packed(preset_name, cfg, models, te_names, names)
             del models, results
             empty_cache()
+
+
+def _packed(preset_name: str, cfg, models: dict, te_names: dict, names: dict) -> None:
+    """TE's THD attention and the GDN layer's packed path on one packed sequence: TE against local (logits, loss,
+    every gradient), and each backend's packed logits against its documents run alone."""
+    results = {backend: packed_forward_backward(m, cfg, seed=4) for backend, m in models.items()}
+    (te_logits, te_loss, te_alone), (logits, loss, alone) = results["te"], results["local"]
+    grads = {k: relative_error(grad(te_names[k]), grad(names[k])) for k in names}
+    worst = max(grads, key=grads.get)
+    errs = {"logits": relative_error(te_logits, logits), "loss": relative_error(te_loss, loss), "grads": grads[worst],
+            "te_alone": relative_error(te_logits, te_alone), "local_alone": relative_error(logits, alone)}
+    report(f"{NAME} {preset_name} packed", f"{fmt(errs)} (worst {worst}) tol {TE_TOL:.0e}",
+           max(errs.values()) <= TE_TOL)
+
+
+def _local_packed_documents_alone() -> None:
+    """The local model's logits on one packed sequence equal its documents run alone (what a CPU can check of the
+    packed comparison above, through the same batch and forward)."""
+    cfg = preset("tiny")
+    model = build(cfg, dtype=torch.float32, backend="local", deterministic_mode=True)
+    copy_through_checkpoint(reference(cfg, seed=2), cfg, model)
+    logits, _, alone = packed_forward_backward(model, cfg, seed=4)
+    err = relative_error(logits, alone)
+    report(f"{NAME} tiny packed (local only)", f"logits vs documents alone {err:.1e} tol {TE_TOL:.0e}", err <= TE_TOL)
+    del model
+    empty_cache()
