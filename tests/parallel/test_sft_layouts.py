@@ -1,7 +1,7 @@
 """Chat fine-tuning through the path users run (recipes/common.sh with SFT_DATA_PATH -> torchrun -> pretrain_qwen35.py
 -> megatron.training.pretrain, gloo), from a converted tiny MoE + MTP checkpoint: full fine-tuning on packed chats at
-TP2 + SP, PP2, EP2, CP2 (conversations split over the ranks) and DP2 (the recipe's distributed optimizer) log the single
-process's losses and gradient norms, step after step.
+TP2 + SP, PP2, PP2 x VPP2, EP2, CP2 (conversations split over the ranks) and DP2 (the recipe's distributed optimizer)
+log the single process's losses and gradient norms, step after step.
 
 The rest of the proof of packed chats lives beside it, each once: packed == one conversation per sequence and every
 gradient tensor of full fine-tuning at TP2 + SP, PP2, EP2, CP2 and DP2 == the single process's, in-process through
@@ -34,10 +34,11 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN=str(SEQ_LEN), EVAL_ITERS="
 # CP2 on these packed sequences, whose every gradient tensor equals the single process's to 1e-5:
 # tests/parallel/test_sft_matrix.py). A larger eps keeps the update smooth in such entries.
 FLAGS = ("--adam-eps", "1e-4")
-# pp2: MTP on the last stage; ep2: half the experts each, the rest data-parallel; cp2: each packed conversation split
-# over the ranks (aligned to 2 x CP); dp2: each rank one packed sequence, the optimizer split
-LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2")),
-           "dp2": (2, {})}
+# pp2: MTP on the last stage; pp2_vpp2: two virtual stages of one layer each (the interleaved schedule 27b's recipe
+# runs); ep2: half the experts each, the rest data-parallel; cp2: each packed conversation split over the ranks
+# (aligned to 2 x CP); dp2: each rank one packed sequence, the optimizer split
+LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "pp2_vpp2": (2, dict(PP="2", VPP="1")),
+           "ep2": (2, dict(EP="2")), "cp2": (2, dict(CP="2")), "dp2": (2, {})}
 
 
 def conversations(count: int = 4, seed: int = 0) -> list[dict]:

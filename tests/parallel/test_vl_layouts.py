@@ -8,8 +8,8 @@ on stage 0 and MTP on stage 1, and every stage reads the mRoPE positions; CP2 pl
 sequence is split (each rank encodes every image). MTP trains on VL inputs in every run.
 
 Image chats (--sft-data-path) packed two to a sequence train as the same chats one per sequence, and log the single
-process's losses at TP2 + SP, PP2, EP2, CP2 (each packed conversation split over the CP ranks) and DP2 (the
-distributed optimizer). LoRA with the tower adapted too (LORA_VISION=1) trains on them, and its checkpoint exports
+process's losses at TP2 + SP, PP2, PP2 x VPP2, EP2, CP2 (each packed conversation split over the CP ranks) and DP2
+(the distributed optimizer). LoRA with the tower adapted too (LORA_VISION=1) trains on them, and its checkpoint exports
 merged and as a peft adapter that transformers + peft run with images to load_model's logits.
 """
 
@@ -32,9 +32,10 @@ SETTINGS = dict(PRESET=PRESET, MOCK_DATA="0", SEQ_LEN="224")  # the longest samp
 # numbers of loss tokens: the per-token normalisation pretrain_qwen35.py sets keeps CP exact (training/steps.py).
 FLAGS = ()
 LAYOUTS = {"tp2_sp": (2, dict(TP="2")), "pp2": (2, dict(PP="2")), "cp2": (2, dict(CP="2"))}
-# ep2: experts split, the rest (tower too) data-parallel; dp2: each rank one packed sequence, the recipe's
-# distributed optimizer
-CHAT_LAYOUTS = {**LAYOUTS, "ep2": (2, dict(EP="2")), "dp2": (2, {})}
+# pp2_vpp2: two virtual stages of one layer each (the tower with the first chunk of stage 0, MTP with the last chunk
+# of stage 1); ep2: experts split, the rest (tower too) data-parallel; dp2: each rank one packed sequence, the
+# recipe's distributed optimizer
+CHAT_LAYOUTS = {**LAYOUTS, "pp2_vpp2": (2, dict(PP="2", VPP="1")), "ep2": (2, dict(EP="2")), "dp2": (2, {})}
 
 
 @pytest.fixture(scope="module")
