@@ -6,7 +6,7 @@ megatron.training.pretrain, gloo), on chat data, from a converted tiny MoE + MTP
 - the single process's checkpoint holds the adapters alone (and their optimizer state), records its settings and its
   base's fingerprint, and resumes at EP2 (one optimizer becoming two, the state resharded over EP and DP), the base
   named again (LOAD=), to the uninterrupted run's next step, and so at PP2 with virtual stages (27b's interleaved
-  schedule); TP2 + SP's resumes in one process (two becoming one):
+  schedule) and at CP2; TP2 + SP's resumes in one process (two becoming one):
   the recipe saves LoRA's optimizer state in megatron's fully reshardable format (with two runtime fixes:
   runtime/register.py's chained_optimizer_count_change and distopt_torch_adam_step);
 - a resume with other LoRA settings, without its base, or on another base is refused by name before any rank.
@@ -107,15 +107,18 @@ def test_lora_checkpoint_of_one_process_resumes_at_ep2_to_its_next_step(converte
     _assert_resumed_step_3(single[1], ep2)
 
 
-def test_lora_checkpoint_of_one_process_resumes_at_pp2_with_virtual_stages_to_its_next_step(  # noqa: F811
-        converted, chats, single, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("layout", ["pp2_vpp2", "cp2"])
+def test_lora_checkpoint_of_one_process_resumes_at_pp2_with_virtual_stages_and_at_cp2_to_its_next_step(  # noqa: F811
+        layout, converted, chats, single, tmp_path):  # noqa: F811
     """The single process's checkpoint of step 2 resumed at PP2 with two virtual stages of one layer each (the
-    interleaved schedule recipes/27b.sh runs: the base loaded into each virtual chunk, then the adapters and their
-    optimizer state) logs the uninterrupted run's step 3."""
+    interleaved schedule recipes/27b.sh runs: the base loaded into every virtual chunk once all are built, then the
+    adapters and their optimizer state), and at CP2 (each packed conversation split over the ranks), logs the
+    uninterrupted run's step 3."""
     saved = tmp_path / "adapters"
     shutil.copytree(single[0] / "ckpt-single", saved)
+    settings = {"pp2_vpp2": dict(PP="2", VPP="1"), "cp2": dict(CP="2")}[layout]
     run = recipe(tmp_path, *FLAGS, "--ckpt-step", "2", nproc=2, LOAD=str(converted), SAVE=str(saved),
-                 SFT_DATA_PATH=str(chats), run_name="pp2_vpp2", **{**LORA, "PP": "2", "VPP": "1"})
+                 SFT_DATA_PATH=str(chats), run_name=layout, **{**LORA, **settings})
     _assert_resumed_step_3(single[1], run)
 
 
