@@ -6,7 +6,8 @@ that anyone may have crafted. Joined to a folder as it is, `../x` or `/etc/x` wo
 named on the command line. Every such name goes through `plain_file_name` before anything is opened with it: a plain
 name inside its folder (one path component, not `.` or `..`, no separator, no NUL), or a `ValueError` naming where it
 was read. A plain name may still be a symbolic link inside an input folder (Hugging Face's cache keeps its shards as
-links into a blob store); reading follows it, writing never does (`convert/output_dir.create_file`).
+links into a blob store); reading follows it, writing never does (`convert/output_dir.create_file`), and a folder a
+training run writes into (--save) may hold no link that leads outside it (`link_leaving`).
 
 A data set row names its images and video frames by relative path (`images/a.png`): `media_file` joins such a path
 to the folder named on the command line (--media-dir, or the jsonl file's own folder) only when it stays inside it.
@@ -47,4 +48,22 @@ def media_file(folder: Path, name: object, *, source: str) -> Path:
     return folder.joinpath(*(p for p in parts if p != "."))
 
 
-__all__ = ["UnsafeFileName", "plain_file_name", "media_file"]
+def link_leaving(folder: Path) -> tuple[Path, Path] | None:
+    """(the link, where it leads) of the first symbolic link under `folder` (not followed into) that leads outside it;
+    None where there is none. A folder a run writes into (--save) must hold none: megatron's save opens the tracker
+    and the iteration folders by name, following a link to wherever it points (a crafted checkpoint given as
+    --load = --save would have the run overwrite files elsewhere)."""
+    import os
+
+    root = folder.resolve()
+    for here, dirs, files in os.walk(folder):  # (os.walk lists a linked folder but does not enter it)
+        for name in sorted(dirs + files):
+            path = Path(here) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root and root not in target.parents:
+                    return path, target
+    return None
+
+
+__all__ = ["UnsafeFileName", "plain_file_name", "media_file", "link_leaving"]

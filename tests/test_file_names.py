@@ -242,3 +242,36 @@ def test_data_rows_naming_images_outside_the_media_folder_are_refused(tmp_path, 
     (tmp_path / "rows" / "rows.jsonl").write_text(json.dumps(row_ok) + "\n")
     assert main(["--input", str(tmp_path / "rows" / "rows.jsonl"), "--output-dir", str(tmp_path / "out"),
                  "--qwen35-preset", "tiny-vl-moe", "--media-dir", str(tmp_path)]) == 0
+
+
+def test_a_tokenizer_folder_naming_a_file_outside_itself_is_refused(tmp_path, capsys):
+    """--tokenizer-dir's tokenizer_config.json names the files transformers opens; `fast_tokenizer_files` pointing one
+    folder up had transformers read that file. Refused by name (the field and the file), through the tools; the same
+    folder with the name inside it loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
+
+    folder = tmp_path / "tok"
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "<|endoftext|>": 1}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(folder)
+    (tmp_path / "outside").mkdir()
+    shutil.copy(folder / "tokenizer.json", tmp_path / "outside" / "tokenizer.4.0.json")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**config, "fast_tokenizer_files": ["../outside/tokenizer.4.0.json"]}))
+    with pytest.raises(UnsafeFileName, match=r"tokenizer_config.json \(fast_tokenizer_files\) names the file "
+                                             r"'../outside/tokenizer.4.0.json'"):
+        Qwen35Tokenizer(folder)
+    (tmp_path / "c.txt").write_text("a a\n")
+    main = runpy.run_path(str(REPO / "tools/data/preprocess.py"))["main"]
+    code = main(["--input", str(tmp_path / "c.txt"), "--output-prefix", str(tmp_path / "out" / "c"),
+                 "--tokenizer-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "fast_tokenizer_files" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    config_file.write_text(json.dumps({**config, "fast_tokenizer_files": ["tokenizer.4.0.json"]}))
+    shutil.copy(folder / "tokenizer.json", folder / "tokenizer.4.0.json")
+    assert Qwen35Tokenizer(folder).encode("a") == [0]

@@ -242,6 +242,26 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
     assert any(n.startswith("mtp.") for n in SafetensorsCheckpoint(tmp_path / "trained"))
 
 
+@pytest.mark.parametrize("linked", ["iteration", "tracker"])
+def test_a_save_folder_linking_outside_itself_is_refused_and_nothing_is_written_there(checkpoint, tmp_path, linked):
+    """A crafted checkpoint given as LOAD = SAVE (the recipes' default) whose iteration folder or tracker is a link to
+    another folder: megatron's save would follow it and write there (measured before: a user's file overwritten, a
+    checkpoint written into the other folder, exit 0). Refused before any rank starts; nothing anywhere changes."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    if linked == "iteration":
+        (checkpoint / "iter_0000002").symlink_to(victim, target_is_directory=True)
+    else:
+        tracker = checkpoint / "latest_checkpointed_iteration.txt"
+        (victim / tracker.name).write_text(tracker.read_text())
+        tracker.unlink()
+        tracker.symlink_to(victim / tracker.name)
+    link = checkpoint / ("iter_0000002" if linked == "iteration" else "latest_checkpointed_iteration.txt")
+    recipe_refused(tmp_path, LOAD=str(checkpoint), SAVE=str(checkpoint),
+                   says=f"--save {checkpoint}: {link} is a link to {victim}")
+
+
 def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     from megatron.core.datasets import indexed_dataset
 

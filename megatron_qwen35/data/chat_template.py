@@ -219,10 +219,10 @@ _TOKENIZERS: dict[str, Any] = {}
 
 
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from megatron_qwen35.data.tokenizer import hf_tokenizer
 
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = hf_tokenizer(path)
     return _TOKENIZERS[path]
 
 

@@ -89,6 +89,9 @@ def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int
     for path in inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input {path} does not exist")
+    # The tokenizer loads here first: a folder it refuses is one error before any output exists (a worker's
+    # initializer that raises has the pool start another worker, forever)
+    Qwen35Tokenizer(hf_tokenizer_dir)
     tmp_bin, tmp_idx = (Path(f"{output_prefix}.tmp{os.getpid()}{s}") for s in (".bin", ".idx"))
     docs = tokens = 0
     with new_parents(output_prefix), _removed_on_exit(tmp_bin, tmp_idx):

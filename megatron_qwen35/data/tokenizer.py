@@ -18,6 +18,35 @@ VISION_TOKENS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_
                  "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
 
 
+# The fields of a tokenizer folder's tokenizer_config.json that name files transformers then opens (joined to the
+# folder as they are: transformers' tokenization_utils_base and tokenization_utils_fast read them so).
+TOKENIZER_FILE_FIELDS = ("tokenizer_file", "vocab_file", "merges_file", "added_tokens_file", "special_tokens_map_file",
+                         "tokenizer_config_file", "fast_tokenizer_files")
+
+
+def hf_tokenizer(folder: str | Path):
+    """transformers' tokenizer of a user's tokenizer folder (--tokenizer-dir), once each file name its
+    tokenizer_config.json gives is a plain name inside the folder (file_names.plain_file_name): a crafted
+    `"fast_tokenizer_files": ["../x/tokenizer.json"]` would have transformers read a file outside it."""
+    import json
+
+    from megatron_qwen35.file_names import plain_file_name
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for field in TOKENIZER_FILE_FIELDS:
+            value = config.get(field) if isinstance(config, dict) else None
+            for name in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+                plain_file_name(name, source=f"{config_file} ({field})")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 class Qwen35Tokenizer:
     """encode / decode / eod_id over the real Qwen3.5 vocabulary (248320 ids including specials)."""
 
@@ -31,12 +60,7 @@ class Qwen35Tokenizer:
             self._decode = self._tok.decode
             self._token_bytes = self._tok._tokenizer.decode_single_token_bytes  # tiktoken's, specials included
         else:
-            path = Path(hf_tokenizer_dir)
-            if not path.is_dir():
-                raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-            from transformers import AutoTokenizer
-
-            self._tok = AutoTokenizer.from_pretrained(str(path))
+            self._tok = hf_tokenizer(hf_tokenizer_dir)
             self.eod_id = self._tok.convert_tokens_to_ids(QWEN35_EOD)
             self._encode = lambda text: self._tok.encode(text, add_special_tokens=False)
             self._decode = self._tok.decode

@@ -242,11 +242,25 @@ def check_data(args, cfg: Qwen35Config) -> None:
         check_indexed_data(args)
 
 
+def check_save(args) -> None:
+    """--save holds no link leading outside it (file_names.link_leaving): the run writes there by name."""
+    from megatron_qwen35.file_names import link_leaving
+
+    if not args.save or not Path(args.save).is_dir():
+        return
+    link = link_leaving(Path(args.save))
+    if link is not None:
+        raise LaunchRefused(f"--save {args.save}: {link[0]} is a link to {link[1]}, outside it; a run writes its "
+                            "checkpoints into --save by name and would write there: save into a folder without such "
+                            "links")
+
+
 def check_launch(args, cfg: Qwen35Config) -> list[str]:
     """Every check above on parsed, validated args; returns notes to print (e.g. what a load will initialise)."""
     from megatron_qwen35.training.checkpoint_check import check_load
 
     check_layout(args, cfg)
+    check_save(args)
     check_lora(args, cfg)
     check_schedule(args)
     check_data(args, cfg)
