@@ -159,15 +159,20 @@ def test_a_chosen_transformer_engine_that_does_not_import_is_an_error_naming_why
 
 
 def test_the_key_schema_leaves_no_process_group_behind():
-    """Reading a model's checkpoint keys (converters, the launch check) builds it in a one-rank world of its own."""
+    """Reading a model's checkpoint keys (converters, the launch check) builds it in a one-rank world of its own, and
+    leaves the caller's random stream and megatron's RNG tracker as they were (it seeded them for the build)."""
     import subprocess
 
     code = ("import torch; from megatron.core import parallel_state as ps;"
+            "from megatron.core.tensor_parallel import get_cuda_rng_tracker;"
             "from megatron_qwen35.runtime import apply_runtime_patches; apply_runtime_patches();"
             "from megatron_qwen35.config import qwen35_preset;"
             "from megatron_qwen35.convert.megatron_keys import MegatronLayout;"
+            "torch.manual_seed(5); before = torch.get_rng_state();"
             "keys = MegatronLayout(qwen35_preset('tiny-moe'));"
             "assert keys.checkpoint_shapes() and keys.read is not None;"
+            "assert torch.equal(torch.get_rng_state(), before), 'the random stream moved';"
+            "assert not get_cuda_rng_tracker().is_initialized() and not get_cuda_rng_tracker().get_states();"
             "assert not torch.distributed.is_initialized() and not ps.model_parallel_is_initialized(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "TORCHDYNAMO_DISABLE": "1"})

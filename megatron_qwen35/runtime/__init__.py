@@ -172,7 +172,8 @@ def one_rank_world(seed: int = 1234):
     """megatron's model-parallel state for a one-process build (a model on the meta device whose keys and shapes are
     read, e.g. by the launch check), gone afterwards. Where a one-rank state already exists it is used as it is.
     Otherwise a one-rank gloo group on an in-memory store (no port, no file; a torchrun job's environment is not
-    read) is created and destroyed with megatron's state, so a later `initialize_megatron` sets up the job's own."""
+    read) is created and destroyed with megatron's state, so a later `initialize_megatron` sets up the job's own; the
+    process's random streams and megatron's RNG tracker are left as they were."""
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp
 
@@ -192,10 +193,19 @@ def one_rank_world(seed: int = 1234):
     elif torch.distributed.get_world_size() != 1:
         raise RuntimeError("a one-rank build inside a job of several ranks needs its model-parallel state set up")
     parallel_state.initialize_model_parallel()
+    tracker = mtp.get_cuda_rng_tracker()
+    tracker_states = tracker.get_states() if tracker.is_initialized() else None
     try:
-        mtp.model_parallel_cuda_manual_seed(seed)
-        yield
+        # the build's seed stays the build's: the caller's random streams (CPU, CUDA) and megatron's RNG tracker
+        # come back as they were
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+            mtp.model_parallel_cuda_manual_seed(seed)
+            yield
     finally:
+        if tracker_states is None:
+            tracker.reset()
+        else:
+            tracker.set_states(tracker_states)
         parallel_state.destroy_model_parallel()
         if owns_group:
             torch.distributed.destroy_process_group()
