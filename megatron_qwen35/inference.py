@@ -128,8 +128,9 @@ def _unfused_rope(config):
 
 
 def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapter: Path | str | None = None,
-               base: Path | str | None = None, **config_overrides) -> Qwen35CausalLM:
+               base: Path | str | None = None, gdn_kernels: str = "fla", **config_overrides) -> Qwen35CausalLM:
     """The model saved in `checkpoint_dir`, in eval mode; `config_overrides` go to TransformerConfig.
+    `gdn_kernels`: "fla" (FLA's kernels on CUDA, which must import) or "torch" (the PyTorch path, chosen explicitly).
 
     A LoRA checkpoint runs with its adapters: a LoRA run's holds the adapters alone, on the base it was trained on,
     named by `base` (checked against the fingerprint it records: lora/base.py); hf_to_megatron.py --adapter's holds
@@ -175,7 +176,7 @@ def load_model(checkpoint_dir: Path | str, *, backend: str | None = None, adapte
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("load_model runs the whole model on each rank; use pipeline_parallel=1")
     model = qwen35_gpt_model(cfg, qwen35_transformer_config(cfg, backend=backend, device=device, **overrides),
-                             backend=backend)
+                             backend=backend, gdn_kernels=gdn_kernels)
     if saved_lora is not None:
         apply_lora(model, cfg, saved_lora)
     if fingerprint is not None:  # the base from its own checkpoint, the adapters from the LoRA run's

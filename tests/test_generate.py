@@ -295,6 +295,25 @@ def test_generate_tool_prints_the_prompt_and_its_greedy_continuation(tiny_checkp
     assert capsys.readouterr().out == prompt + tokenizer.decode(want.tolist()) + "\n"
 
 
+def test_the_pytorch_gdn_path_is_chosen_explicitly_for_generation(tiny_checkpoint, capsys, monkeypatch):
+    """--gdn-kernels torch (load_model's gdn_kernels): on a CUDA node where FLA does not import, the way to generate
+    that its error names; every Gated DeltaNet layer gets the choice, and the tokens are the default's (CPU: the
+    PyTorch path either way)."""
+    import megatron_qwen35.inference as inference
+    from megatron_qwen35.layers.gated_delta_net import Qwen35GatedDeltaNet
+
+    built = []
+    monkeypatch.setattr(inference, "load_model", lambda *a, f=inference.load_model, **k: built.append(f(*a, **k))
+                        or built[-1])
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt", "ab c", "--max-new-tokens", "6"]
+    assert _tool()["main"](args) == 0
+    default = capsys.readouterr().out
+    assert _tool()["main"]([*args, "--gdn-kernels", "torch"]) == 0
+    assert capsys.readouterr().out == default
+    kernels = [[m.kernels for m in model.modules() if isinstance(m, Qwen35GatedDeltaNet)] for model in built]
+    assert kernels[0] and set(kernels[0]) == {"fla"} and set(kernels[1]) == {"torch"}
+
+
 def test_text_stream_holds_back_an_unfinished_character():
     """Byte-level tokens can end inside a UTF-8 character ('𝔘𝔫' is six tokens): the stream prints nothing that
     decodes to the replacement character while it grows, and at the end exactly the text of all tokens."""

@@ -62,6 +62,9 @@ def _arguments(argv):
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
     p.add_argument("--backend", choices=["te", "local"], default=None,
                    help="modules to run (default: Transformer Engine on CUDA, which must import; local elsewhere)")
+    p.add_argument("--gdn-kernels", choices=["fla", "torch"], default="fla",
+                   help="Gated DeltaNet kernels on CUDA: FLA's (default; must import) or the PyTorch path (as "
+                        "pretrain_qwen35.py's flag); CPUs always run the PyTorch path")
     chat = p.add_argument_group("chat")
     chat.add_argument("--chat", action="store_true",
                       help="answer --prompt as the user's turn, in Qwen3.5's chat template; print only the reply")
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
         if not args.chat and not args.prompt:
             raise ValueError("--prompt is empty: there is nothing to continue")
         initialize_parallel(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
-        model = load_model(args.checkpoint, backend=args.backend, adapter=args.adapter, base=args.base)
+        model = load_model(args.checkpoint, backend=args.backend, adapter=args.adapter, base=args.base,
+                           gdn_kernels=args.gdn_kernels)
         text = _model_text(args, model.config)
         if args.image:
             input_ids, vision = _with_images(model, tokenizer, text, args.image, args.image_pixels)

@@ -64,7 +64,7 @@ def kernel(name: str, x: torch.Tensor, *, kernels: str, deterministic: bool):
     if fn is None:
         raise FLAUnavailable(f"FLA's {name} does not import on this machine ({type(error).__name__}: {error}); "
                              "install flash-linear-attention's kernels (fla-core: pip install -e .), or choose the "
-                             "PyTorch path explicitly (--gdn-kernels torch)")
+                             "PyTorch path explicitly (--gdn-kernels torch; load_model(..., gdn_kernels='torch'))")
     return fn
 
 
