@@ -186,9 +186,10 @@ _GDN = "megatron.core.ssm.gated_delta_net"
 DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("gated_delta_net_base",
                (f"{_GDN}.common:_GDNBase.__init__", f"{_GDN}.common:_GDNBase.sharded_state_dict",
-                f"{_GDN}.gdn:GatedDeltaNet._setup_variant_attrs"),
-               "layers/gated_delta_net.py inherits the parameters, their TP sharding, the split sizes its forward "
-               "reads (feat_dim_split, in_proj_split_sections) and the checkpoint layout", "e026a775a96c"),
+                f"{_GDN}.gdn:GatedDeltaNet._setup_variant_attrs", f"{_GDN}.common:_GDNBase.reset_parameters"),
+               "layers/gated_delta_net.py inherits the parameters, their TP sharding, their initialisation (A_log, "
+               "dt_bias, conv), the split sizes its forward reads (feat_dim_split, in_proj_split_sections) and the "
+               "checkpoint layout", "91cfa3715f14"),
     Dependency("gated_delta_net_extension_points",
                (f"{_GDN}.common:_GDNBase._compute_g_and_beta", f"{_GDN}.common:_GDNBase._apply_gated_norm"),
                "the mixing core calls them: the decay and beta in fp32, the gated output norm", "28aee4b9c72b"),
@@ -198,9 +199,18 @@ DEPENDENCIES: tuple[Dependency, ...] = (
                "the forward's context -> head parallel all-to-alls and each rank's slice of conv, A_log, dt_bias",
                "c87634be4513"),
     Dependency("tp_shared_gradients_in_finalize",
-               ("megatron.core.distributed.finalize_model_grads:_allreduce_non_tensor_model_parallel_grads",),
+               ("megatron.core.distributed.finalize_model_grads:_allreduce_non_tensor_model_parallel_grads",
+                "megatron.core.distributed.finalize_model_grads:finalize_model_grads"),
                "the GDN output norm's gradient, shared by TP ranks, is reduced there (average_gradients_across_"
-               "tp_domain) once per step", "591de3cbdd75"),
+               "tp_domain) once per step, finalize_model_grads calling it", "b2b7a6f51fd8"),
+    Dependency("gdn_output_norm_recompute", ("megatron.core.tensor_parallel.random:CheckpointWithoutOutput",),
+               "layers/gated_delta_net.py recomputes the gated output norm through it, passing the config's fp8 "
+               "(it reads `fp8 is not None`)", "f4ae31c073b4"),
+    Dependency("load_balanced_context_parallel_split",
+               ("megatron.core.utils:get_batch_on_this_cp_rank",
+                "megatron.core.utils:_get_batch_on_this_cp_rank_per_document_balancing"),
+               "layers/context_parallel.py splits a sequence (and each document of a packed one) over CP ranks as "
+               "these do, the order megatron's and Transformer Engine's CP attention expect", "f82521cb3091"),
     Dependency("finetune_hides_loss_modules", ("megatron.training.checkpointing:load_checkpoint",),
                "under --finetune it enters the model's hide_loss_modules while building the state dict it loads: a "
                "checkpoint without MTP weights loads (model.Qwen35GPTModel)", "4f03d48a7938"),
