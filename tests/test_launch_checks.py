@@ -314,3 +314,19 @@ def test_preprocess_of_a_rejected_input_leaves_no_output_folder(tmp_path, capsys
     assert tool(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "out" / "c")]) == 2
     assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+@pytest.mark.parametrize("tool", ["make_vl_demo.py", "make_sft_demo.py"])
+def test_the_demo_set_writers_name_an_unwritable_output_in_one_line_and_leave_nothing(tool, tmp_path, capsys):
+    """tools/data/make_*_demo.py with --out under a file (a folder that cannot be made): one line, exit 2, nothing
+    created; the chat set without images to ask about is named the same way."""
+    (tmp_path / "file").write_text("x")
+    main = runpy.run_path(str(REPO / "tools/data" / tool), run_name="cli")["main"]
+    assert main(["--out", str(tmp_path / "file" / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "file" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    if tool == "make_sft_demo.py":
+        assert main(["--out", str(tmp_path / "out"), "--media-dir", str(tmp_path)]) == 2
+        assert f"error: no images in {tmp_path / 'images'}" in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path)) == ["file"]

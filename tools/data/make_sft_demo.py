@@ -12,8 +12,15 @@ regenerates the file and compares it with data/sft.
 
 import argparse
 import json
+import os
 import random
+import sys
+import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from megatron_qwen35.cli import run_tool  # noqa: E402
 
 IMAGES = "images"  # in the media folder (data/vl): the images tools/data/make_vl_demo.py draws
 SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -71,15 +78,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=data / "sft")
     p.add_argument("--media-dir", type=Path, default=data / "vl", help="the folder holding images/")
     a = p.parse_args(argv)
-    folder = a.media_dir / IMAGES
+    return run_tool(lambda: write_demo(a.out, a.media_dir), doing="writing the chat demo set")
+
+
+def write_demo(out: Path, media_dir: Path) -> str:
+    """OUT/chats.jsonl, written whole beside OUT and then moved in (a failure leaves OUT as it was)."""
+    folder = media_dir / IMAGES
     images = sorted(f.name for f in folder.glob("*.png"))
     if not images:
-        raise SystemExit(f"error: no images in {folder} (run tools/data/make_vl_demo.py first)")
-    a.out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"no images in {folder} (run tools/data/make_vl_demo.py first)")
     rows = conversations(images)
-    (a.out / "chats.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {a.out / 'chats.jsonl'}: {len(rows)} conversations")
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-chats-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        out.mkdir(exist_ok=True)
+        os.replace(tmp, out / "chats.jsonl")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return f"wrote {out / 'chats.jsonl'}: {len(rows)} conversations"
 
 
 if __name__ == "__main__":

@@ -10,10 +10,18 @@ not depend on the Pillow or numpy version; tests/test_vl_data.py regenerates the
 
 import argparse
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from megatron_qwen35.cli import run_tool  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30),
            "purple": (140, 60, 180)}
@@ -109,13 +117,31 @@ def make_demo(out: Path) -> list[dict]:
     return samples
 
 
-def main(argv=None):
+DRAWN = ("images", "videos", "captions.jsonl")  # what make_demo writes in OUT (its README.md stays)
+
+
+def write_demo(out: Path) -> str:
+    """The set drawn whole in a folder beside OUT, then moved into OUT in place of the drawn entries there (a failure
+    while drawing leaves OUT as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-drawing-") as tmp:
+        samples = make_demo(Path(tmp))
+        out.mkdir(exist_ok=True)
+        for name in DRAWN:
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+            os.replace(Path(tmp) / name, out / name)
+    return f"wrote {len(samples)} samples to {out / 'captions.jsonl'}"
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "data" / "vl")
     a = p.parse_args(argv)
-    samples = make_demo(a.out)
-    print(f"wrote {len(samples)} samples to {a.out / 'captions.jsonl'}")
+    return run_tool(lambda: write_demo(a.out), doing="drawing the demo set")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
