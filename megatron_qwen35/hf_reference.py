@@ -1,7 +1,9 @@
 """transformers' Qwen3.5 as the CPU reference (tests, demo, conversion parity): tiny random models.
 
 When `fla` is importable, transformers binds FLA's Triton kernels at import time, which fail on a CPU. The
-pure-PyTorch originals stay reachable as `__wrapped__`; we put them back on the modeling modules.
+pure-PyTorch originals stay reachable as `__wrapped__`; `modeling` puts them back on the modeling modules, for the
+whole process (what a reference run wants; training, conversion and generation never import this module), and
+`reference_model` seeds torch's global RNG for transformers' own initialisation.
 """
 
 import torch
