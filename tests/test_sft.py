@@ -71,11 +71,9 @@ def test_splits_are_packed_on_their_own_and_evaluation_off_builds_none(chat_dir)
 
 
 def _packed_params(cu: torch.Tensor):
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_qwen35.training.steps import thd_packed_seq_params
 
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+    return thd_packed_seq_params(cu)  # what training hands the model
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

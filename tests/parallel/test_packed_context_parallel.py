@@ -37,11 +37,9 @@ def _packed_batch():
 
 
 def _packed_seq_params(cu):
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_qwen35.training.steps import thd_packed_seq_params
 
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+    return thd_packed_seq_params(cu)  # what training hands the model
 
 
 def _model(cp=1):
