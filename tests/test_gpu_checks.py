@@ -22,6 +22,7 @@ EXPECTED = [
     ("check bf16_forward tiny-moe backend=local gdn=torch ", " ok"),
     ("check bf16_backward tiny-moe backend=local ", " ok"),
     ("check te_vs_local tiny packed (local only) ", " ok"),  # packed logits == the documents alone
+    ("check te_vs_local tiny-moe lora (local_vs_local) ", " ok"),  # LoRA's comparison, its code path
     ("check te_vs_local skipped: ", ""),  # "Transformer Engine not importable" here; a TE node says "dry run"
     ("check generate tiny-moe backend=local ", " ok"),
     # TE against local where TE runs; here local against itself (the code path: batch, checkpoint, both dtypes)

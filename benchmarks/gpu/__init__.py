@@ -14,7 +14,8 @@
 3. te_vs_local (where TE imports, on CUDA): one checkpoint loaded into the TE and the local model, fp32: logits,
    loss and the gradient of every parameter, matched by checkpoint name (the names both backends save under; TE fuses
    the input norms into its linears, so module names differ); the same on one packed (THD) sequence of three
-   documents, each backend's packed logits also equal to its documents run alone (on CPU: the local half only).
+   documents, each backend's packed logits also equal to its documents run alone (on CPU: the local half only);
+   then LoRA on every linear of both (logits, loss, every adapter gradient; on CPU two local models).
 4. generate: greedy generation of a left-padded batch (tiny-moe, local backend) through FLA's kernels (chunked and
    conv with states for the prompts, fused recurrent and conv update per token) against the same weights on the torch
    path, same device: every token equal, log-probabilities within check 1's fp32 bound.

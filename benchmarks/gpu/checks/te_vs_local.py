@@ -35,6 +35,7 @@ def run() -> None:
 
     if not transformer_engine_available() or DEVICE.type != "cuda":
         _local_packed_documents_alone()
+        _lora_local_vs_local()
         skip(NAME, "Transformer Engine not importable" if not transformer_engine_available()
              else "dry run (Transformer Engine runs on CUDA only)")
         return
@@ -64,6 +65,9 @@ def run() -> None:
             for m in models.values():
                 m.zero_grad(set_to_none=True)
             _packed(preset_name, cfg, models, te_names, names)
+            for m in models.values():
+                m.zero_grad(set_to_none=True)
+            _lora(f"{NAME} {preset_name} lora", cfg, models)
             del models, results
             empty_cache()
 
@@ -79,6 +83,52 @@ def _packed(preset_name: str, cfg, models: dict, te_names: dict, names: dict) ->
             "te_alone": relative_error(te_logits, te_alone), "local_alone": relative_error(logits, alone)}
     report(f"{NAME} {preset_name} packed", f"{fmt(errs)} (worst {worst}) tol {TE_TOL:.0e}",
            max(errs.values()) <= TE_TOL)
+
+
+def _lora(name: str, cfg, models: dict) -> None:
+    """LoRA on every linear (the routers too on MoE) of both models, the same adapters with a random B: logits, loss
+    and every adapter gradient, matched by the adapter's global name. On TE the adapters wrap its linears, reading
+    the fused LayerNorm-linear's own norm of their input (lora/adapter.py: adapter_input) and the expert linears'
+    group megatron keeps (linear_tp_group)."""
+    from megatron_qwen35.lora import (
+        LoRASettings,
+        adapter_whole_shapes,
+        apply_lora,
+        load_adapter_tensors,
+        lora_parameters,
+    )
+
+    settings = LoRASettings(rank=4, alpha=8.0, router=cfg.is_moe)
+    for m in models.values():
+        apply_lora(m, cfg, settings, seed=1)
+    shapes = adapter_whole_shapes(next(iter(models.values())))
+    g = torch.Generator().manual_seed(5)
+    adapters = {n: (torch.randn(shape, generator=g) * 0.1).to(DEVICE) for n, shape in sorted(shapes.items())}
+    for m in models.values():
+        load_adapter_tensors(m, adapters)
+    results = {backend: forward_backward(m, cfg, seed=6) for backend, m in models.items()}
+    (a_logits, a_loss), (b_logits, b_loss) = results.values()
+    a_params, b_params = (lora_parameters(m) for m in models.values())
+    if a_params.keys() != b_params.keys():
+        report(name, f"adapter names differ: {sorted(a_params.keys() ^ b_params.keys())[:3]}", False)
+        return
+    grads = {k: relative_error(grad(a_params[k]), grad(b_params[k])) for k in b_params}
+    worst = max(grads, key=grads.get)
+    errs = {"logits": relative_error(a_logits, b_logits), "loss": relative_error(a_loss, b_loss),
+            "adapter_grads": grads[worst]}
+    learning = sum(bool(grad(p).abs().max() > 0) for p in b_params.values())  # (an all-zero pair would match)
+    report(name, f"{fmt(errs)} ({learning}/{len(grads)} adapter tensors with a gradient, worst {worst}) "
+                 f"tol {TE_TOL:.0e}", max(errs.values()) <= TE_TOL and learning > 0)
+
+
+def _lora_local_vs_local() -> None:
+    """The LoRA comparison's code path where TE does not run: two local models (tiny-moe, routers adapted too)."""
+    cfg = preset("tiny-moe")
+    models = {b: build(cfg, dtype=torch.float32, backend="local", deterministic_mode=True) for b in ("a", "b")}
+    copy_through_checkpoint(reference(cfg, seed=2), cfg, *models.values())
+    _lora(f"{NAME} tiny-moe lora (local_vs_local)", cfg, models)
+    del models
+    empty_cache()
 
 
 def _local_packed_documents_alone() -> None:
