@@ -6,7 +6,8 @@ Three documents of 68, 20 and 12 tokens are packed into one 100-token row: 68 is
 - Single process: the packed row's logits equal each document run on its own (GDN state, attention, rope positions
   and the MTP shift all restart at each boundary).
 - CP2: loss and every gradient of the packed row, through megatron's schedule, DDP and finalize_model_grads, equal
-  the single process's.
+  the single process's; and changing the first document's tokens leaves every logit of the two after it, on both
+  ranks, equal to the bit (the GDN state and conv, attention and rope restart at a boundary that crosses ranks).
 """
 
 from functools import partial
@@ -118,3 +119,38 @@ def test_packed_context_parallel_equals_single_process(megatron_single_process):
         for rank, (_, grads) in enumerate(got):  # DDP leaves the reduced gradient on every CP rank
             err = (grads[name] - g).abs().max().item()
             assert err <= TOL * largest, f"rank {rank} {name}: max abs error {err:.3g} (largest {largest:.3g})"
+
+
+def _logits_before_and_after_changing_the_first_document(rank, world, state):
+    """(the natural positions this CP rank holds, its logits, its logits with the first document's tokens changed)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_qwen35.layers.context_parallel import batch_on_this_cp_rank, cp_rank_positions
+    from megatron_qwen35.runtime import initialize_parallel
+
+    initialize_parallel(context_parallel=world)
+    _, model = _model(cp=world)
+    model.load_state_dict(state)
+    model.eval()
+    full = _packed_batch()
+    changed = dict(full, tokens=full["tokens"].clone())
+    first = slice(0, DOC_LENGTHS[0])
+    changed["tokens"][0, first] = (changed["tokens"][0, first] + 1) % qwen35_preset(PRESET).vocab_size
+    logits = []
+    for batch in (full, changed):
+        mine = batch_on_this_cp_rank(batch, ps.get_context_parallel_group())
+        with torch.no_grad():
+            logits.append(model(mine["tokens"], mine["position_ids"], None,
+                                packed_seq_params=_packed_seq_params(batch["cu_seqlens"])))
+    return cp_rank_positions(sum(DOC_LENGTHS), ps.get_context_parallel_group(), full["cu_seqlens"]), *logits
+
+
+def test_changing_one_document_leaves_the_next_ones_logits_equal_to_the_bit_under_cp2(megatron_single_process):
+    _, model = _model()
+    state = _state(model)
+    for rank, (positions, before, after) in enumerate(run_distributed(
+            _logits_before_and_after_changing_the_first_document, 2, state)):
+        first = positions < DOC_LENGTHS[0]
+        assert first.any() and (~first).any(), positions  # each rank holds parts of the first and the later ones
+        assert not torch.equal(before[:, first], after[:, first]), rank
+        assert torch.equal(before[:, ~first], after[:, ~first]), rank
