@@ -100,7 +100,8 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_preprocessed_tokens_decode_to_the_source_text(tmp_path):
-    """jsonl and plain text -> .bin/.idx -> decode: each document's text, followed by one end-of-document token."""
+    """jsonl and plain text -> .bin/.idx -> decode: each document's text, followed by one end-of-document token; one
+    worker and two write the same files."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_qwen35.data.preprocess import iter_documents, tokenize_to_indexed
@@ -118,6 +119,10 @@ def test_preprocessed_tokens_decode_to_the_source_text(tmp_path):
         assert ids[-1] == tok.eod_id and tok.eod_id not in ids[:-1]
         assert tok.decode(ids[:-1]) == text
     assert not list((tmp_path / "out").glob("*.tmp*"))
+    # one worker tokenizes in this process (no pool): the same bytes
+    tokenize_to_indexed([jsonl, REPO / "data" / "tiny_corpus.txt"], tmp_path / "one" / "corpus", workers=1)
+    for name in ("corpus.bin", "corpus.idx"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
 def test_preprocess_names_a_missing_input(tmp_path):

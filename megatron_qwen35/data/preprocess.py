@@ -89,17 +89,19 @@ def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int
     for path in inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input {path} does not exist")
+    global _TOKENIZER
     # The tokenizer loads here first: a folder it refuses is one error before any output exists (a worker's
-    # initializer that raises has the pool start another worker, forever)
-    Qwen35Tokenizer(hf_tokenizer_dir)
+    # initializer that raises has the pool start another worker, forever); one worker is this process
+    _TOKENIZER = Qwen35Tokenizer(hf_tokenizer_dir)
     tmp_bin, tmp_idx = (Path(f"{output_prefix}.tmp{os.getpid()}{s}") for s in (".bin", ".idx"))
     docs = tokens = 0
     with new_parents(output_prefix), _removed_on_exit(tmp_bin, tmp_idx):
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=np.int32)  # 248320 ids do not fit in uint16
-        with Pool(workers, initializer=_init_worker, initargs=(hf_tokenizer_dir,)) as pool, \
-                tqdm(unit="B", unit_scale=True, desc="tokenizing") as bar:
+        pool = Pool(workers, initializer=_init_worker, initargs=(hf_tokenizer_dir,)) if workers > 1 else None
+        with pool or contextlib.nullcontext(), tqdm(unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in inputs:
-                for ids, nbytes in pool.imap(_encode, iter_documents(Path(path), json_key), chunksize=16):
+                documents = iter_documents(Path(path), json_key)
+                for ids, nbytes in (pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents)):
                     builder.add_document(ids, [len(ids)])
                     docs, tokens = docs + 1, tokens + len(ids)
                     bar.update(nbytes)
