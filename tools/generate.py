@@ -40,6 +40,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input, already named in th
 
 
 def _arguments(argv):
+    from megatron_qwen35.layers.gdn_ops import KERNELS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="megatron_qwen35 checkpoint directory")
     p.add_argument("--adapter", type=Path, default=None,
@@ -62,7 +64,7 @@ def _arguments(argv):
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
     p.add_argument("--backend", choices=["te", "local"], default=None,
                    help="modules to run (default: Transformer Engine on CUDA, which must import; local elsewhere)")
-    p.add_argument("--gdn-kernels", choices=["fla", "torch"], default="fla",
+    p.add_argument("--gdn-kernels", choices=KERNELS, default="fla",
                    help="Gated DeltaNet kernels on CUDA: FLA's (default; must import) or the PyTorch path (as "
                         "pretrain_qwen35.py's flag); CPUs always run the PyTorch path")
     chat = p.add_argument_group("chat")

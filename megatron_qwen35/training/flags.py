@@ -32,12 +32,14 @@ def separates_documents(args) -> bool:
 
 def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """megatron's `extra_args_provider`: the two ways of naming the architecture."""
+    from megatron_qwen35.layers.gdn_ops import KERNELS
+
     group = parser.add_argument_group(title="qwen3.5")
     group.add_argument("--qwen35-preset", type=str, default=None,
                        help="public size (0.8b ... 397b-a17b) or tiny/tiny-moe; fills every architecture flag")
     group.add_argument("--hf-config", type=str, default=None,
                        help="a Hugging Face Qwen3.5 config.json (or its directory); fills every architecture flag")
-    group.add_argument("--gdn-kernels", choices=["fla", "torch"], default="fla",
+    group.add_argument("--gdn-kernels", choices=KERNELS, default="fla",
                        help="Gated DeltaNet kernels on CUDA: FLA's Triton kernels (default; a run stops, naming why, "
                             "where they do not import) or the PyTorch path (slower, more memory); CPUs always run "
                             "the PyTorch path")
