@@ -287,16 +287,17 @@ CHAT_AND_VL_TOOLS = {  # tool -> (its input rows, its model)
 
 @pytest.mark.parametrize("tool", list(CHAT_AND_VL_TOOLS))
 def test_the_chat_and_vl_tools_name_a_full_disk_in_one_line_and_leave_nothing(tool, tmp_path, capsys, monkeypatch):
-    """A shard that cannot be written (the disk full mid-run): one error line, exit 2, no output folder and no
-    temporary one left beside it."""
+    """A shard that cannot be written (the disk full mid-run, where the shard's bytes reach the file): one error
+    line naming the shard, exit 2, no output folder and no temporary one left beside it."""
     import errno
+    import types
 
-    from megatron_qwen35.data.preprocess_vl import ShardWriter
+    from megatron_qwen35.convert import output_dir
 
-    def full_disk(self):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "shard-00000.pt"))
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ShardWriter, "flush", full_disk)
+    monkeypatch.setattr(output_dir, "os", types.SimpleNamespace(**{**vars(os), "write": full_disk}))
     rows, preset = CHAT_AND_VL_TOOLS[tool]
     (tmp_path / "rows.jsonl").write_text(rows + "\n")
     main = runpy.run_path(str(REPO / "tools/data" / tool), run_name="cli")["main"]
@@ -304,8 +305,28 @@ def test_the_chat_and_vl_tools_name_a_full_disk_in_one_line_and_leave_nothing(to
                  "--qwen35-preset", preset]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "processing:" not in line]
     assert len(err) == 1 and err[0].startswith("error: No space left on device"), err
-    assert "shard-00000.pt" in err[0] and "free space and run again" in err[0], err
+    assert "shard_00000.safetensors" in err[0] and "free space and run again" in err[0], err
     assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
+
+
+@pytest.mark.parametrize("tool", list(CHAT_AND_VL_TOOLS))
+def test_the_chat_and_vl_tools_never_replace_their_media_folder(tool, tmp_path, capsys):
+    """--output-dir naming the --media-dir (or a folder holding it) with --overwrite would delete the images: refused
+    in one line, exit 2, the media folder untouched to the byte."""
+    rows, preset = CHAT_AND_VL_TOOLS[tool]
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.png").write_bytes((REPO / "data/vl/images/00_red_circle.png").read_bytes())
+    (tmp_path / "rows" / "rows.jsonl").parent.mkdir()
+    (tmp_path / "rows" / "rows.jsonl").write_text(rows + "\n")
+    main = runpy.run_path(str(REPO / "tools/data" / tool), run_name="cli")["main"]
+    before = tree(tmp_path)
+    assert main(["--input", str(tmp_path / "rows" / "rows.jsonl"), "--media-dir", str(media), "--output-dir",
+                 str(media), "--qwen35-preset", preset, "--overwrite"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "processing:" not in line]
+    assert len(err) == 1 and err[0] == f"error: output {media} would replace the input {media}; choose another " \
+        "output directory", err
+    assert tree(tmp_path) == before
 
 
 def test_preprocess_of_a_rejected_input_leaves_no_output_folder(tmp_path, capsys):

@@ -115,6 +115,8 @@ def write_file(directory: Path | str, name: str, data: bytes, *, source: str) ->
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+    except OSError as e:  # a full disk: os.write's error names no file
+        raise OSError(e.errno, e.strerror, e.filename or str(Path(directory) / name)) from None
     finally:
         os.close(fd)
 

@@ -369,7 +369,8 @@ def qwen35_preprocess_sft(inputs: list[Path], output_dir: Path, cfg: Qwen35Confi
                            tuple(image_pixels), tuple(video_pixels))
     worker = _Worker(settings)  # checks the tokenizer against the model before any output exists
     counts = {"truncated": 0, "skipped": 0, "loss_tokens": 0}
-    with output_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+    read = [*inputs, *(p for p in (media_dir, tokenizer_dir) if p is not None)]  # never replaced
+    with output_directory(output_dir, overwrite=overwrite, inputs=read) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         rows = (r for i, path in enumerate(inputs) for r in iter_chat_rows(path, i, media_dir))
 

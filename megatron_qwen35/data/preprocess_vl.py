@@ -39,11 +39,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from megatron_qwen35.config import Qwen35Config
-from megatron_qwen35.convert.output_dir import output_directory
+from megatron_qwen35.convert.output_dir import output_directory, write_file
 from megatron_qwen35.data.preprocess import json_object, numbered_lines
 from megatron_qwen35.data.tokenizer import VISION_TOKENS, qwen35_tokenizer_for
 from megatron_qwen35.data.vl_processor import (
@@ -178,8 +178,6 @@ class ShardWriter:
 
     def __init__(self, directory: Path, shard_bytes: int):
         self.directory, self.shard_bytes = directory, shard_bytes
-        self.umask = os.umask(0)
-        os.umask(self.umask)
         self.pending: list[tuple[VLSample, dict]] = []
         self.pending_bytes = 0
         self.shards: list[dict] = []
@@ -213,8 +211,9 @@ class ShardWriter:
         tensors["vision_extent"] = torch.stack([o["vision_extent"] for _, o in self.pending])
         tensors["source"] = torch.tensor([s.source for s, _ in self.pending])
         name = f"shard_{len(self.shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.directory / name))
-        (self.directory / name).chmod(0o666 & ~self.umask)  # safetensors creates it 0600
+        # serialised, then written by us: a full disk is an OSError (one error line), not safetensors' own error
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        write_file(self.directory, name, data, source="the shard writer")
         self.shards.append({"file": name, "samples": len(self.pending)})
         self.pending, self.pending_bytes = [], 0
 
@@ -233,7 +232,8 @@ def qwen35_preprocess_vl(inputs: list[Path], output_dir: Path, cfg: Qwen35Config
     inputs = [Path(p) for p in inputs]
     tokenizer = qwen35_tokenizer_for(cfg, hf_tokenizer_dir)
     processor = Qwen35VLProcessor(cfg.vision, tokenizer, image_pixels=image_pixels, video_pixels=video_pixels)
-    with output_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+    read = [*inputs, *(p for p in (media_dir, hf_tokenizer_dir) if p is not None)]  # never replaced
+    with output_directory(output_dir, overwrite=overwrite, inputs=read) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         samples = (s for i, path in enumerate(inputs) for s in iter_vl_samples(path, i, media_dir))
         with tqdm(unit=" samples", desc="processing") as bar:
