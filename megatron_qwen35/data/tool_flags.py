@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_qwen35.cli import positive_int
 from megatron_qwen35.config import Qwen35Config, qwen35_config_from_hf, qwen35_preset
 from megatron_qwen35.data.vl_processor import QWEN35_IMAGE_PIXELS, QWEN35_VIDEO_PIXELS
 
@@ -30,7 +31,7 @@ def add_media_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-dir", type=Path, default=None,
                    help="the folder the rows' image / video paths are relative to (default: each --input file's "
                         "folder); no path may leave it")
-    p.add_argument("--shard-mb", type=int, default=1024, help="about this many MiB of arrays per shard")
+    p.add_argument("--shard-mb", type=positive_int, default=1024, help="about this many MiB of arrays per shard")
 
 
 def media_options(a: argparse.Namespace) -> dict:

