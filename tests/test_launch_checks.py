@@ -143,6 +143,22 @@ def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path)
     assert list(run.losses) == [1] and (tmp_path / "tuned" / CONFIG).is_file()
 
 
+def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(checkpoint, tmp_path):
+    """megatron warns and trains from random weights when --load holds no tracker: a file, one iteration folder of a
+    checkpoint (a common slip), a missing or an empty folder other than --save are refused by name; LOAD=SAVE still
+    empty is a first launch and trains."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    for load, says in [(tmp_path / "notes.txt", "is a file"),
+                       (checkpoint / "release", f"is one iteration of the checkpoint {checkpoint}: --load {checkpoint}"),
+                       (tmp_path / "missing", "does not exist, and it is not --save"),
+                       (tmp_path / "empty", "holds no checkpoint (latest_checkpointed_iteration.txt is missing), and "
+                                            "it is not --save")]:
+        recipe_refused(tmp_path, LOAD=str(load), SAVE=str(tmp_path / "tuned"), says=f"--load {load} {says}")
+    run = recipe(tmp_path, SAVE=str(tmp_path / "fresh"), TRAIN_ITERS="1", WARMUP="0")  # LOAD defaults to SAVE
+    assert list(run.losses) == [1]
+
+
 CRAFTED_RECORDS = {  # how the loaded checkpoint's record was changed -> what the refusal says
     "a file outside": (lambda meta: meta["hf_files"].update({"../escaped.txt": "x"}),
                        "'../escaped.txt' among the Hugging Face side files"),

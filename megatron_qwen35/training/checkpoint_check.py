@@ -1,7 +1,8 @@
 """The --load checkpoint against the run's model, checked before anything is built (training/preflight.py).
 
 - Nothing to load yet (no tracker file): megatron starts from scratch, as when a recipe's LOAD=SAVE is still empty;
-  a Hugging Face folder given as --load is named (it needs converting first).
+  a --load that names nothing else (a Hugging Face folder, a file, one iteration folder, an empty or missing folder
+  other than --save) is refused by name, where megatron would warn and train from random weights.
 - Every data file the checkpoint's `.metadata` names is a plain name that exists and is long enough.
 - The architecture: from our qwen35_config.json where the checkpoint has one (the differing fields named), else from
   the checkpoint's own tensor metadata against the keys and shapes the run's model saves (the first differing
@@ -178,8 +179,10 @@ def checkpoint_to_load(args) -> tuple[Path | None, bool]:
 
 
 def _check_nothing_to_load(args, load: Path | None, pretrained: bool) -> None:
-    """Where no checkpoint loads (megatron starts from scratch): refuse a Hugging Face folder, a
-    --pretrained-checkpoint without a checkpoint, and LoRA (it adapts a base)."""
+    """Where no checkpoint loads (megatron starts from scratch): refuse a Hugging Face folder, a file, one iteration
+    folder of a checkpoint, a --load other than --save that holds nothing (megatron would warn and train from random
+    weights: the path was meant to name a checkpoint), a --pretrained-checkpoint without a checkpoint, and LoRA (it
+    adapts a base). --load equal to --save and still empty is a first launch of a resumable run."""
     from megatron_qwen35.training.flags import lora_settings_from_args
 
     flag = "--pretrained-checkpoint" if pretrained else "--load"
@@ -187,8 +190,17 @@ def _check_nothing_to_load(args, load: Path | None, pretrained: bool) -> None:
         raise LaunchRefused(f"{flag} {load} is a Hugging Face checkpoint, not a Megatron one: convert it first "
                             f"(python tools/convert/hf_to_megatron.py --hf-dir {load} --out-dir DIR) and "
                             f"{flag} DIR")
+    if load is not None and load.exists() and not load.is_dir():
+        raise LaunchRefused(f"{flag} {load} is a file; it names a checkpoint folder (the one holding {TRACKER})")
+    if load is not None and (load.parent / TRACKER).is_file() and re.fullmatch(r"release|iter_\d{7}", load.name):
+        raise LaunchRefused(f"{flag} {load} is one iteration of the checkpoint {load.parent}: {flag} {load.parent}")
     if pretrained:
         raise LaunchRefused(f"--pretrained-checkpoint {load} holds no checkpoint ({TRACKER} is missing)")
+    if load is not None and (not args.save or load.resolve() != Path(args.save).resolve()):
+        where = "does not exist" if not load.exists() else f"holds no checkpoint ({TRACKER} is missing)"
+        raise LaunchRefused(f"--load {load} {where}, and it is not --save (a resumable run's own folder): the run "
+                            "would train from random weights; name a checkpoint, or leave --load out to start "
+                            "from scratch")
     if lora_settings_from_args(args) is not None:
         raise LaunchRefused(f"LoRA (--lora-rank {args.lora_rank}) trains adapters on a frozen base, and "
                             f"{f'--load {load}' if load else 'no --load'} holds no checkpoint: name the base with "
