@@ -35,6 +35,20 @@ LOAD=${LOAD:-$SAVE}
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 EXTRA_PARALLEL=${EXTRA_PARALLEL:-}
 
+# One source of training data; none, or two, is refused here (the preflight's form: one line, exit 2)
+SOURCES=()
+[ "${MOCK_DATA:-0}" = 1 ] && SOURCES+=(MOCK_DATA=1)
+for var in DATA_PATH SFT_DATA_PATH VL_DATA_PATH; do [ -n "${!var:-}" ] && SOURCES+=("$var"); done
+if [ "${#SOURCES[@]}" -ne 1 ]; then
+  if [ "${#SOURCES[@]}" = 0 ]; then
+    echo "error: no training data: set DATA_PATH to tokenized data (tools/data/preprocess.py), SFT_DATA_PATH to chat" \
+      "conversations (tools/data/preprocess_sft.py), VL_DATA_PATH to image / video samples" \
+      "(tools/data/preprocess_vl.py) or MOCK_DATA=1" >&2
+  else
+    echo "error: ${SOURCES[*]} each name the training data; set one of them" >&2
+  fi
+  exit 2
+fi
 if [ "${MOCK_DATA:-0}" = 1 ]; then
   DATA_ARGS=(--mock-data)
 elif [ -n "${SFT_DATA_PATH:-}" ]; then  # chat conversations (tools/data/preprocess_sft.py): fine-tuning, packed
@@ -44,7 +58,7 @@ elif [ -n "${SFT_DATA_PATH:-}" ]; then  # chat conversations (tools/data/preproc
 elif [ -n "${VL_DATA_PATH:-}" ]; then  # images / videos with text (tools/data/preprocess_vl.py): trains the ViT too
   DATA_ARGS=(--vl-data-path "$VL_DATA_PATH" --split 99,1,0)
 else
-  DATA_ARGS=(--data-path ${DATA_PATH:?set DATA_PATH to tokenized data (tools/data/preprocess.py), SFT_DATA_PATH to chat conversations (tools/data/preprocess_sft.py), VL_DATA_PATH to image / video samples (tools/data/preprocess_vl.py) or MOCK_DATA=1} --split 99,1,0)
+  DATA_ARGS=(--data-path $DATA_PATH --split 99,1,0)  # unquoted: megatron's "WEIGHT PREFIX WEIGHT PREFIX" blends
 fi
 DATA_ARGS+=(--tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044)  # data is pre-tokenized (Qwen3.5 vocab)
 

@@ -71,6 +71,13 @@ def test_a_layout_the_heads_cannot_split_is_refused_before_any_rank_starts(tmp_p
                    says="linear_num_key_heads=2 is not divisible by tensor_parallel=4")
 
 
+def test_an_expert_layout_that_does_not_tile_the_ranks_is_refused_before_any_rank_starts(tmp_path):
+    """EP2 x ETP2 on 2 ranks: megatron-core's initialize_model_parallel raised on every rank after torchrun started."""
+    recipe_refused(tmp_path, nproc=2, EP="2", ETP="2",
+                   says="--expert-tensor-parallel-size 2 x --pipeline-model-parallel-size 1 = 4 does not divide the "
+                        "job's 2 ranks")
+
+
 def test_pretrain_launched_directly_refuses_on_rank_0_only_and_without_a_traceback(tmp_path):
     """3 KV heads at TP2, launched as `torchrun pretrain_qwen35.py` (no recipe): every rank runs the same check,
     rank 0 says it once, no rank prints a traceback, nothing is written."""
@@ -120,6 +127,15 @@ def test_a_missing_data_path_is_refused(tmp_path):
                    says=f"--data-path {tmp_path / 'corpus'}: {tmp_path / 'corpus'}.bin and")
 
 
+def test_no_training_data_or_two_sources_of_it_are_refused_by_the_recipe(tmp_path):
+    """No data was bash's own `DATA_PATH: set ...` (exit 1); two sources silently trained on one of them."""
+    recipe_refused(tmp_path, MOCK_DATA="0", says="error: no training data: set DATA_PATH")
+    recipe_refused(tmp_path, SFT_DATA_PATH=str(tmp_path / "chats"),
+                   says="MOCK_DATA=1 SFT_DATA_PATH each name the training data; set one of them")
+    recipe_refused(tmp_path, MOCK_DATA="0", DATA_PATH=str(tmp_path / "c"), VL_DATA_PATH=str(tmp_path / "vl"),
+                   says="DATA_PATH VL_DATA_PATH each name the training data; set one of them")
+
+
 def test_a_vl_data_folder_without_samples_is_refused(tmp_path):
     (tmp_path / "vl").mkdir()
     recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),
@@ -150,7 +166,8 @@ def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(chec
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     for load, says in [(tmp_path / "notes.txt", "is a file"),
-                       (checkpoint / "release", f"is one iteration of the checkpoint {checkpoint}: --load {checkpoint}"),
+                       (checkpoint / "release",
+                        f"is one iteration of the checkpoint {checkpoint}: --load {checkpoint}"),
                        (tmp_path / "missing", "does not exist, and it is not --save"),
                        (tmp_path / "empty", "holds no checkpoint (latest_checkpointed_iteration.txt is missing), and "
                                             "it is not --save")]:

@@ -47,6 +47,12 @@ def check_layout(args, cfg: Qwen35Config) -> None:
             seq_length=args.seq_length)
     except ParallelLayoutError as e:
         raise LaunchRefused(str(e)) from None
+    experts = args.expert_model_parallel_size * args.expert_tensor_parallel_size * args.pipeline_model_parallel_size
+    if cfg.is_moe and args.world_size % experts:  # megatron-core's initialize_model_parallel, on every rank
+        raise LaunchRefused(f"--expert-model-parallel-size {args.expert_model_parallel_size} x "
+                            f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} x "
+                            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} = {experts} does not "
+                            f"divide the job's {args.world_size} ranks (the experts' layout must tile them)")
     if cfg.is_moe and args.tensor_model_parallel_size > 1 and not args.sequence_parallel and not args.skip_train:
         # megatron-core's MoELayer raises this at the first training forward, on every rank, once all is built
         raise LaunchRefused(f"MoE model '{cfg.name}' at --tensor-model-parallel-size "
