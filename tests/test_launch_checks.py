@@ -205,6 +205,36 @@ def small_corpus(tmp_path_factory):
     return root / "corpus"
 
 
+def test_cut_off_or_damaged_data_is_named_at_launch(small_corpus, tmp_path):
+    """A cut-off .idx or .bin (evaluation off: nothing else reads them before the ranks do), a cut-off chat shard and
+    a damaged VL index: one line naming the file, where the ranks crashed (writing into --save) or preflight raised."""
+    corpus = tmp_path / "data" / "corpus"
+    corpus.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{small_corpus}{suffix}", f"{corpus}{suffix}")
+    os.truncate(f"{corpus}.bin", os.path.getsize(f"{corpus}.bin") // 2)
+    recipe_refused(tmp_path, PRESET="tiny-demo", MOCK_DATA="0", DATA_PATH=str(corpus), SEQ_LEN="64",
+                   says=f"--data-path {corpus}: {corpus}.bin is cut off")
+    os.truncate(f"{corpus}.idx", 20)
+    recipe_refused(tmp_path, PRESET="tiny-demo", MOCK_DATA="0", DATA_PATH=str(corpus), SEQ_LEN="64",
+                   says=f"{corpus}.idx is not a readable Megatron index (no index header)")
+    rows, preset = CHAT_AND_VL_TOOLS["preprocess_sft.py"]
+    (tmp_path / "rows.jsonl").write_text(rows + "\n")
+    tool = runpy.run_path(str(REPO / "tools/data/preprocess_sft.py"), run_name="cli")["main"]
+    assert tool(["--input", str(tmp_path / "rows.jsonl"), "--output-dir", str(tmp_path / "chats"),
+                 "--qwen35-preset", preset]) == 0
+    shard = tmp_path / "chats" / "shard_00000.safetensors"
+    os.truncate(shard, shard.stat().st_size - 8)
+    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(tmp_path / "chats"), SEQ_LEN="64",
+                   says=f"{shard}: not a readable shard")
+    (tmp_path / "vl").mkdir()
+    (tmp_path / "vl" / "index.json").write_text("[]")
+    recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),
+                   says="index.json: format 'list', expected one of ['qwen35-vl-samples/1']")
+    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(tmp_path / "corpus"), SEQ_LEN="64",
+                   says="is not a chat dataset directory: it has no index.json (tools/data/preprocess_sft.py")
+
+
 def test_a_small_corpus_fine_tunes_with_evaluation_off(small_corpus, tmp_path):
     """--split 99,1,0 (the recipe's) leaves a validation part without one full sequence; with EVAL_ITERS=0 nothing
     needs it (megatron asserted 'no sample to consume: 0' on every rank after building the model)."""

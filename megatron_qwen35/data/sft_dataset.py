@@ -42,7 +42,7 @@ SFT_FORMAT = "qwen35-sft-samples/1"  # data/preprocess_sft.py's FORMAT (not impo
 
 def sft_samples(data_dir) -> Qwen35VLSamples:
     """A preprocessed chat directory's conversations, read sample by sample."""
-    return Qwen35VLSamples(data_dir, formats=(SFT_FORMAT,))
+    return Qwen35VLSamples(data_dir, formats=(SFT_FORMAT,), kind="chat dataset", writer="tools/data/preprocess_sft.py")
 
 
 class Qwen35SFTDataset(torch.utils.data.Dataset):

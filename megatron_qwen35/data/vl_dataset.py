@@ -49,36 +49,64 @@ def split_ranges(split: str, count: int) -> list[tuple[int, int] | None]:
     return [None if b is None else (int(round(b[0] * count)), int(round(b[1] * count))) for b in matrix]
 
 
+def _shard_arrays(path: Path, names, samples: int, writer: str) -> dict[str, np.ndarray]:
+    """A shard's per-sample arrays (offsets, vision extents, sources), read whole; a cut-off or damaged shard, or one
+    holding another count of samples than the index says, is a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(path, "pt") as f:
+            out = {name: f.get_tensor(name).numpy() for name in names}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable shard ({e}); preprocess again with {writer}") from None
+    lengths = {name: len(a) - (name not in ("vision_extent", "source")) for name, a in out.items()}
+    if set(lengths.values()) != {samples}:
+        raise ValueError(f"{path}: holds {lengths} entries, where the index says {samples} samples; preprocess again "
+                         f"with {writer}")
+    return out
+
+
 class Qwen35VLSamples:
     """A dataset directory (tools/data/preprocess_vl.py's output) read sample by sample: each shard's offsets in
     memory, the arrays sliced from the safetensors files on demand."""
 
-    def __init__(self, data_dir: str | Path, formats: tuple[str, ...] = (FORMAT,)):
+    def __init__(self, data_dir: str | Path, formats: tuple[str, ...] = (FORMAT,), *,
+                 kind: str = "VL dataset", writer: str = "tools/data/preprocess_vl.py"):
+        """`kind` and `writer` name what the directory should be, and the tool that writes it, in refusals."""
         self.dir = Path(data_dir)
         index_file = self.dir / INDEX
         if not index_file.is_file():
-            raise FileNotFoundError(f"{self.dir} is not a VL dataset directory: it has no {INDEX} "
-                                    "(tools/data/preprocess_vl.py writes one)")
-        self.index = json.loads(index_file.read_text())
-        if self.index.get("format") not in formats:
-            raise ValueError(f"{index_file}: format {self.index.get('format')!r}, expected one of {list(formats)}")
+            raise FileNotFoundError(f"{self.dir} is not a {kind} directory: it has no {INDEX} ({writer} writes one)")
+        try:
+            self.index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index_file} is not JSON ({e}); preprocess again with {writer}") from None
+        if not isinstance(self.index, dict) or self.index.get("format") not in formats:
+            found = self.index.get("format") if isinstance(self.index, dict) else type(self.index).__name__
+            raise ValueError(f"{index_file}: format {found!r}, expected one of {list(formats)} ({writer})")
+        shards = self.index.get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and type(e.get("samples")) is int
+                and e["samples"] >= 0 for e in shards):
+            raise ValueError(f"{index_file}: 'shards' is not a list of {{\"file\": name, \"samples\": count}}; "
+                             f"preprocess again with {writer}")
         self.vision = self.index.get("vision")
-        self.eod_id = self.index["eod_id"]
+        self.eod_id = self.index.get("eod_id")
         self.patch_dim = self.index.get("patch_dim")
         self.arrays = {k: v for k, v in ARRAYS.items() if k == "tokens" or self.vision is not None}  # text: tokens
         self.token_aligned = tuple(self.index.get("token_aligned", ()))  # e.g. the SFT samples' loss_mask
-        shard, local, per_shard = [], [], {}
-        for entry in self.index["shards"]:  # names read from a file are data (file_names.py)
+        shard, local = [], []
+        per_shard = {name: [] for name in [o for o, _ in self.arrays.values()] + ["vision_extent", "source"]}
+        for entry in shards:  # names read from a file are data (file_names.py)
             plain_file_name(entry["file"], source=f"{index_file} (shards)")
-        for s, entry in enumerate(self.index["shards"]):
-            with safe_open(self.dir / entry["file"], "pt") as f:
-                for name in [o for o, _ in self.arrays.values()] + ["vision_extent", "source"]:
-                    per_shard.setdefault(name, []).append(f.get_tensor(name).numpy())
+        for s, entry in enumerate(shards):
+            for name, array in _shard_arrays(self.dir / entry["file"], per_shard, entry["samples"], writer).items():
+                per_shard[name].append(array)
             shard += [s] * entry["samples"]
             local += range(entry["samples"])
-        self.shard, self.local = np.array(shard), np.array(local)  # sample i is sample local[i] of shard[i]
-        self.vision_extent = np.concatenate(per_shard.pop("vision_extent"))
-        self.source = np.concatenate(per_shard.pop("source"))
+        self.shard, self.local = np.array(shard, dtype=np.int64), np.array(local, dtype=np.int64)
+        self.vision_extent = np.concatenate(per_shard.pop("vision_extent") or [np.zeros(0, np.int64)])
+        self.source = np.concatenate(per_shard.pop("source") or [np.zeros((0, 2), np.int64)])
         self._offsets = per_shard  # offsets name -> one array per shard
 
     def __len__(self) -> int:

@@ -86,6 +86,44 @@ def _validation_range(split: str, count: int) -> tuple[int, int]:
     return split_ranges(split, count)[1] or (0, 0)
 
 
+def _indexed_lengths(flag: str, prefix: str, keep: bool):
+    """The document lengths (when `keep`, else None) of a PREFIX.idx that megatron's IndexedDataset reads, with
+    PREFIX.bin as long as the index says; a cut-off or damaged pair is refused by name (megatron would fail on every
+    rank, once all is built)."""
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
+
+    def refused(why: str) -> LaunchRefused:
+        return LaunchRefused(f"{flag} {prefix}: {prefix}.idx is not a readable Megatron index ({why}); tokenize again "
+                             "(tools/data/preprocess.py)")
+
+    # the header and the arrays it promises, first: megatron's reader half-built on a cut-off index raises again in
+    # its __del__ (magic 9 bytes, version 8, dtype 1, sequences 8, documents 8; int32 lengths, int64 pointers and
+    # int64 document indices follow)
+    with open(f"{prefix}.idx", "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _INDEX_HEADER:
+        raise refused("no index header" if len(head) < 34 else "not an index header")
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    wanted = 34 + 12 * sequences + 8 * documents
+    if Path(f"{prefix}.idx").stat().st_size < wanted:
+        raise refused(f"cut off: {Path(f'{prefix}.idx').stat().st_size} bytes, its header promises {wanted}")
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+        lengths, pointers, item = dataset.sequence_lengths, dataset.index.sequence_pointers, dataset.index.dtype_size
+        needed = int(pointers[-1]) + int(lengths[-1]) * item if len(lengths) else 0
+        lengths = lengths.copy() if keep else None  # a view of the index's mapping, which closes with the dataset
+        del dataset, pointers
+    except (AssertionError, struct.error, ValueError, TypeError, IndexError, OSError) as e:
+        raise refused(str(e) or type(e).__name__) from None
+    size = Path(f"{prefix}.bin").stat().st_size
+    if size < needed:
+        raise LaunchRefused(f"{flag} {prefix}: {prefix}.bin is cut off ({size} bytes; its index needs {needed}); "
+                            "tokenize again (tools/data/preprocess.py)")
+    return lengths
+
+
 def check_indexed_data(args) -> None:
     """Every --data-path (or per-split / args-file) prefix has its .bin and .idx; where evaluation is on, each
     prefix's validation part holds at least one --seq-length sequence."""
@@ -103,14 +141,12 @@ def check_indexed_data(args) -> None:
             raise LaunchRefused(f"{flag} {prefix}: {' and '.join(missing)} "
                                 f"{'does' if len(missing) == 1 else 'do'} not exist (tools/data/preprocess.py "
                                 "writes PREFIX.bin and PREFIX.idx)")
-    if blend is None or not evaluation_is_on(args):
+    evaluation = blend is not None and evaluation_is_on(args)
+    lengths_of = {prefix: _indexed_lengths(flag, prefix, keep=evaluation) for prefix in prefixes}
+    if not evaluation:
         return
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     for prefix in prefixes:
-        dataset = IndexedDataset(prefix, mmap=True)
-        lengths = dataset.sequence_lengths.copy()  # a view of the index's mapping, which closes with the dataset
-        del dataset
+        lengths = lengths_of[prefix]
         begin, end = _validation_range(args.split, len(lengths))
         tokens = int(lengths[begin:end].sum())
         if tokens - 1 < args.seq_length:  # a sample is seq_length + 1 tokens (the labels' extra one)
