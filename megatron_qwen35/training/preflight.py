@@ -261,6 +261,9 @@ def check_lora(args, cfg: Qwen35Config) -> None:
     lora = lora_settings_from_args(args)
     if lora is not None and lora.vision and cfg.vision is None:
         raise LaunchRefused(f"--lora-vision (LORA_VISION=1): model '{cfg.name}' has no vision tower")
+    if lora is not None and lora.mtp and not cfg.mtp_num_layers:
+        raise LaunchRefused(f"--lora-mtp (LORA_MTP=1): this run's '{cfg.name}' has no MTP layer (--mtp-num-layers 0 "
+                            "or MTP=0 turns it off)")
     if lora is not None and lora.router and not cfg.is_moe:
         raise LaunchRefused(f"--lora-router (LORA_ROUTER=1): model '{cfg.name}' has no MoE router")
     if lora is None or not cfg.is_moe or EXPERTS not in lora.target_modules:
