@@ -46,12 +46,13 @@ from megatron_qwen35.convert.table import LM_HEAD, NamedRule, check_names, hf_sh
 from megatron_qwen35.convert.torch_dist import TorchDistReader
 
 
-def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader, names: set[str] | None = None) -> None:
+def _check_checkpoint(keys: MegatronLayout, reader: TorchDistReader, names: set[str] | None = None,
+                      ignored: set[str] = frozenset()) -> None:
     """The checkpoint holds exactly the model's keys (or the checkpoint keys of table tensors `names`), each with the
-    model's global shape."""
+    model's global shape; `ignored` checkpoint keys may be there too (a base's own adapters)."""
     want = keys.checkpoint_shapes(names)
     # A training checkpoint also holds the optimizer's sharded state; only the model's tensors are exported.
-    model_keys = {k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)}
+    model_keys = {k for k in reader.tensors if not TRAINING_STATE_KEY.match(k)} - set(ignored)
     check_names(model_keys, set(want), side=f"Megatron ({reader.directory})")
     for key, shape in want.items():
         got = tuple(reader.tensors[key].size)
@@ -173,8 +174,12 @@ def qwen35_megatron_to_hf(megatron_dir: Path | str, out_dir: Path | str, *, base
         keys = MegatronLayout(cfg, lora=lora)
         if reader is adapter_reader:
             _check_checkpoint(keys, reader)
-        else:
-            _check_checkpoint(keys, reader, keys.base_names())
+        else:  # a base that holds adapters itself (hf_to_megatron.py --adapter) gives its base weights alone: the run
+            # trained those adapters on into its own (training and load_model read such a base the same way)
+            base_lora = _lora_settings(read_config(base_dir)[1], Path(base_dir) / CONFIG)
+            own = MegatronLayout(cfg, lora=base_lora) if base_lora is not None else None
+            _check_checkpoint(keys, reader, keys.base_names(),
+                              ignored=set(own.checkpoint_shapes(own.lora_names)) if own is not None else set())
             _check_checkpoint(keys, adapter_reader, keys.lora_names)
         layout = record.export_layout(cfg)
         rules = layout.rules(cfg)

@@ -308,6 +308,15 @@ def test_a_peft_adapter_imported_with_its_base_trains_on_from_its_weights(conver
     a, b = on_adapter.losses[1], on_merged.losses[1]
     assert abs(a - b) <= 1e-5 * abs(b), (a, b)
     assert abs(a - single[1].losses[1]) > 1e-3  # the base alone (fresh adapters on it) gives another loss
+    # its merged export, with the base the run named (which holds the adapters it started from): that base's
+    # weights alone and the run's adapters, the same bytes as merged into the plain converted base
+    trained = tmp_path / "ckpt-on_adapter"
+    on_imported = qwen35_megatron_to_hf(trained, tmp_path / "on_imported", base_dir=imported, progress=False)
+    on_plain = qwen35_megatron_to_hf(trained, tmp_path / "on_plain", base_dir=converted, progress=False)
+    files = sorted(p.name for p in on_plain.iterdir())
+    assert files == sorted(p.name for p in on_imported.iterdir()) and any(f.endswith(".safetensors") for f in files)
+    for name in files:
+        assert (on_imported / name).read_bytes() == (on_plain / name).read_bytes(), name
 
 
 @pytest.mark.usefixtures("megatron_single_process")
