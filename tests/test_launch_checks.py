@@ -315,6 +315,9 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
     assert list(run.losses) == [1] and "MTP layer(s) start from their initialisation" in run.stdout + run.stderr
     qwen35_megatron_to_hf(folder, tmp_path / "trained", progress=False)
     assert any(n.startswith("mtp.") for n in SafetensorsCheckpoint(tmp_path / "trained"))
+    # the same command once more: the run is done (megatron asserted 'no samples left to consume' on every rank)
+    recipe_refused(tmp_path, TRAIN_ITERS="1", **same,
+                   says=f"--load {folder} is at iteration 1, and --train-iters 1 (TRAIN_ITERS) ends the run there")
 
 
 @pytest.mark.parametrize("linked", ["iteration", "tracker"])

@@ -242,6 +242,11 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
                             "another checkpoint")
     weights_only = iteration == RELEASE or args.finetune or pretrained
     named = f"{flag} {load}"
+    if not weights_only and args.train_iters and iteration >= args.train_iters and not args.skip_train:
+        # megatron asserts 'no samples left to consume' on every rank once all is built
+        raise LaunchRefused(f"{named} is at iteration {iteration}, and --train-iters {args.train_iters} "
+                            "(TRAIN_ITERS) ends the run there: nothing is left to train; to train on, raise it and add "
+                            "--override-opt_param-scheduler (megatron otherwise holds the run to the saved schedule)")
     notes = _lora_note(args, load, named, metadata, weights_only)
     return notes + _mtp_note(args, named, cfg, saved_mtp, weights_only=weights_only)
 
