@@ -73,7 +73,8 @@ def read_config(ckpt_dir: Path | str) -> tuple[Qwen35Config, dict[str, Any]]:
     save leaves the folder describing what it holds)."""
     path = Path(ckpt_dir) / CONFIG
     if not Path(ckpt_dir).is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} "
+                                f"{'is a file' if Path(ckpt_dir).exists() else 'does not exist'}")
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron_qwen35 checkpoint: {CONFIG} is missing")
     try:  # a damaged or crafted file is bad input, named: not a KeyError / TypeError deep in a reader

@@ -342,6 +342,7 @@ def test_text_stream_holds_back_an_unfinished_character():
     (["--prompt", "a", "--no-thinking"], "--no-thinking shapes a chat prompt: it needs --chat"),
     (["--prompt", "a", "--thinking"], "--thinking shapes a chat prompt: it needs --chat"),
     (["--prompt", "a", "--chat"], "outside the 512-token vocabulary of the checkpoint"),
+    (["--prompt", "a", "--tensor-parallel", "2"], "(EP 1) does not divide the 1 process(es) of this job"),
 ])
 def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args, message):
     """A missing checkpoint, a prompt the model's vocabulary cannot hold (a chat's markers in a byte-sized one), an
@@ -591,6 +592,7 @@ def test_a_conversations_earlier_turns_render_as_the_released_template_does(pres
     ({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A."}],
       "images": ["a.png"]}, "gives images or videos"),
     ([{"role": "system", "content": "Other."}], "begins with a system turn of its own, and a system turn was given"),
+    ([{"role": "wizard", "content": "x"}], "messages[0] has the role 'wizard'; Qwen3.5's template knows"),
 ])
 def test_a_history_the_chat_cannot_render_is_one_error_line(history, says, tmp_path, capsys, chat_checkpoint):
     _, path, _, _ = chat_checkpoint

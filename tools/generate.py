@@ -137,15 +137,19 @@ def _model_text(args, cfg) -> str:
 
     if not args.chat:
         return IMAGE_PLACEHOLDER * len(args.image) + args.prompt
-    history, tools = _history(args.history) if args.history else ([], None)
+    from megatron_qwen35.data.chat_template import ROLES
+
+    roles = None if args.tokenizer_dir else ROLES
+    history, tools = _history(args.history, roles) if args.history else ([], None)
     text = qwen35_chat_prompt(cfg, args.prompt, system=args.system, num_images=len(args.image),
                               enable_thinking=args.thinking, tokenizer_dir=args.tokenizer_dir, history=history,
                               tools=tools)
     return with_image_placeholders(text, len(args.image))
 
 
-def _history(path: Path) -> tuple[list, list | None]:
-    """(the earlier turns, the tools) of a --history file."""
+def _history(path: Path, roles: tuple[str, ...] | None) -> tuple[list, list | None]:
+    """(the earlier turns, the tools) of a --history file; each message's role one of `roles` (the released
+    template's; None: a --tokenizer-dir template decides)."""
     if not path.is_file():
         raise FileNotFoundError(f"--history {path} does not exist")
     try:
@@ -158,6 +162,10 @@ def _history(path: Path) -> tuple[list, list | None]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ValueError(f"--history {path}: expected a list of messages (objects with a 'role'), or an object with "
                          "'messages'")
+    for i, message in enumerate(messages):
+        if roles is not None and message.get("role") not in roles:
+            raise ValueError(f"--history {path}: messages[{i}] has the role {message.get('role')!r}; Qwen3.5's "
+                             f"template knows {list(roles)}")
     return messages, tools
 
 
