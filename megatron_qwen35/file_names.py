@@ -60,7 +60,10 @@ def link_leaving(folder: Path) -> tuple[Path, Path] | None:
         for name in sorted(dirs + files):
             path = Path(here) / name
             if path.is_symlink():
-                target = path.resolve()
+                try:
+                    target = path.resolve()
+                except RuntimeError:  # a loop of links: it leads nowhere, and a write through it would fail
+                    return path, Path(os.readlink(path))
                 if target != root and root not in target.parents:
                     return path, target
     return None

@@ -91,7 +91,9 @@ def test_full_attention_interval_without_layer_types():
     ({"layer_types": ["linear_attention"]}, "layer_types has 1 entries for 4 layers"),
     ({"linear_num_value_heads": 3}, "linear_num_value_heads 3 is not a multiple"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"intermediate_size": None}, "dense model needs ffn_hidden_size"),
+    ({"intermediate_size": None}, "intermediate_size=None: expected a positive whole number"),
+    ({"num_attention_heads": "x"}, "num_attention_heads='x': expected a positive whole number"),
+    ({"rope_parameters": [1]}, r"a field of the wrong kind \(TypeError"),
 ])
 def test_bad_hf_config_names_the_culprit(change, message):
     hf = {**qwen35_config_to_hf(PRESETS["tiny"]), **change}

@@ -121,15 +121,20 @@ def test_a_record_naming_files_outside_the_export_folder_is_refused(world, capsy
     assert str(world / "mg" / CONFIG) in err and not (world / "out").exists()
 
 
-def test_a_recorded_shard_named_like_a_side_file_is_not_written_over_it(world, capsys):
-    """A plain name, but the one config.json is written under: two outputs, one name, refused (never overwritten)."""
+@pytest.mark.parametrize("field,name", [("index shard", "config.json"), ("single file", INDEX_NAME)])
+def test_a_recorded_shard_named_like_a_side_file_is_not_written_over_it(world, capsys, field, name):
+    """A plain name, but one a side file is written under (config.json; the index, which a one-file export does not
+    write, so nothing else would have caught it and a re-import read a shard as JSON): a shard is a .safetensors."""
     def change(meta):
+        if field == "single file":
+            meta["hf_shards"] = {"file": name}
+            return
         index = json.loads(meta["hf_shards"]["index"])
-        index["weight_map"] = {k: "config.json" for k in index["weight_map"]}
+        index["weight_map"] = {k: name for k in index["weight_map"]}
         meta["hf_shards"]["index"] = json.dumps(index)
 
     _crafted_record(world / "mg", change)
-    refused(export(world), world, capsys, named="config.json", why="for two outputs")
+    refused(export(world), world, capsys, named=name, why="which is not a .safetensors file")
     assert not (world / "out").exists()
 
 

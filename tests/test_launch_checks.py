@@ -148,6 +148,17 @@ def test_lora_settings_without_a_rank_or_on_a_layer_the_run_lacks_are_refused(tm
                    says="--lora-mtp (LORA_MTP=1): this run's 'tiny-moe' has no MTP layer")
 
 
+def test_a_bare_megatron_assert_and_a_save_folder_with_a_link_loop_are_named(tmp_path):
+    """GLOBAL_BATCH=0: megatron's assert has no message, so its own line is quoted (the refusal said nothing after
+    'argument check:'); a link loop in --save was a RuntimeError traceback from the link check."""
+    line = recipe_refused(tmp_path, GLOBAL_BATCH="0", says="megatron's argument check: assert ")
+    assert "global_batch_size" in line and "arguments.py:" in line, line
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "loop").symlink_to("loop")
+    recipe_refused(tmp_path, SAVE=str(tmp_path / "save"), says=f"--save {tmp_path / 'save'}: {tmp_path / 'save'}/loop "
+                                                               "is a link to loop")
+
+
 def test_a_vl_data_folder_without_samples_is_refused(tmp_path):
     (tmp_path / "vl").mkdir()
     recipe_refused(tmp_path, PRESET="tiny-vl-moe", MOCK_DATA="0", VL_DATA_PATH=str(tmp_path / "vl"),

@@ -35,20 +35,38 @@ def _text_section(hf: dict[str, Any]) -> tuple[dict[str, Any], bool]:
                      f"{sorted(TEXT_MODEL_TYPES) + sorted(MULTIMODAL_MODEL_TYPES)}")
 
 
-def _required(d: dict[str, Any], key: str):
+def _required(d: dict[str, Any], key: str, *, count: bool = True):
+    """A key the config must give; a count (layers, heads, widths) a positive whole number."""
     if key not in d:
         raise ValueError(f"config.json lacks required key '{key}'")
+    if count and (type(d[key]) is not int or d[key] < 1):
+        raise ValueError(f"config.json {key}={d[key]!r}: expected a positive whole number")
     return d[key]
 
 
 def qwen35_config_from_hf(hf: dict[str, Any] | str | Path, *, name: str = "hf") -> Qwen35Config:
-    """Our config from a Hugging Face config.json (a dict or a path to the file or its directory)."""
+    """Our config from a Hugging Face config.json (a dict or a path to the file or its directory). A file that is
+    not a config (not JSON, not an object, a field of the wrong kind) is a ValueError naming it."""
+    source = "config.json"
     if not isinstance(hf, dict):
         path = Path(hf)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no Hugging Face config at {path}")
-        hf = json.loads(path.read_text())
+        source = str(path)
+        try:
+            hf = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source} holds a JSON {type(hf).__name__}, not a config object")
+    try:
+        return _config_from_hf(hf, name)
+    except (TypeError, AttributeError) as e:  # a field of the wrong kind (a list where an object goes, ...)
+        raise ValueError(f"{source}: a field of the wrong kind ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(hf: dict[str, Any], name: str) -> Qwen35Config:
     text, is_moe = _text_section(hf)
     if text.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act '{text['hidden_act']}' is not supported (Qwen3.5 uses silu)")
@@ -78,7 +96,7 @@ def qwen35_config_from_hf(hf: dict[str, Any] | str | Path, *, name: str = "hf") 
         linear_value_head_dim=_required(text, "linear_value_head_dim"),
         linear_conv_kernel_dim=_required(text, "linear_conv_kernel_dim"),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
-        rope_theta=float(_required(rope, "rope_theta")),
+        rope_theta=float(_required(rope, "rope_theta", count=False)),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.25)),
         mrope_section=tuple(rope.get("mrope_section") or (11, 11, 10)),
         mtp_num_layers=int(text.get("mtp_num_hidden_layers", 0)),

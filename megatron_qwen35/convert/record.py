@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from megatron_qwen35.convert.table import TEXT_ONLY_PREFIX, HFLayout
-from megatron_qwen35.file_names import plain_file_name
 
 HF_TEXT_FILES = ("config.json", "generation_config.json")  # carried verbatim
 
@@ -102,12 +101,12 @@ class ConversionRecord:
 
 def _check_shards(shards: Any, *, source: str) -> None:
     """A recorded shard layout: {"index": the index's text} or {"file": one plain file name}."""
-    from megatron_qwen35.convert.safetensors_files import index_weight_map
+    from megatron_qwen35.convert.safetensors_files import index_weight_map, shard_file_name
 
     if not isinstance(shards, dict) or len(shards) != 1 or not isinstance(next(iter(shards.values())), str):
         raise ValueError(f"{source}: expected {{'index': text}} or {{'file': name}}, found {shards!r:.200}")
     if "file" in shards:
-        plain_file_name(shards["file"], source=source)
+        shard_file_name(shards["file"], source=source)
     elif "index" in shards:
         index_weight_map(shards["index"], source=source)
     else:

@@ -107,9 +107,18 @@ def index_weight_map(text: str, *, source: str | Path) -> dict[str, str]:
         raise CheckpointFileError(f"{source}: malformed index ({e})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
         raise CheckpointFileError(f"{source}: malformed index (weight_map is not an object of tensor names)")
-    for file in weight_map.values():
-        plain_file_name(file, source=f"{source} (weight_map)")
+    for file in set(weight_map.values()):
+        shard_file_name(file, source=f"{source} (weight_map)")
     return weight_map
+
+
+def shard_file_name(name: object, *, source: str | Path) -> str:
+    """A shard's name read from a file: a plain name (`file_names.plain_file_name`) of a .safetensors file, so a
+    crafted one cannot take the place of the index, config.json or another side file an export writes."""
+    name = plain_file_name(name, source=source)
+    if not name.endswith(".safetensors"):
+        raise CheckpointFileError(f"{source} names the shard {name!r}, which is not a .safetensors file")
+    return name
 
 
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):

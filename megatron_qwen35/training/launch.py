@@ -112,8 +112,16 @@ def _parse_and_validate(argv: list[str]):
         else:
             validate_args(args, ARGS_DEFAULTS)
     except AssertionError as e:
-        raise LaunchRefused(f"megatron's argument check: {e}") from None
+        raise LaunchRefused(f"megatron's argument check: {str(e) or _failed_assert(e)}") from None
     return args, cfg
+
+
+def _failed_assert(e: AssertionError) -> str:
+    """A bare assert's own line and place (megatron asserts e.g. `args.global_batch_size > 0` with no message)."""
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{frame.line} ({Path(frame.filename).name}:{frame.lineno})"
 
 
 def parse_qwen35_args(argv: list[str], *, set_globals: bool = True):
