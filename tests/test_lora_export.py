@@ -124,6 +124,16 @@ def test_an_adapter_of_another_model_is_named_and_nothing_is_written(released, t
     with pytest.raises(ValueError, match="holds no LoRA adapters"):
         qwen35_adapter_to_peft(qwen35_hf_to_megatron(hf, tmp_path / "base", progress=False), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    # peft's exclude_modules leaves some targets without adapters: named, not "an adapter of another model"
+    import json
+    import shutil
+
+    excluding = shutil.copytree(adapter, tmp_path / "excluding")
+    config = json.loads((excluding / "adapter_config.json").read_text())
+    (excluding / "adapter_config.json").write_text(json.dumps({**config, "exclude_modules": ["model.layers.3.x"]}))
+    with pytest.raises(ValueError, match=r"exclude_modules \['model.layers.3.x'\]: not supported"):
+        qwen35_hf_to_megatron(hf, tmp_path / "out", adapter=excluding, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_dropout_trained_with_is_recorded_and_written_where_peft_takes_it():

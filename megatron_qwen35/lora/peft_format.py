@@ -202,7 +202,8 @@ def settings_from_peft_config(config: dict, source: str):
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):
             refuse(f"{field} {config[field]}: one rank and alpha for every module is what Megatron's adapters take")
-    for field in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "trainable_token_indices"):
+    for field in ("use_dora", "use_rslora", "layers_to_transform", "exclude_modules", "modules_to_save",
+                  "trainable_token_indices"):
         if config.get(field):
             refuse(f"{field} {config[field]!r}: not supported")
     if config.get("bias", "none") != "none":
