@@ -288,6 +288,13 @@ def test_bad_rows_are_one_error_line_naming_file_and_line(chats, tmp_path, capsy
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_an_output_under_a_file_is_named_as_such(chats, tmp_path, capsys):
+    assert PREPROCESS(["--input", str(chats), "--output-dir", str(chats / "out"), "--qwen35-preset",
+                       "tiny-vl-demo"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: output {chats / 'out'}: {chats} is a file, " \
+        "not a folder"
+
+
 @pytest.mark.parametrize("flag,value", [("--seq-length", "0"), ("--seq-length", "-10"), ("--workers", "0"),
                                         ("--shard-mb", "0")])
 def test_counts_and_lengths_below_one_are_refused_by_the_flag(chats, tmp_path, capsys, flag, value):

@@ -72,6 +72,9 @@ def output_directory(out_dir: Path | str, *, overwrite: bool = False, inputs: Se
             raise ValueError(f"output {out_dir} would replace the input {source}; choose another output directory")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    nearest = next(p for p in out_dir.parents if p.exists())
+    if not nearest.is_dir():  # mkdir would say only "File exists"
+        raise ValueError(f"output {out_dir}: {nearest} is a file, not a folder")
     with new_parents(out_dir):
         _remove_stale_temporaries(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))

@@ -157,6 +157,8 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             if not files:
                 raise FileNotFoundError(f"{self.directory} holds no *.safetensors files and no {INDEX_NAME}")
             for file in files:
+                if not file.is_file():
+                    raise CheckpointFileError(f"{file} is not a file (a folder named like a shard)")
                 for name, entry in _read_header(file).items():
                     if name in self.entries:
                         raise CheckpointFileError(f"tensor '{name}' appears in both {self.entries[name].file} "

@@ -37,9 +37,9 @@ def json_object(path: Path, n: int, line: str, json_key: str, kind: type = str) 
     """One jsonl line: an object whose `json_key` is a `kind` (a string), or a ValueError naming the file and line
     (the text, vision-language and chat preprocessing all read their lines through it)."""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))  # a line cut off mid-object fails at its end, not on the next line
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object with a '{json_key}' field")
     if json_key not in obj:
