@@ -184,8 +184,7 @@ def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path)
 
 def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(checkpoint, tmp_path):
     """megatron warns and trains from random weights when --load holds no tracker: a file, one iteration folder of a
-    checkpoint (a common slip), a missing or an empty folder other than --save are refused by name; LOAD=SAVE still
-    empty is a first launch and trains."""
+    checkpoint (a common slip), a missing or an empty folder other than --save are refused by name."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     for load, says in [(tmp_path / "notes.txt", "is a file"),
@@ -195,8 +194,7 @@ def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(chec
                        (tmp_path / "empty", "holds no checkpoint (latest_checkpointed_iteration.txt is missing), and "
                                             "it is not --save")]:
         recipe_refused(tmp_path, LOAD=str(load), SAVE=str(tmp_path / "tuned"), says=f"--load {load} {says}")
-    run = recipe(tmp_path, SAVE=str(tmp_path / "fresh"), TRAIN_ITERS="1", WARMUP="0")  # LOAD defaults to SAVE
-    assert list(run.losses) == [1]
+    # (LOAD=SAVE still empty, the recipes' default, trains: every recipe run of the suite without LOAD= does)
 
 
 CRAFTED_RECORDS = {  # how the loaded checkpoint's record was changed -> what the refusal says

@@ -216,10 +216,12 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
     flag = "--pretrained-checkpoint" if pretrained else "--load"
     metadata = {}
     try:
-        iteration = latest_iteration(load)
+        step = None if pretrained else getattr(args, "ckpt_step", None)  # megatron's --ckpt-step: that iteration
+        iteration = latest_iteration(load) if step is None else step
         directory = iteration_dir(load, iteration)
         if not directory.is_dir():
-            raise CheckpointFileError(f"{load / TRACKER} names {directory.name}, which is missing")
+            named_by = f"--ckpt-step {step}" if step is not None else str(load / TRACKER)
+            raise CheckpointFileError(f"{named_by} names {directory.name}, which is missing")
         check_checkpoint_files(directory)
         if (load / CONFIG).is_file():
             from megatron_qwen35.convert.record import ConversionRecord
@@ -242,13 +244,14 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
                             "another checkpoint")
     weights_only = iteration == RELEASE or args.finetune or pretrained
     named = f"{flag} {load}"
+    notes = _lora_note(args, load, named, metadata, weights_only)
+    notes += _mtp_note(args, named, cfg, saved_mtp, weights_only=weights_only)
     if not weights_only and args.train_iters and iteration >= args.train_iters and not args.skip_train:
         # megatron asserts 'no samples left to consume' on every rank once all is built
         raise LaunchRefused(f"{named} is at iteration {iteration}, and --train-iters {args.train_iters} "
                             "(TRAIN_ITERS) ends the run there: nothing is left to train; to train on, raise it and add "
                             "--override-opt_param-scheduler (megatron otherwise holds the run to the saved schedule)")
-    notes = _lora_note(args, load, named, metadata, weights_only)
-    return notes + _mtp_note(args, named, cfg, saved_mtp, weights_only=weights_only)
+    return notes
 
 
 __all__ = ["check_load", "checkpoint_to_load", "model_checkpoint_shapes"]
