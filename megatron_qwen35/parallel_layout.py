@@ -85,6 +85,22 @@ def check_parallel_layout(cfg: Qwen35Config, *, tensor_parallel: int = 1, pipeli
                                   f"Qwen3.5 '{cfg.name}': " + "; ".join(problems))
 
 
+def check_world_size(world_size: int, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                     context_parallel: int = 1, expert_parallel: int = 1,
+                     expert_tensor_parallel: int | None = None) -> None:
+    """The job's processes tile both of megatron-core's grids: TP x PP x CP for the dense part, EP x expert-TP x PP for
+    the experts (its initialize_model_parallel says only 'world_size (1) is not divisible by 2', on every rank)."""
+    etp = tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel
+    for grid, names in ((tensor_parallel * pipeline_parallel * context_parallel,
+                         f"TP {tensor_parallel} x PP {pipeline_parallel} x CP {context_parallel}"),
+                        (expert_parallel * etp * pipeline_parallel,
+                         f"EP {expert_parallel} x expert-TP {etp} x PP {pipeline_parallel}")):
+        if world_size % grid:
+            raise ParallelLayoutError(f"the layout's {names} = {grid} does not divide the job's {world_size} "
+                                      "process(es): launch as many processes as the layout needs (a multiple of "
+                                      f"{grid}, e.g. torchrun --nproc-per-node {grid})")
+
+
 def check_transformer_config_layout(cfg: Qwen35Config, config, seq_length: int | None = None) -> None:
     """`check_parallel_layout` with the sizes a megatron TransformerConfig carries (an explicitly uneven pipeline,
     megatron's num_layers_in_first/last_pipeline_stage or pipeline_model_parallel_layout, is megatron's to check)."""
@@ -100,4 +116,4 @@ def check_transformer_config_layout(cfg: Qwen35Config, config, seq_length: int |
                           seq_length=seq_length)
 
 
-__all__ = ["ParallelLayoutError", "check_parallel_layout", "check_transformer_config_layout"]
+__all__ = ["ParallelLayoutError", "check_parallel_layout", "check_world_size", "check_transformer_config_layout"]

@@ -342,7 +342,7 @@ def test_text_stream_holds_back_an_unfinished_character():
     (["--prompt", "a", "--no-thinking"], "--no-thinking shapes a chat prompt: it needs --chat"),
     (["--prompt", "a", "--thinking"], "--thinking shapes a chat prompt: it needs --chat"),
     (["--prompt", "a", "--chat"], "outside the 512-token vocabulary of the checkpoint"),
-    (["--prompt", "a", "--tensor-parallel", "2"], "(EP 1) does not divide the 1 process(es) of this job"),
+    (["--prompt", "a", "--tensor-parallel", "2"], "TP 2 x PP 1 x CP 1 = 2 does not divide the job's 1 process(es)"),
 ])
 def test_generate_tool_names_bad_input_in_one_line(tiny_checkpoint, capsys, args, message):
     """A missing checkpoint, a prompt the model's vocabulary cannot hold (a chat's markers in a byte-sized one), an

@@ -74,8 +74,7 @@ def test_a_layout_the_heads_cannot_split_is_refused_before_any_rank_starts(tmp_p
 def test_an_expert_layout_that_does_not_tile_the_ranks_is_refused_before_any_rank_starts(tmp_path):
     """EP2 x ETP2 on 2 ranks: megatron-core's initialize_model_parallel raised on every rank after torchrun started."""
     recipe_refused(tmp_path, nproc=2, EP="2", ETP="2",
-                   says="--expert-tensor-parallel-size 2 x --pipeline-model-parallel-size 1 = 4 does not divide the "
-                        "job's 2 ranks")
+                   says="the layout's EP 2 x expert-TP 2 x PP 1 = 4 does not divide the job's 2 process(es)")
 
 
 def test_pretrain_launched_directly_refuses_on_rank_0_only_and_without_a_traceback(tmp_path):

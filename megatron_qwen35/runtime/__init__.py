@@ -151,13 +151,11 @@ def initialize_parallel(
             mtp.model_parallel_cuda_manual_seed(seed)
             _CURRENT_LAYOUT = (layout, seed)
         return
-    world = torch.distributed.get_world_size()
-    experts = expert_parallel * (expert_tensor_parallel or tensor_parallel) * pipeline_parallel
-    if world % (tensor_parallel * pipeline_parallel * context_parallel) or world % experts:
-        # megatron-core's initialize_model_parallel raises it as 'world_size (1) is not divisible by 2'
-        raise ValueError(f"the layout TP {tensor_parallel} x PP {pipeline_parallel} x CP {context_parallel} (EP "
-                         f"{expert_parallel}) does not divide the {world} process(es) of this job: launch it with as "
-                         "many processes as the layout needs (torchrun --nproc-per-node N ...)")
+    from megatron_qwen35.parallel_layout import check_world_size
+
+    check_world_size(torch.distributed.get_world_size(), tensor_parallel=tensor_parallel,
+                     pipeline_parallel=pipeline_parallel, context_parallel=context_parallel,
+                     expert_parallel=expert_parallel, expert_tensor_parallel=expert_tensor_parallel)
     if initialized:
         parallel_state.destroy_model_parallel()
 

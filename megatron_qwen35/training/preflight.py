@@ -33,7 +33,7 @@ class LaunchRefused(SystemExit):
 
 def check_layout(args, cfg: Qwen35Config) -> None:
     """The parallel layout the parsed args ask for, against the model (the project's one layout check)."""
-    from megatron_qwen35.parallel_layout import ParallelLayoutError, check_parallel_layout
+    from megatron_qwen35.parallel_layout import ParallelLayoutError, check_parallel_layout, check_world_size
 
     try:
         check_parallel_layout(
@@ -45,14 +45,12 @@ def check_layout(args, cfg: Qwen35Config) -> None:
             uneven_pipeline=bool(args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers
                                  or args.pipeline_model_parallel_layout),
             seq_length=args.seq_length)
+        check_world_size(args.world_size, tensor_parallel=args.tensor_model_parallel_size,
+                         pipeline_parallel=args.pipeline_model_parallel_size,
+                         context_parallel=args.context_parallel_size, expert_parallel=args.expert_model_parallel_size,
+                         expert_tensor_parallel=args.expert_tensor_parallel_size)
     except ParallelLayoutError as e:
         raise LaunchRefused(str(e)) from None
-    experts = args.expert_model_parallel_size * args.expert_tensor_parallel_size * args.pipeline_model_parallel_size
-    if cfg.is_moe and args.world_size % experts:  # megatron-core's initialize_model_parallel, on every rank
-        raise LaunchRefused(f"--expert-model-parallel-size {args.expert_model_parallel_size} x "
-                            f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} x "
-                            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} = {experts} does not "
-                            f"divide the job's {args.world_size} ranks (the experts' layout must tile them)")
     if cfg.is_moe and args.tensor_model_parallel_size > 1 and not args.sequence_parallel and not args.skip_train:
         # megatron-core's MoELayer raises this at the first training forward, on every rank, once all is built
         raise LaunchRefused(f"MoE model '{cfg.name}' at --tensor-model-parallel-size "
