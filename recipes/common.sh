@@ -71,29 +71,25 @@ MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python 
 # layer's experts instead of one each), the base frozen; LORA_ALPHA, LORA_DROPOUT,
 # LORA_MTP=1 for the MTP layer's linears, LORA_ROUTER=1 for the MoE routers, LORA_VISION=1 for the vision tower's.
 # LoRA on the experts runs each expert as its own linear: no grouped GEMM.
+# The settings go to pretrain_qwen35.py whenever given: without a rank it refuses them (the run would silently train
+# the whole model).
 LORA_ARGS=()
+[ "${LORA_RANK:-0}" != 0 ] && LORA_ARGS+=(--lora-rank "$LORA_RANK")
+[ -n "${LORA_ALPHA:-}" ] && LORA_ARGS+=(--lora-alpha "$LORA_ALPHA")
+[ -n "${LORA_DROPOUT:-}" ] && LORA_ARGS+=(--lora-dropout "$LORA_DROPOUT")
+[ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
+  && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
+[ -n "${LORA_EXPERTS:-}" ] && LORA_ARGS+=(--lora-experts "$LORA_EXPERTS")
+[ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
+[ "${LORA_ROUTER:-0}" = 1 ] && LORA_ARGS+=(--lora-router)
+[ "${LORA_VISION:-0}" = 1 ] && LORA_ARGS+=(--lora-vision)
 if [ "${LORA_RANK:-0}" != 0 ]; then
-  LORA_ARGS=(--lora-rank "$LORA_RANK" --lora-alpha "${LORA_ALPHA:-32}" --lora-dropout "${LORA_DROPOUT:-0}")
-  [ -n "${LORA_TARGETS:-}" ] && read -r -a targets <<< "$LORA_TARGETS" \
-    && LORA_ARGS+=(--lora-target-modules "${targets[@]}")
-  [ -n "${LORA_EXPERTS:-}" ] && LORA_ARGS+=(--lora-experts "$LORA_EXPERTS")
-  [ "${LORA_MTP:-0}" = 1 ] && LORA_ARGS+=(--lora-mtp)
-  [ "${LORA_ROUTER:-0}" = 1 ] && LORA_ARGS+=(--lora-router)
-  [ "${LORA_VISION:-0}" = 1 ] && LORA_ARGS+=(--lora-vision)
   # the adapters' optimizer state is small: saved in megatron's fully reshardable format (gathered on each model-
   # parallel group's first data-parallel rank), a LoRA checkpoint resumes at any TP / PP / EP / DP
   LORA_ARGS+=(--dist-ckpt-optim-fully-reshardable --distrib-optim-fully-reshardable-mem-efficient)
   if [ -z "${LORA_TARGETS:-}" ] || [[ " $LORA_TARGETS " == *" experts "* ]]; then
     EXTRA_PARALLEL=${EXTRA_PARALLEL//--moe-grouped-gemm/}
   fi
-else  # a LoRA setting without a rank would silently train the whole model
-  for var in LORA_ALPHA LORA_DROPOUT LORA_TARGETS LORA_EXPERTS LORA_MTP LORA_ROUTER LORA_VISION; do
-    if [ -n "${!var:-}" ] && [ "${!var}" != 0 ]; then
-      echo "error: $var is a LoRA setting, and LORA_RANK is ${LORA_RANK:-unset}: give the adapters a rank, or drop" \
-        "the LoRA settings to train the whole model" >&2
-      exit 2
-    fi
-  done
 fi
 MODEL_ARGS+=("${LORA_ARGS[@]}")
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"

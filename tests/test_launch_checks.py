@@ -138,7 +138,7 @@ def test_no_training_data_or_two_sources_of_it_are_refused_by_the_recipe(tmp_pat
 def test_lora_settings_without_a_rank_or_on_a_layer_the_run_lacks_are_refused(tmp_path):
     """A LoRA setting without a rank trained the whole model without a word (recipe and flag alike); LORA_MTP=1 with
     MTP=0 recorded adapters on an MTP layer the run did not have."""
-    recipe_refused(tmp_path, LORA_ALPHA="16", says="LORA_ALPHA is a LoRA setting, and LORA_RANK is unset")
+    recipe_refused(tmp_path, LORA_ALPHA="16", says="--lora-alpha is a LoRA setting, and --lora-rank (LORA_RANK) is 0")
     before = tree(tmp_path)
     run = recipe(tmp_path, "--lora-target-modules", "q_proj", check=False)
     assert_refused_in_one_line(run, says="--lora-target-modules is a LoRA setting, and --lora-rank (LORA_RANK) is 0")
