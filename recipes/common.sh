@@ -35,31 +35,19 @@ LOAD=${LOAD:-$SAVE}
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 EXTRA_PARALLEL=${EXTRA_PARALLEL:-}
 
-# One source of training data; none, or two, is refused here (the preflight's form: one line, exit 2)
-SOURCES=()
-[ "${MOCK_DATA:-0}" = 1 ] && SOURCES+=(MOCK_DATA=1)
-for var in DATA_PATH SFT_DATA_PATH VL_DATA_PATH; do [ -n "${!var:-}" ] && SOURCES+=("$var"); done
-if [ "${#SOURCES[@]}" -ne 1 ]; then
-  if [ "${#SOURCES[@]}" = 0 ]; then
-    echo "error: no training data: set DATA_PATH to tokenized data (tools/data/preprocess.py), SFT_DATA_PATH to chat" \
-      "conversations (tools/data/preprocess_sft.py), VL_DATA_PATH to image / video samples" \
-      "(tools/data/preprocess_vl.py) or MOCK_DATA=1" >&2
-  else
-    echo "error: ${SOURCES[*]} each name the training data; set one of them" >&2
-  fi
-  exit 2
-fi
-if [ "${MOCK_DATA:-0}" = 1 ]; then
-  DATA_ARGS=(--mock-data)
-elif [ -n "${SFT_DATA_PATH:-}" ]; then  # chat conversations (tools/data/preprocess_sft.py): fine-tuning, packed
+# The training data: each source given becomes its flag (pretrain_qwen35.py refuses none, or two, by name)
+DATA_ARGS=()
+[ "${MOCK_DATA:-0}" = 1 ] && DATA_ARGS+=(--mock-data)
+if [ -n "${SFT_DATA_PATH:-}" ]; then  # chat conversations (tools/data/preprocess_sft.py): fine-tuning, packed
   MICRO_BATCH=1  # one packed sequence per micro-batch (it holds several conversations)
-  DATA_ARGS=(--sft-data-path "$SFT_DATA_PATH" --split 99,1,0)
+  DATA_ARGS+=(--sft-data-path "$SFT_DATA_PATH")
   [ "${SFT_PACKING:-1}" = 0 ] && DATA_ARGS+=(--no-sft-packing)  # one conversation per sequence
-elif [ -n "${VL_DATA_PATH:-}" ]; then  # images / videos with text (tools/data/preprocess_vl.py): trains the ViT too
-  DATA_ARGS=(--vl-data-path "$VL_DATA_PATH" --split 99,1,0)
-else
-  DATA_ARGS=(--data-path $DATA_PATH --split 99,1,0)  # unquoted: megatron's "WEIGHT PREFIX WEIGHT PREFIX" blends
 fi
+# images / videos with text (tools/data/preprocess_vl.py): trains the ViT too
+[ -n "${VL_DATA_PATH:-}" ] && DATA_ARGS+=(--vl-data-path "$VL_DATA_PATH")
+# unquoted: megatron's "WEIGHT PREFIX WEIGHT PREFIX" blends
+[ -n "${DATA_PATH:-}" ] && DATA_ARGS+=(--data-path $DATA_PATH)
+[ "${MOCK_DATA:-0}" = 1 ] || DATA_ARGS+=(--split 99,1,0)
 DATA_ARGS+=(--tokenizer-type NullTokenizer --null-tokenizer-eod-id 248044)  # data is pre-tokenized (Qwen3.5 vocab)
 
 MODEL_ARGS=(--qwen35-preset "$PRESET")  # fills every architecture flag (python -m megatron_qwen35.training.flags)

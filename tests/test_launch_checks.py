@@ -127,12 +127,13 @@ def test_a_missing_data_path_is_refused(tmp_path):
 
 
 def test_no_training_data_or_two_sources_of_it_are_refused_by_the_recipe(tmp_path):
-    """No data was bash's own `DATA_PATH: set ...` (exit 1); two sources silently trained on one of them."""
-    recipe_refused(tmp_path, MOCK_DATA="0", says="error: no training data: set DATA_PATH")
+    """No data was bash's own `DATA_PATH: set ...` (exit 1); two sources silently trained on one of them: the recipe
+    passes every source given and pretrain_qwen35.py's check names them."""
+    recipe_refused(tmp_path, MOCK_DATA="0", says="error: no training data: give --data-path PREFIX (DATA_PATH;")
     recipe_refused(tmp_path, SFT_DATA_PATH=str(tmp_path / "chats"),
-                   says="MOCK_DATA=1 SFT_DATA_PATH each name the training data; set one of them")
+                   says="--mock-data (MOCK_DATA=1) and --sft-data-path (SFT_DATA_PATH) both name training data")
     recipe_refused(tmp_path, MOCK_DATA="0", DATA_PATH=str(tmp_path / "c"), VL_DATA_PATH=str(tmp_path / "vl"),
-                   says="DATA_PATH VL_DATA_PATH each name the training data; set one of them")
+                   says="--data-path (DATA_PATH) and --vl-data-path (VL_DATA_PATH) both name training data")
 
 
 def test_lora_settings_without_a_rank_or_on_a_layer_the_run_lacks_are_refused(tmp_path):

@@ -130,8 +130,9 @@ def check_indexed_data(args) -> None:
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     flag = "--data-path" if args.data_path else "--data-args-path" if args.data_args_path else "the data flags"
     if blend is None and blend_per_split is None:
-        raise LaunchRefused("no training data: give --data-path PREFIX (tools/data/preprocess.py), --vl-data-path "
-                            "DIR (tools/data/preprocess_vl.py) or --mock-data")
+        raise LaunchRefused("no training data: give --data-path PREFIX (DATA_PATH; tools/data/preprocess.py), "
+                            "--sft-data-path DIR (SFT_DATA_PATH; tools/data/preprocess_sft.py), --vl-data-path DIR "
+                            "(VL_DATA_PATH; tools/data/preprocess_vl.py) or --mock-data (MOCK_DATA=1)")
     prefixes = list(blend[0]) if blend is not None else [p for b in blend_per_split if b for p in b[0]]
     for prefix in prefixes:
         missing = [f"{prefix}{s}" for s in (".bin", ".idx") if not Path(f"{prefix}{s}").is_file()]
@@ -193,10 +194,6 @@ def check_sft_data(args, cfg: Qwen35Config) -> None:
     from megatron_qwen35.training.steps import vl_split
 
     flag = f"--sft-data-path {args.sft_data_path}"
-    others = [f for f, on in (("--data-path", args.data_path), ("--vl-data-path", getattr(args, "vl_data_path", None)),
-                              ("--mock-data", args.mock_data)) if on]
-    if others:
-        raise LaunchRefused(f"{flag} and {others[0]} both name training data; give one")
     if args.micro_batch_size != 1:
         raise LaunchRefused(f"{flag} trains on packed sequences, one per micro-batch: --micro-batch-size 1 (a packed "
                             f"sequence already holds several conversations), not {args.micro_batch_size}")
@@ -275,7 +272,16 @@ def check_lora(args, cfg: Qwen35Config) -> None:
                             "experts: the expert adapters are not split over TP; use ETP=1 (experts spread over EP)")
 
 
+DATA_SOURCES = (  # (flag, args field, the recipes' setting)
+    ("--mock-data", "mock_data", "MOCK_DATA=1"), ("--data-path", "data_path", "DATA_PATH"),
+    ("--sft-data-path", "sft_data_path", "SFT_DATA_PATH"), ("--vl-data-path", "vl_data_path", "VL_DATA_PATH"))
+
+
 def check_data(args, cfg: Qwen35Config) -> None:
+    """One source of training data (each with the recipes' name for it), then its own checks."""
+    given = [f"{flag} ({recipe})" for flag, dest, recipe in DATA_SOURCES if getattr(args, dest, None)]
+    if len(given) > 1:
+        raise LaunchRefused(f"{given[0]} and {given[1]} both name training data; give one")
     check_document_resets(args)
     if getattr(args, "sft_data_path", None):
         check_sft_data(args, cfg)
