@@ -3,6 +3,7 @@ culprit and exit code 2, whether the input is bad or the machine refuses (a full
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -12,8 +13,6 @@ INPUT_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)  # bad
 
 def positive_int(text: str) -> int:
     """argparse type of a count or a length: 0 or less is refused by argparse (its one-line usage error, exit 2)."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
