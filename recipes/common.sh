@@ -22,6 +22,8 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 
+# VPP is layers per virtual pipeline stage (megatron's --num-layers-per-virtual-pipeline-stage), not the number of
+# chunks: PP=2 VPP=1 on 4 layers gives each stage 2 chunks of one layer. ETP=1 here (bare megatron: ETP = TP).
 TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; EP=${EP:-1}; ETP=${ETP:-1}; CP=${CP:-1}
 MICRO_BATCH=${MICRO_BATCH:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-512}

@@ -1,4 +1,4 @@
-"""The public Qwen3.5 sizes (DESIGN.md's table) and the tiny test / demo shapes, by name."""
+"""The public Qwen3.5 sizes (README.md's Sizes table) and the tiny test / demo shapes, by name."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _vit(shape, text_hidden):
 # (width, MLP width, depth, heads) of the three ViTs of the family
 _VIT_S, _VIT_M, _VIT_L = (768, 3072, 12, 12), (1024, 4096, 24, 16), (1152, 4304, 27, 16)
 
-# The public sizes (DESIGN.md's table). Parameter counts are checked in tests/test_config.py.
+# The public sizes (README.md's Sizes table). Parameter counts are checked in tests/test_config.py.
 PRESETS: dict[str, Qwen35Config] = {
     "0.8b": _dense(1024, 24, 8, 2, 3584, 16, _VIT_S, True, "0.8b"),
     "2b": _dense(2048, 24, 8, 2, 6144, 16, _VIT_M, True, "2b"),

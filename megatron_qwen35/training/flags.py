@@ -39,7 +39,8 @@ def add_qwen35_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group(title="qwen3.5")
     group.add_argument("--qwen35-preset", type=str, default=None,
-                       help="public size (0.8b ... 397b-a17b) or tiny/tiny-moe; fills every architecture flag")
+                       help="public size (0.8b ... 397b-a17b) or a tiny test / demo shape (tiny, tiny-moe, "
+                            "tiny-demo, tiny-vl, tiny-vl-moe, tiny-vl-demo); fills every architecture flag")
     group.add_argument("--hf-config", type=str, default=None,
                        help="a Hugging Face Qwen3.5 config.json (or its directory); fills every architecture flag")
     group.add_argument("--gdn-kernels", choices=KERNELS, default="fla",
