@@ -33,7 +33,8 @@ def recipe_refused(tmp_path: Path, *, says: str, nproc: int = 1, **settings) -> 
     """The recipe refuses the launch in one line and leaves tmp_path exactly as it was (no --save, no TensorBoard
     folder, nothing changed in its inputs)."""
     before = tree(tmp_path)
-    run = recipe(tmp_path, nproc=nproc, check=False, **settings)
+    # Python's warnings on, as a user's shell has them (the other runs of the suite ignore them)
+    run = recipe(tmp_path, nproc=nproc, check=False, **{"PYTHONWARNINGS": "default", **settings})
     line = assert_refused_in_one_line(run, says=says)
     assert tree(tmp_path) == before
     return line
@@ -308,7 +309,9 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
     """LOAD = SAVE (the recipes' default) on a checkpoint without MTP weights, MTP on: a run that dies after the
     load and before its first save (a NaN loss at step 2, megatron's rerun machine off so it saves nothing) leaves
     the folder exporting the source to the bit, no MTP; the same command then trains from it (the MTP layer fresh,
-    said again) and, once it has saved, the folder holds and exports the MTP layer it trained."""
+    said again) and, once it has saved, the folder holds and exports the MTP layer it trained. Launched again as it
+    was, the finished run is refused; with a longer run, the schedule that differs from the saved one is named, and
+    with --override-opt_param-scheduler it trains on."""
     hf, converted = without_mtp
     folder = tmp_path / "ckpt"
     shutil.copytree(converted, folder)
@@ -327,6 +330,11 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
     # the same command once more: the run is done (megatron asserted 'no samples left to consume' on every rank)
     recipe_refused(tmp_path, TRAIN_ITERS="1", **same,
                    says=f"--load {folder} is at iteration 1, and --train-iters 1 (TRAIN_ITERS) ends the run there")
+    # TRAIN_ITERS raised to train on: megatron's scheduler asserted the saved decay on every rank once all was built
+    recipe_refused(tmp_path, TRAIN_ITERS="2", **same,
+                   says="resumes a run saved with another learning-rate schedule: lr_decay_steps 4 saved, 8 now")
+    run = recipe(tmp_path, "--override-opt_param-scheduler", run_name="on", TRAIN_ITERS="2", **same)
+    assert list(run.losses) == [2], run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("linked", ["iteration", "tracker"])

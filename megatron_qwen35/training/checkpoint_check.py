@@ -13,6 +13,8 @@
   from its initialisation (the model hides it from the load: `model.Qwen35GPTModel.hide_loss_modules`), and a run
   with MTP off leaves a checkpoint's MTP weights unread; a resumed iteration needs the MTP it was saved with (its
   optimizer state covers exactly those parameters).
+- A resumed iteration's learning-rate schedule equals the run's (megatron's own scheduler built for the run, against
+  the saved one), unless --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler says which wins.
 - Which checkpoint loads is megatron's rule: --load where it holds one, else --pretrained-checkpoint (weights only,
   as megatron's --finetune).
 - LoRA (lora/): a checkpoint records its adapters' settings (qwen35_config.json's `lora`). A LoRA run from a
@@ -251,7 +253,58 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
         raise LaunchRefused(f"{named} is at iteration {iteration}, and --train-iters {args.train_iters} "
                             "(TRAIN_ITERS) ends the run there: nothing is left to train; to train on, raise it and add "
                             "--override-opt_param-scheduler (megatron otherwise holds the run to the saved schedule)")
+    if not weights_only:
+        _check_schedule(args, directory, named)
     return notes
+
+
+# What sets each value of megatron's saved learning-rate schedule (OptimizerParamScheduler.state_dict; steps count
+# samples: iterations x the global batch size).
+_SCHEDULE_SETTINGS = {
+    "max_lr": "--lr (LR)", "min_lr": "--min-lr (MIN_LR)", "lr_decay_style": "--lr-decay-style",
+    "lr_warmup_steps": "--lr-warmup-iters (WARMUP) or --lr-warmup-fraction, x --global-batch-size (GLOBAL_BATCH)",
+    "lr_decay_steps": "--lr-decay-iters, else --train-iters (TRAIN_ITERS), x --global-batch-size (GLOBAL_BATCH)",
+    "start_wd": "--start-weight-decay / --weight-decay", "end_wd": "--end-weight-decay / --weight-decay",
+    "wd_incr_style": "--weight-decay-incr-style", "wd_incr_steps": "--train-iters (TRAIN_ITERS) x --global-batch-size",
+}
+
+
+def _this_runs_schedule(args) -> dict:
+    """The schedule megatron.training builds for this run (its own get_optimizer_param_scheduler, on a copy of the args
+    set as its global args for the call; the stub optimizer has no parameter group to set a learning rate on)."""
+    import copy
+    import types
+
+    from megatron.training import global_vars
+    from megatron.training.training import get_optimizer_param_scheduler
+
+    previous = global_vars._GLOBAL_ARGS  # None before parse_qwen35_args sets the globals (after these checks)
+    global_vars.set_args(copy.copy(args))  # megatron fills in e.g. lr_decay_iters on the args it reads
+    try:
+        return get_optimizer_param_scheduler(types.SimpleNamespace(param_groups=[])).state_dict()
+    finally:
+        global_vars.set_args(previous)
+
+
+def _check_schedule(args, directory: Path, named: str) -> None:
+    """A resumed run's learning-rate schedule against the saved one: megatron's OptimizerParamScheduler asserts them
+    equal when it loads the optimizer, once the model and optimizer are built, on every rank (changing TRAIN_ITERS,
+    GLOBAL_BATCH or LR between two launches of a run), unless told which one to keep."""
+    if (args.finetune or args.no_load_optim or args.skip_train or args.ckpt_format != "torch_dist"
+            or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        return  # megatron loads no schedule, or is told which one wins
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    saved = load_common_state_dict(str(directory)).get("opt_param_scheduler")
+    if saved is None:
+        return  # saved without an optimizer: megatron has no schedule to compare
+    run = _this_runs_schedule(args)
+    differing = [f"{key} {saved[key]!r} saved, {run[key]!r} now ({_SCHEDULE_SETTINGS.get(key, key)})"
+                 for key in run if key != "num_steps" and key in saved and saved[key] != run[key]]
+    if differing:
+        raise LaunchRefused(f"{named} resumes a run saved with another learning-rate schedule: {'; '.join(differing)}; "
+                            "launch with the saved settings, or add --override-opt_param-scheduler (this run's "
+                            "schedule from here on) or --use-checkpoint-opt_param-scheduler (the saved one)")
 
 
 __all__ = ["check_load", "checkpoint_to_load", "model_checkpoint_shapes"]

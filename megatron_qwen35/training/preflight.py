@@ -10,7 +10,7 @@ started, nothing written anywhere (megatron's tensorboard writer and every save 
 - the learning-rate schedule (a warm-up as long as the decay is megatron's assert once the optimizer is built);
 - the data: every --data-path prefix's .bin and .idx, a --vl-data-path directory's samples and vision config, and,
   where evaluation is on, a validation split that holds at least one sequence;
-- the --load checkpoint against the model (`checkpoint_check.py`).
+- the --load checkpoint against the model, and a resumed run's schedule against the saved one (`checkpoint_check.py`).
 """
 
 from __future__ import annotations
@@ -320,11 +320,15 @@ def main(argv: list[str]) -> int:
     """The recipe's check before torchrun: 0 and silent when the launch can run, else one `error:` line and 2.
     WORLD_SIZE is the job's (GPUs per node x nodes), as megatron's argument validation reads it."""
     import logging
+    import warnings
 
     # The verdict is the output: torch's notice that a machine has no CUDA runtime (when megatron imports its extension
-    # builder) and megatron's own log lines (e.g. building a model to read a checkpoint's keys) stay out of it.
+    # builder), megatron's own log lines (e.g. building a model to read a checkpoint's keys) and the Python warnings
+    # of both (megatron's 'Overriding default arguments', torch's on reading a checkpoint outside a process group)
+    # stay out of it; the run torchrun then starts prints them as usual.
     for logger in ("torch.utils.cpp_extension", "megatron"):
         logging.getLogger(logger).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
     from megatron_qwen35.runtime import apply_runtime_patches
     from megatron_qwen35.training.launch import parse_qwen35_args
 
