@@ -1,14 +1,34 @@
-"""What the command lines (tools/convert/*, tools/data/*) share: a failure is one `error: ...` line naming the
-culprit and exit code 2, whether the input is bad or the machine refuses (a full disk, a folder it cannot write)."""
+"""What the command lines (tools/convert/*, tools/data/*, tools/generate.py) share: a failure is one `error: ...` line
+naming the culprit and exit code 2, whether the input is bad or the machine refuses (a full disk, a folder it cannot
+write), and the output is the tool's own (`quiet_library_notices`)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 INPUT_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)  # bad input, already named in the message
+
+# The libraries a tool drives and what they say on every run, which is about training or upstream plans, not about the
+# tool's input: megatron-core's import-time notices that Transformer Engine / Apex are absent (ten on a CPU machine),
+# FLA's that Triton has no GPU, torch.distributed.checkpoint's on reading a checkpoint in one process and its
+# ShardedTensor deprecation, torch's log line that no CUDA runtime is found.
+LIBRARY_WARNINGS = ("megatron", "fla", "torch.distributed")
+LIBRARY_LOGGERS = ("torch.utils.cpp_extension",)
+
+
+def quiet_library_notices() -> None:
+    """A tool prints its result or its one `error:` line: the libraries' notices above (about twenty lines before
+    every answer on a CPU machine) are kept out of it. The package's own warnings and every error still show; a
+    training run (pretrain_qwen35.py) keeps every notice."""
+    for module in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+    for logger in LIBRARY_LOGGERS:
+        logging.getLogger(logger).setLevel(logging.ERROR)
 
 
 def positive_int(text: str) -> int:
@@ -44,4 +64,4 @@ def run_conversion(convert: Callable[[], object]) -> int:
     return run_tool(lambda: f"wrote {convert()}", doing="converting")
 
 
-__all__ = ["INPUT_ERRORS", "positive_int", "run_tool", "run_conversion"]
+__all__ = ["INPUT_ERRORS", "positive_int", "quiet_library_notices", "run_tool", "run_conversion"]

@@ -6,6 +6,8 @@ import json
 import os
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -355,6 +357,24 @@ def test_a_save_folder_linking_outside_itself_is_refused_and_nothing_is_written_
     link = checkpoint / ("iter_0000002" if linked == "iteration" else "latest_checkpointed_iteration.txt")
     recipe_refused(tmp_path, LOAD=str(checkpoint), SAVE=str(checkpoint),
                    says=f"--save {checkpoint}: {link} is a link to {victim}")
+
+
+@pytest.mark.parametrize("tool, flags", [
+    ("tools/convert/hf_to_megatron.py", ("--hf-dir", "{missing}", "--out-dir", "{out}")),
+    ("tools/generate.py", ("--checkpoint", "{missing}", "--prompt", "hi")),
+    ("tools/data/preprocess_sft.py", ("--input", "{missing}", "--output-prefix", "{out}/chats", "--qwen35-preset",
+                                      "tiny")),
+], ids=["convert", "generate", "preprocess_sft"])
+def test_a_tool_run_from_a_shell_refuses_in_one_line_without_library_notices(tool, flags, tmp_path):
+    """As a user's shell runs them (Python's warnings on): megatron's ten notices that Transformer Engine / Apex are
+    absent, FLA's and torch's are kept out of a tool's output, and a missing input is named before any progress bar or
+    output folder appears."""
+    names = dict(missing=str(tmp_path / "missing"), out=str(tmp_path / "out"))
+    env = {**os.environ, "PYTHONWARNINGS": "default", "TORCHDYNAMO_DISABLE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / tool), *(f.format(**names) for f in flags)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert_refused_in_one_line(done, says=f"{tmp_path / 'missing'}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_preprocess_names_an_unwritable_output_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):

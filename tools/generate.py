@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from megatron_qwen35.cli import positive_int, quiet_library_notices  # noqa: E402  (standard library only)
 
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input, already named in the message
 
@@ -54,13 +55,13 @@ def _arguments(argv):
     p.add_argument("--image-pixels", nargs=2, type=int, default=None, metavar=("MIN", "MAX"),
                    help="pixels an image is resized to lie within (default: the released processor's; give what the "
                         "model was trained with, as tools/data/preprocess_*.py's --image-pixels)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0, help="no end token is drawn before this many")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel size")
-    p.add_argument("--expert-parallel", type=int, default=1, help="under torchrun: expert-parallel size")
+    p.add_argument("--tensor-parallel", type=positive_int, default=1, help="under torchrun: tensor-parallel size")
+    p.add_argument("--expert-parallel", type=positive_int, default=1, help="under torchrun: expert-parallel size")
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer directory instead")
     p.add_argument("--backend", choices=["te", "local"], default=None,
                    help="modules to run (default: Transformer Engine on CUDA, which must import; local elsewhere)")
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
                 "--thinking" if args.thinking else "--no-thinking")
         print(f"error: {flag} shapes a chat prompt: it needs --chat", file=sys.stderr)
         return 2
+    quiet_library_notices()
     import torch
 
     from megatron_qwen35.chat import qwen35_chat_end_ids

@@ -23,6 +23,14 @@ from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
 _TOKENIZER: Qwen35Tokenizer | None = None
 
 
+def check_inputs(inputs) -> None:
+    """Every input file exists, checked before any output or progress bar appears (the rows are read lazily, by
+    workers; the text, vision-language and chat preprocessing all start with it)."""
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input {path} does not exist")
+
+
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file; a line that is not UTF-8 is named with its number and byte offset."""
     with path.open("rb") as f:
@@ -86,9 +94,7 @@ def tokenize_to_indexed(inputs: list[Path], output_prefix: Path, *, workers: int
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     output_prefix = Path(output_prefix)
-    for path in inputs:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"input {path} does not exist")
+    check_inputs(inputs)
     global _TOKENIZER
     # The tokenizer loads here first: a folder it refuses is one error before any output exists (a worker's
     # initializer that raises has the pool start another worker, forever); one worker is this process

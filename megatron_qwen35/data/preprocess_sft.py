@@ -55,7 +55,7 @@ from megatron_qwen35.data.chat_template import (
     render_qwen35_turns,
     render_with_tokenizer_template,
 )
-from megatron_qwen35.data.preprocess import json_object, numbered_lines
+from megatron_qwen35.data.preprocess import check_inputs, json_object, numbered_lines
 from megatron_qwen35.data.preprocess_vl import INDEX, VISION_FIELDS, ShardWriter, _open_image
 from megatron_qwen35.data.tokenizer import VISION_TOKENS, qwen35_tokenizer_for
 from megatron_qwen35.data.vl_processor import (
@@ -399,6 +399,7 @@ def qwen35_preprocess_sft(inputs: list[Path], output_dir: Path, cfg: Qwen35Confi
     if too_long not in TOO_LONG:
         raise ValueError(f"--too-long {too_long!r}: choose one of {list(TOO_LONG)}")
     inputs = [Path(p) for p in inputs]
+    check_inputs(inputs)
     settings = SFTSettings(cfg.to_dict(), tokenizer_dir, tokenizer_dir, policy, seq_length, too_long,
                            tuple(image_pixels), tuple(video_pixels))
     worker = _Worker(settings)  # checks the tokenizer against the model before any output exists

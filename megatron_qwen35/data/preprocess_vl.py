@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from megatron_qwen35.config import Qwen35Config
 from megatron_qwen35.convert.output_dir import output_directory, write_file
-from megatron_qwen35.data.preprocess import json_object, numbered_lines
+from megatron_qwen35.data.preprocess import check_inputs, json_object, numbered_lines
 from megatron_qwen35.data.tokenizer import VISION_TOKENS, qwen35_tokenizer_for
 from megatron_qwen35.data.vl_processor import (
     QWEN35_IMAGE_PIXELS,
@@ -230,6 +230,7 @@ def qwen35_preprocess_vl(inputs: list[Path], output_dir: Path, cfg: Qwen35Config
     if cfg.vision is None:
         raise ValueError(f"model '{cfg.name}' has no vision config: use tools/data/preprocess.py for text")
     inputs = [Path(p) for p in inputs]
+    check_inputs(inputs)
     tokenizer = qwen35_tokenizer_for(cfg, hf_tokenizer_dir)
     processor = Qwen35VLProcessor(cfg.vision, tokenizer, image_pixels=image_pixels, video_pixels=video_pixels)
     read = [*inputs, *(p for p in (media_dir, hf_tokenizer_dir) if p is not None)]  # never replaced

