@@ -93,9 +93,11 @@ TRAIN_ARGS=(--micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.02 $PRECISION)
 [ -n "$RECOMPUTE" ] && read -r -a rc <<< "$RECOMPUTE" && TRAIN_ARGS+=("${rc[@]}")
 LOAD_ARGS=(--load "$LOAD")
-# LoRA: LOAD is the frozen base (megatron's --pretrained-checkpoint) and the run resumes from SAVE, whose checkpoints
-# hold the adapters alone (megatron_qwen35/lora/base.py)
-[ "${LORA_RANK:-0}" != 0 ] && [ "$LOAD" != "$SAVE" ] && LOAD_ARGS=(--load "$SAVE" --pretrained-checkpoint "$LOAD")
+# LOAD other than SAVE (a converted release to fine-tune; LoRA's frozen base) is megatron's --pretrained-checkpoint,
+# read weights-only while SAVE holds no checkpoint: the same command run again (a requeued job) resumes from SAVE
+# instead of starting over from LOAD and saving over SAVE's iterations. LoRA reads the base on every resume (SAVE's
+# checkpoints hold the adapters alone: megatron_qwen35/lora/base.py).
+[ "$LOAD" != "$SAVE" ] && LOAD_ARGS=(--load "$SAVE" --pretrained-checkpoint "$LOAD")
 CKPT_ARGS=(--save "$SAVE" "${LOAD_ARGS[@]}" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist)
 LOG_ARGS=(--log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}")
 

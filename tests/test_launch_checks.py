@@ -179,24 +179,35 @@ def test_another_tools_checkpoint_of_another_model_is_named_by_its_tensors_and_l
 
 
 def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path):
-    """... and one that holds this model loads, and the run then writes its qwen35_config.json into --save."""
+    """... and one that holds this model loads, and the run then writes its qwen35_config.json into --save. The same
+    command run again (a job requeued after it stopped at step 1) resumes its SAVE at step 2, not LOAD at step 1."""
     (checkpoint / CONFIG).unlink()
-    run = recipe(tmp_path, LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"), TRAIN_ITERS="1", WARMUP="0")
+    same = dict(LOAD=str(checkpoint), SAVE=str(tmp_path / "tuned"), TRAIN_ITERS="2", WARMUP="0")
+    run = recipe(tmp_path, "--exit-interval", "1", run_name="stopped", **same)
     assert list(run.losses) == [1] and (tmp_path / "tuned" / CONFIG).is_file()
+    again = recipe(tmp_path, run_name="requeued", **same)
+    assert list(again.losses) == [2], again.stderr[-3000:]
+    assert f"--load {tmp_path / 'tuned'} holds iteration 1: the run resumes it" in again.stdout + again.stderr
 
 
 def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(checkpoint, tmp_path):
     """megatron warns and trains from random weights when --load holds no tracker: a file, one iteration folder of a
-    checkpoint (a common slip), a missing or an empty folder other than --save are refused by name."""
+    checkpoint (a common slip), a missing or an empty folder as the recipe's LOAD (its --pretrained-checkpoint, SAVE
+    being empty), and a --load other than --save that holds nothing (pretrain_qwen35.py launched directly) are
+    refused by name."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     for load, says in [(tmp_path / "notes.txt", "is a file"),
                        (checkpoint / "release",
-                        f"is one iteration of the checkpoint {checkpoint}: --load {checkpoint}"),
-                       (tmp_path / "missing", "does not exist, and it is not --save"),
-                       (tmp_path / "empty", "holds no checkpoint (latest_checkpointed_iteration.txt is missing), and "
-                                            "it is not --save")]:
-        recipe_refused(tmp_path, LOAD=str(load), SAVE=str(tmp_path / "tuned"), says=f"--load {load} {says}")
+                        f"is one iteration of the checkpoint {checkpoint}: --pretrained-checkpoint {checkpoint}"),
+                       (tmp_path / "missing", "does not exist: it names the checkpoint a run starts from"),
+                       (tmp_path / "empty", "holds no checkpoint (latest_checkpointed_iteration.txt is missing)")]:
+        recipe_refused(tmp_path, LOAD=str(load), SAVE=str(tmp_path / "tuned"),
+                       says=f"--pretrained-checkpoint {load} {says}")
+    direct = pretrain(tmp_path, "--train-iters", "1", "--load", str(tmp_path / "empty"), "--save",
+                      str(tmp_path / "tuned"), "--save-interval", "1", check=False)
+    assert f"--load {tmp_path / 'empty'} holds no checkpoint" in direct.stderr and "it is not --save" in direct.stderr
+    assert direct.returncode == 2 and not direct.losses and not (tmp_path / "tuned").exists()
     # (LOAD=SAVE still empty, the recipes' default, trains: every recipe run of the suite without LOAD= does)
 
 

@@ -16,7 +16,9 @@
 - A resumed iteration's learning-rate schedule equals the run's (megatron's own scheduler built for the run, against
   the saved one), unless --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler says which wins.
 - Which checkpoint loads is megatron's rule: --load where it holds one, else --pretrained-checkpoint (weights only,
-  as megatron's --finetune).
+  as megatron's --finetune). The recipes pass a LOAD other than SAVE as --pretrained-checkpoint with --load SAVE: a
+  fine-tuning command run again (a requeued job) resumes its own newest iteration instead of starting over from the
+  release and saving over the iterations it had.
 - LoRA (lora/): a checkpoint records its adapters' settings (qwen35_config.json's `lora`). A LoRA run from a
   checkpoint without adapters loads its weights only (megatron's --finetune; the model hides its adapters from the
   load, which keep their initialisation) and records that base's fingerprint (lora/base.py); its checkpoints hold
@@ -197,7 +199,9 @@ def _check_nothing_to_load(args, load: Path | None, pretrained: bool) -> None:
     if load is not None and (load.parent / TRACKER).is_file() and re.fullmatch(r"release|iter_\d{7}", load.name):
         raise LaunchRefused(f"{flag} {load} is one iteration of the checkpoint {load.parent}: {flag} {load.parent}")
     if pretrained:
-        raise LaunchRefused(f"--pretrained-checkpoint {load} holds no checkpoint ({TRACKER} is missing)")
+        where = "does not exist" if not load.exists() else f"holds no checkpoint ({TRACKER} is missing)"
+        raise LaunchRefused(f"--pretrained-checkpoint {load} {where}: it names the checkpoint a run starts from "
+                            "(LOAD= in the recipes: a converted release, or a run's SAVE)")
     if load is not None and (not args.save or load.resolve() != Path(args.save).resolve()):
         where = "does not exist" if not load.exists() else f"holds no checkpoint ({TRACKER} is missing)"
         raise LaunchRefused(f"--load {load} {where}, and it is not --save (a resumable run's own folder): the run "
@@ -211,6 +215,8 @@ def _check_nothing_to_load(args, load: Path | None, pretrained: bool) -> None:
 
 def check_load(args, cfg: Qwen35Config) -> list[str]:
     """Refuse (LaunchRefused) a --load checkpoint the run cannot load; return notes on what the load will do."""
+    from megatron_qwen35.training.flags import lora_settings_from_args
+
     load, pretrained = checkpoint_to_load(args)
     if load is None or not (load / TRACKER).is_file():
         _check_nothing_to_load(args, load, pretrained)
@@ -248,6 +254,10 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
     named = f"{flag} {load}"
     notes = _lora_note(args, load, named, metadata, weights_only)
     notes += _mtp_note(args, named, cfg, saved_mtp, weights_only=weights_only)
+    if not pretrained and getattr(args, "pretrained_checkpoint", None) and lora_settings_from_args(args) is None:
+        notes.append(f"{named} holds iteration {iteration}: the run resumes it (megatron reads "
+                     f"--pretrained-checkpoint {args.pretrained_checkpoint}, where it started, only while --load "
+                     "holds no checkpoint)")
     if not weights_only and args.train_iters and iteration >= args.train_iters and not args.skip_train:
         # megatron asserts 'no samples left to consume' on every rank once all is built
         raise LaunchRefused(f"{named} is at iteration {iteration}, and --train-iters {args.train_iters} "
