@@ -71,6 +71,10 @@ CONVERSATIONS = {
                                            enable_thinking=False),
     "generation_prompt_thinking_on": dict(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                           enable_thinking=True),
+    # the templates test enable_thinking by identity (`is false` / `is true`): neither 0, 1 nor "false" is a boolean
+    **{f"generation_prompt_thinking_{value!r}": dict(messages=[{"role": "user", "content": "Hi"}],
+                                                     add_generation_prompt=True, enable_thinking=value)
+       for value in (0, 1, "false")},
 }
 
 
@@ -121,6 +125,49 @@ def test_renderer_refuses_what_the_template_refuses(messages, message):
         jinja("large").render(messages=messages)
     with pytest.raises(ChatTemplateError, match=message):
         render_qwen35_chat(messages)
+
+
+@pytest.mark.parametrize("function", [None, "get_weather"])
+def test_a_tool_call_whose_function_is_not_an_object_is_refused_as_the_template_refuses_it(function):
+    """It ended in an AttributeError traceback out of the chat preprocessing instead of its one error line."""
+    from jinja2.exceptions import TemplateError
+
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "x", "tool_calls": [{"function": function}]}]
+    with pytest.raises(TemplateError):
+        jinja("large").render(messages=messages)
+    with pytest.raises(ChatTemplateError, match=r"tool_calls\[0\].function must be an object"):
+        render_qwen35_chat(messages)
+
+
+def test_tools_given_as_a_string_are_refused():
+    """The template iterates a string's characters as tool schemas (a tools block of quoted letters); ours wrote no
+    tools block at all. Refused, naming the field."""
+    with pytest.raises(ChatTemplateError, match="tools must be a list of tool schemas, found str"):
+        render_qwen35_chat([{"role": "user", "content": "q"}], tools="ab")
+
+
+def test_a_token_across_a_turns_edge_is_learned(tokenizer):
+    """A reply that starts with spaces and a newline (the template strips only newlines after '</think>', and keeps
+    an earlier turn's content after its dropped reasoning as it is): the tokenizer merges the header's newline with them into one
+    token ('\n \n'), as it merges the end of '</think>\n\n' with them where thinking is left out of the loss. That
+    token holds the reply's first characters, so it is learned (as transformers' assistant-token mask maps a turn's
+    first character to the token holding it); learning only the tokens that start inside a turn lost them. The
+    learned text is the assistant turns plus the straddling token's other bytes, nothing else."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think> \nA"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>r</think>    \nB"}]
+    text = ours("large", dict(messages=messages))
+    ids = tokenizer.encode(text)
+    assert b"\n \n" in tokenizer.token_bytes(ids)  # 'assistant', '\n \n', 'A': across the first turn's edge
+    turns = _assistant_text(dict(messages=messages))
+    assert turns == [" \nA<|im_end|>", "<think>\nr\n</think>\n\n    \nB<|im_end|>"]
+
+    def learned(policy: LossPolicy) -> str:
+        mask = learned_tokens(tokenizer, ids, text, policy.ranges(assistant_spans(text)), where="x")
+        return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+    assert learned(LossPolicy()) == "\n" + "".join(turns)
+    assert learned(LossPolicy(thinking=False)) == "\n \nA<|im_end|>" + "\n\n    \nB<|im_end|>"
 
 
 def test_a_tool_calls_string_is_refused_as_the_template_refuses_it():

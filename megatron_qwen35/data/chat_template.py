@@ -125,6 +125,8 @@ def _tool_calls(calls: Any, content: str) -> str:
         if not isinstance(call, Mapping):
             raise ChatTemplateError(f"tool_calls[{i}] must be an object, found {call!r:.80}")
         call = call.get("function", call)
+        if not isinstance(call, Mapping):  # the template reads `.name` of it and fails
+            raise ChatTemplateError(f"tool_calls[{i}].function must be an object with a name, found {call!r:.80}")
         name = call.get("name")
         if not isinstance(name, str):
             raise ChatTemplateError(f"tool_calls[{i}] has no function name")
@@ -164,6 +166,8 @@ def render_qwen35_turns(messages: Sequence[Mapping], *, tools: Sequence | None =
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatTemplateError(f"messages[{i}] must be an object with a 'role', found {message!r:.80}")
+    if tools and isinstance(tools, (str, Mapping)):  # the template iterates a string's characters as tools
+        raise ChatTemplateError(f"tools must be a list of tool schemas, found {type(tools).__name__}")
     render = _Renderer(add_vision_id)
     out, spans = [], []
     first_is_system = messages[0].get("role") == "system"
@@ -226,7 +230,9 @@ def render_qwen35_turns(messages: Sequence[Mapping], *, tools: Sequence | None =
             raise ChatTemplateError("Unexpected message role.")
     if add_generation_prompt:
         out.append(IM_START + "assistant\n")
-        thinking = thinking_by_default if enable_thinking is None else enable_thinking
+        # as the templates test it, by identity (jinja's `is false` / `is true`): the large one thinks unless it is
+        # False, the small one only where it is True (0, 1 or "false" change neither)
+        thinking = enable_thinking is not False if thinking_by_default else enable_thinking is True
         out.append(THINK_OPEN + "\n" if thinking else THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n")
     return "".join(out), spans
 

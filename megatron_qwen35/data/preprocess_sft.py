@@ -357,18 +357,23 @@ def _cut_vision(sample: dict, cfg: Qwen35Config) -> bool:
 
 
 def learned_tokens(tokenizer, ids: list[int], text: str, ranges: list[tuple[int, int]], *, where: str) -> list[int]:
-    """1 for each token whose first byte lies in one of the character `ranges` of `text`, else 0. Token bytes are
-    the tokenizer's own (a token may hold part of a character); they must add up to the text."""
+    """1 for each token that holds a byte of one of the character `ranges` of `text`, else 0. Token bytes are the
+    tokenizer's own (a token may hold part of a character); they must add up to the text. A token across a range's
+    edge is learned, as transformers' assistant-token mask maps a span's first and last characters to the tokens
+    holding them: an assistant reply that starts with spaces and a newline merges with its header's newline into one
+    token ('\n \n'), which holds the reply's first characters (learning only tokens that start inside a turn lost
+    them)."""
     pieces = tokenizer.token_bytes(ids)
     raw = text.encode()
     if sum(len(p) for p in pieces) != len(raw):
         raise ValueError(f"{where}: the tokenizer's tokens do not spell the rendered text byte for byte (it "
                          "normalises text), so the assistant turns cannot be located in them")
-    byte_ranges = [(len(text[:a].encode()), len(text[:b].encode())) for a, b in ranges]
+    byte_ranges = [(len(text[:a].encode()), len(text[:b].encode())) for a, b in ranges if a < b]
     mask, at = [], 0
     for piece in pieces:
-        mask.append(int(any(a <= at < b for a, b in byte_ranges)))
-        at += len(piece)
+        end = at + len(piece)
+        mask.append(int(any(a < end and at < b for a, b in byte_ranges)))
+        at = end
     return mask
 
 
