@@ -149,11 +149,11 @@ def test_tools_given_as_a_string_are_refused():
 
 def test_a_token_across_a_turns_edge_is_learned(tokenizer):
     """A reply that starts with spaces and a newline (the template strips only newlines after '</think>', and keeps
-    an earlier turn's content after its dropped reasoning as it is): the tokenizer merges the header's newline with them into one
-    token ('\n \n'), as it merges the end of '</think>\n\n' with them where thinking is left out of the loss. That
-    token holds the reply's first characters, so it is learned (as transformers' assistant-token mask maps a turn's
-    first character to the token holding it); learning only the tokens that start inside a turn lost them. The
-    learned text is the assistant turns plus the straddling token's other bytes, nothing else."""
+    an earlier turn's content after its dropped reasoning as it is): the tokenizer merges the header's newline with
+    them into one token ('\n \n'), as it merges the end of '</think>\n\n' with them where thinking is left out of
+    the loss. That token holds the reply's first characters, so it is learned (as transformers' assistant-token
+    mask maps a turn's first character to the token holding it); learning only the tokens that start inside a turn
+    lost them. The learned text is the assistant turns plus the straddling token's other bytes, nothing else."""
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think> \nA"},
                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>r</think>    \nB"}]
     text = ours("large", dict(messages=messages))
