@@ -188,6 +188,10 @@ def test_another_tools_checkpoint_of_this_model_fine_tunes(checkpoint, tmp_path)
     again = recipe(tmp_path, run_name="requeued", **same)
     assert list(again.losses) == [2], again.stderr[-3000:]
     assert f"--load {tmp_path / 'tuned'} holds iteration 1: the run resumes it" in again.stdout + again.stderr
+    recipe_refused(tmp_path, **same, says=f"ends the run there: nothing is left to train; to train on, raise it and "
+                                          "add --override-opt_param-scheduler (megatron otherwise holds the run to the "
+                                          f"saved schedule); to start again from --pretrained-checkpoint {checkpoint} "
+                                          "(LOAD), --save (SAVE) a new folder")
 
 
 def test_a_load_that_names_no_checkpoint_is_refused_not_trained_from_random(checkpoint, tmp_path):

@@ -262,7 +262,8 @@ def check_load(args, cfg: Qwen35Config) -> list[str]:
         # megatron asserts 'no samples left to consume' on every rank once all is built
         raise LaunchRefused(f"{named} is at iteration {iteration}, and --train-iters {args.train_iters} "
                             "(TRAIN_ITERS) ends the run there: nothing is left to train; to train on, raise it and add "
-                            "--override-opt_param-scheduler (megatron otherwise holds the run to the saved schedule)")
+                            "--override-opt_param-scheduler (megatron otherwise holds the run to the saved schedule)"
+                            f"{_start_again(args)}")
     if not weights_only:
         _check_schedule(args, directory, named)
     return notes
@@ -314,7 +315,14 @@ def _check_schedule(args, directory: Path, named: str) -> None:
     if differing:
         raise LaunchRefused(f"{named} resumes a run saved with another learning-rate schedule: {'; '.join(differing)}; "
                             "launch with the saved settings, or add --override-opt_param-scheduler (this run's "
-                            "schedule from here on) or --use-checkpoint-opt_param-scheduler (the saved one)")
+                            f"schedule from here on) or --use-checkpoint-opt_param-scheduler (the saved one)"
+                            f"{_start_again(args)}")
+
+
+def _start_again(args) -> str:
+    """The way out of a refused resume where the run was meant to start over from its --pretrained-checkpoint."""
+    start = getattr(args, "pretrained_checkpoint", None)
+    return f"; to start again from --pretrained-checkpoint {start} (LOAD), --save (SAVE) a new folder" if start else ""
 
 
 __all__ = ["check_load", "checkpoint_to_load", "model_checkpoint_shapes"]
