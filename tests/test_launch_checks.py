@@ -4,6 +4,7 @@ users run: recipes/common.sh (its preflight, then torchrun), pretrain_qwen35.py 
 
 import json
 import os
+import pickle
 import runpy
 import shutil
 import subprocess
@@ -352,6 +353,14 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
                    says="resumes a run saved with another learning-rate schedule: lr_decay_steps 4 saved, 8 now")
     run = recipe(tmp_path, "--override-opt_param-scheduler", run_name="on", TRAIN_ITERS="2", **same)
     assert list(run.losses) == [2], run.stderr[-3000:]
+    # its common state (iteration, args, schedule) cut out of the index: named, not torch's per-rank traceback
+    metadata = folder / "iter_0000002" / ".metadata"
+    index = pickle.loads(metadata.read_bytes())
+    index.state_dict_metadata = {k: v for k, v in index.state_dict_metadata.items() if not k.startswith("common")}
+    metadata.write_bytes(pickle.dumps(index))
+    recipe_refused(tmp_path, TRAIN_ITERS="3", **same,
+                   says="iter_0000002's common state (where megatron keeps the iteration, the arguments and the "
+                        "learning-rate schedule) cannot be read: RuntimeError: Missing key in checkpoint state_dict")
 
 
 @pytest.mark.parametrize("linked", ["iteration", "tracker"])

@@ -305,8 +305,16 @@ def _check_schedule(args, directory: Path, named: str) -> None:
             or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         return  # megatron loads no schedule, or is told which one wins
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    saved = load_common_state_dict(str(directory)).get("opt_param_scheduler")
+    try:
+        saved = load_common_state_dict(str(directory)).get("opt_param_scheduler")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  megatron's load would raise it too, on every rank
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's CheckpointException holds each rank's traceback: its last line is the error
+        why = lines[-1] if isinstance(e, CheckpointException) and lines else f"{type(e).__name__}: {(lines or [''])[0]}"
+        raise LaunchRefused(f"{named}: {directory.name}'s common state (where megatron keeps the iteration, the "
+                            f"arguments and the learning-rate schedule) cannot be read: {why[:300]}") from None
     if saved is None:
         return  # saved without an optimizer: megatron has no schedule to compare
     run = _this_runs_schedule(args)
