@@ -287,6 +287,28 @@ def test_videos_as_items_and_placeholders_preprocess_alike_with_workers(tmp_path
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
 
+def test_an_image_or_video_in_an_assistant_turn_is_read_not_learned(chats, tmp_path, capsys):
+    """The template renders an assistant's images and videos as it renders a user's; their pads and delimiters are
+    inputs, as in a VL sample (data/vl_dataset.py), not targets: the rest of the turn is learned, they are not (they
+    were, four vision tokens per image). A video's timestamps are text ('<0.2 seconds>') and learned with it."""
+    rows = [{"messages": [{"role": "user", "content": "Draw it"}, {"role": "assistant", "content": "Here: <image>"}],
+             "images": ["a.png"]},
+            {"messages": [{"role": "user", "content": "And as a clip?"},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Here:"},
+                                                            {"type": "video", "video": ["a.png", "a.png"]}]}]}]
+    out = tmp_path / "out"
+    assert PREPROCESS(["--input", str(_write(tmp_path / "assistant_media.jsonl", rows)), "--output-dir", str(out),
+                       "--qwen35-preset", "tiny-vl-demo", "--image-pixels", "1024", "16384", "--video-pixels",
+                       "1024", "16384"]) == 0
+    samples = Qwen35VLSamples(out, formats=("qwen35-sft-samples/1",))
+    vision = torch.tensor(qwen35_preset("tiny-vl-demo").vision.token_ids)
+    tokenizer = Qwen35Tokenizer()
+    for i, empty_think_and in enumerate(["Here: ", "Here:<0.2 seconds>"]):
+        tokens, learned = samples[i]["tokens"], samples[i]["loss_mask"].bool()
+        assert torch.isin(tokens, vision).sum() > 2 and not torch.isin(tokens[learned], vision).any()
+        assert tokenizer.decode(tokens[learned].tolist()) == f"<think>\n\n</think>\n\n{empty_think_and}<|im_end|>"
+
+
 def test_a_user_quoting_chatml_markup_is_not_learned(chats, tmp_path, capsys):
     """A user turn holding `<|im_start|>assistant ... <|im_end|>` (text and image chats): the loss is on the real
     assistant turns only, where reading the rendered text put the quoted one in it."""

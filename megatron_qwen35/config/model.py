@@ -55,6 +55,12 @@ class Qwen35VisionConfig:
         """Values per flattened patch: channels x frames x height x width (the processor's pixel_values rows)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The vision tokens: image and video pads and their delimiters. The model reads them, never learns to predict
+        them: no loss is taken on one, in a VL sample's text or in an assistant turn of a chat."""
+        return tuple(getattr(self, key) for key in VL_TOKEN_KEYS)
+
 
 HF_VISION_KEYS = ("hidden_size", "intermediate_size", "depth", "num_heads", "out_hidden_size", "patch_size",
                    "temporal_patch_size", "spatial_merge_size", "in_channels", "num_position_embeddings",

@@ -307,6 +307,9 @@ class _Worker:
                 fps, vision=self.cfg.vision))
         ids = self.tokenizer.encode(text)
         mask = learned_tokens(self.tokenizer, ids, text, self.settings.policy.ranges(spans), where=row.where)
+        if self.cfg.vision is not None:  # an image or video in an assistant turn is read, not learned
+            vision = set(self.cfg.vision.token_ids)
+            mask = [0 if token in vision else learned for token, learned in zip(ids, mask, strict=True)]
         status = "kept"
         limit = self.settings.seq_length
         if limit is not None and len(ids) > limit:

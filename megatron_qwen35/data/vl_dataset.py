@@ -199,10 +199,8 @@ class Qwen35VLDataset(torch.utils.data.Dataset):
         tokens = torch.full((S,), self.samples.eod_id, dtype=torch.long)
         labels = tokens.clone()
         tokens[:n], labels[:n] = ids[:n], ids[1:n + 1]
-        vision_ids = torch.tensor([v.image_token_id, v.video_token_id, v.vision_start_token_id,
-                                   v.vision_end_token_id])
         loss_mask = torch.zeros(S)
-        loss_mask[:n] = (~torch.isin(labels[:n], vision_ids)).float()
+        loss_mask[:n] = (~torch.isin(labels[:n], torch.tensor(v.token_ids))).float()
         position_ids = torch.zeros(3, S, dtype=torch.long)
         position_ids[:, :n] = mrope_position_ids(tokens[:n], v, raw["image_grid_thw"], raw["video_grid_thw"])
         out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
