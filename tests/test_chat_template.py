@@ -343,6 +343,8 @@ def test_a_user_quoting_chatml_markup_is_not_learned(chats, tmp_path, capsys):
      "longer than --seq-length 64"),
     ("{not json", "not valid JSON"),
     ({"messages": "Hi"}, "'messages' is a JSON str, not a list"),
+    ('{"messages": [{"role": "user", "content": "x\\ud800"}, {"role": "assistant", "content": "y"}]}',
+     "holds a lone UTF-16 surrogate ('\\ud800')"),
 ])
 def test_bad_rows_are_one_error_line_naming_file_and_line(chats, tmp_path, capsys, row, says):
     (tmp_path / "broken.png").write_bytes(b"not a png")

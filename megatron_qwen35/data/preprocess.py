@@ -48,6 +48,12 @@ def json_object(path: Path, n: int, line: str, json_key: str, kind: type = str) 
         obj = json.loads(line.rstrip("\r\n"))  # a line cut off mid-object fails at its end, not on the next line
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
+    if "\\ud" in line.lower():  # an escaped surrogate: a pair decodes to one character, a lone one to no text
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}:{n}: holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), which is no "
+                             "text the tokenizer can read") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object with a '{json_key}' field")
     if json_key not in obj:
