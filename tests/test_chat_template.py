@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from megatron_qwen35.config import qwen35_preset
 from megatron_qwen35.data.chat_template import (
@@ -343,11 +344,14 @@ def test_a_user_quoting_chatml_markup_is_not_learned(chats, tmp_path, capsys):
      "longer than --seq-length 64"),
     ("{not json", "not valid JSON"),
     ({"messages": "Hi"}, "'messages' is a JSON str, not a list"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": ["a.png", "small.png"]}]},
+                   {"role": "assistant", "content": "x"}]}, "video 0's frames differ in size ([(16, 32), (64, 64)]"),
     ('{"messages": [{"role": "user", "content": "x\\ud800"}, {"role": "assistant", "content": "y"}]}',
      "holds a lone UTF-16 surrogate ('\\ud800')"),
 ])
 def test_bad_rows_are_one_error_line_naming_file_and_line(chats, tmp_path, capsys, row, says):
     (tmp_path / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (16, 32)).save(tmp_path / "small.png")
     bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "ok"},
                                                         {"role": "assistant", "content": "ok"}]}, row])
     out = tmp_path / "out"

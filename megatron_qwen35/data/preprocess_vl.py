@@ -149,13 +149,8 @@ def _init_worker(cfg_dict: dict, hf_tokenizer_dir, image_pixels, video_pixels):
 
 def _process(sample: VLSample) -> tuple[VLSample, dict[str, torch.Tensor]]:
     images = [_open_image(f, sample.where, f"image {i}") for i, f in enumerate(sample.images)]
-    videos = []
-    for v, (frames, _) in enumerate(sample.videos):
-        opened = [_open_image(f, sample.where, f"video {v} frame {i}") for i, f in enumerate(frames)]
-        sizes = sorted({im.size for im in opened})
-        if len(sizes) > 1:
-            raise ValueError(f"{sample.where}: video {v}'s frames differ in size ({sizes}, width x height)")
-        videos.append(opened)
+    videos = [[_open_image(f, sample.where, f"video {v} frame {i}") for i, f in enumerate(frames)]
+              for v, (frames, _) in enumerate(sample.videos)]
     try:
         out = _PROCESSOR(sample.text, images, videos, [fps for _, fps in sample.videos])
     except ValueError as e:  # e.g. an aspect ratio over 200, a video of fewer frames than temporal_patch_size

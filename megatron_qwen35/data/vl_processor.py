@@ -88,6 +88,9 @@ class Qwen35VLProcessor:
             if len(frames) < self.vision.temporal_patch_size:  # transformers' smart_resize refuses it, less clearly
                 raise ValueError(f"video {v} has {len(frames)} frame(s); a video needs at least temporal_patch_size="
                                  f"{self.vision.temporal_patch_size} (a single picture is an <image>)")
+            sizes = sorted({frame.size for frame in frames})
+            if len(sizes) > 1:  # transformers' video processor stacks them: numpy's 'same shape' error otherwise
+                raise ValueError(f"video {v}'s frames differ in size ({sizes}, width x height)")
         dim = self.vision.patch_dim
         out = {"pixel_values": torch.zeros(0, dim), "image_grid_thw": torch.zeros(0, 3, dtype=torch.long),
                "pixel_values_videos": torch.zeros(0, dim), "video_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
