@@ -326,9 +326,11 @@ def main(argv: list[str]) -> int:
     # builder), megatron's own log lines (e.g. building a model to read a checkpoint's keys) and the Python warnings
     # of both (megatron's 'Overriding default arguments', torch's on reading a checkpoint outside a process group)
     # stay out of it; the run torchrun then starts prints them as usual.
-    for logger in ("torch.utils.cpp_extension", "megatron"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
-    warnings.simplefilter("ignore")
+    from megatron_qwen35.cli import quiet_library_notices
+
+    quiet_library_notices()  # as the tools: torch's no-CUDA log line among them
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")  # stricter than the tools: the verdict is the whole output
     from megatron_qwen35.runtime import apply_runtime_patches
     from megatron_qwen35.training.launch import parse_qwen35_args
 
