@@ -41,7 +41,9 @@ def _free_port() -> int:
 
 
 def _run(command: list[str], workdir: Path, tensorboard: Path, env: dict, check: bool, timeout: int) -> Run:
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints its Python stack into the stderr a failure shows
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONFAULTHANDLER": "1", **env}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):  # this test process's own, if any
         env.pop(key, None)
     done = subprocess.run(command, capture_output=True, text=True, cwd=workdir, timeout=timeout, env=env)

@@ -183,8 +183,9 @@ def main(argv=None) -> int:
     from megatron_qwen35.chat import qwen35_chat_end_ids
     from megatron_qwen35.data.tokenizer import Qwen35Tokenizer
     from megatron_qwen35.inference import load_model, stream_generate
-    from megatron_qwen35.runtime import initialize_parallel
+    from megatron_qwen35.runtime import destroy_parallel, initialize_parallel
 
+    own_world = not torch.distributed.is_initialized()  # what this call sets up, it takes down
     try:
         tokenizer = Qwen35Tokenizer(args.tokenizer_dir)
         if not args.chat and not args.prompt:
@@ -221,6 +222,9 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:  # a ChatTemplateError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:  # before the interpreter's shutdown, which gloo's threads may not survive (pretrain_qwen35.py)
+        if own_world:
+            destroy_parallel()
     return 0
 
 
