@@ -22,7 +22,6 @@ import time
 
 
 def main(argv: list[str]) -> None:
-    import torch
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -42,12 +41,22 @@ def main(argv: list[str]) -> None:
         else:  # torchrun stops every rank when the first one exits: the others wait for rank 0 to have said why
             time.sleep(30)
         sys.exit(2)
-    pretrain(pretrain_cfg_container_from_args(args), datasets_after_load(train_valid_test_datasets_provider),
-             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
-    # megatron.training returns with its process groups alive; torch asks every program to destroy them before it
-    # ends. Left to the interpreter's shutdown, gloo's worker threads outlive it: a DP2 rank died of SIGSEGV near the
-    # end of its run (once in CI; timing, no stack), and a two-rank gloo script that skipped this aborted at exit (1
-    # run in 120; none in 80 with it).
+    try:
+        pretrain(pretrain_cfg_container_from_args(args), datasets_after_load(train_valid_test_datasets_provider),
+                 ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    except SystemExit:  # megatron's early ends (--exit-interval, --exit-duration-in-mins, a signal), after a barrier
+        _end_process_groups()
+        raise
+    _end_process_groups()
+
+
+def _end_process_groups() -> None:
+    """megatron.training returns with its process groups alive; torch asks every program to destroy them before it
+    ends. Left to the interpreter's shutdown, gloo's worker threads outlive it: a DP2 rank died of SIGSEGV near the
+    end of its run (once in CI; timing, no stack), and a two-rank gloo script that skipped this aborted at exit (1 run
+    in 120; none in 80 with it)."""
+    import torch
+
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
