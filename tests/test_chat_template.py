@@ -304,10 +304,10 @@ def test_an_image_or_video_in_an_assistant_turn_is_read_not_learned(chats, tmp_p
     samples = Qwen35VLSamples(out, formats=("qwen35-sft-samples/1",))
     vision = torch.tensor(qwen35_preset("tiny-vl-demo").vision.token_ids)
     tokenizer = Qwen35Tokenizer()
-    for i, empty_think_and in enumerate(["Here: ", "Here:<0.2 seconds>"]):
+    for i, reply in enumerate(["Here: ", "Here:<0.2 seconds>"]):
         tokens, learned = samples[i]["tokens"], samples[i]["loss_mask"].bool()
         assert torch.isin(tokens, vision).sum() > 2 and not torch.isin(tokens[learned], vision).any()
-        assert tokenizer.decode(tokens[learned].tolist()) == f"<think>\n\n</think>\n\n{empty_think_and}<|im_end|>"
+        assert tokenizer.decode(tokens[learned].tolist()) == f"<think>\n\n</think>\n\n{reply}<|im_end|>"
 
 
 def test_a_user_quoting_chatml_markup_is_not_learned(chats, tmp_path, capsys):

@@ -256,6 +256,8 @@ class _Worker:
         self.tokenizer = qwen35_tokenizer_for(self.cfg, settings.tokenizer_dir)
         self.processor = None if self.cfg.vision is None else Qwen35VLProcessor(
             self.cfg.vision, self.tokenizer, image_pixels=settings.image_pixels, video_pixels=settings.video_pixels)
+        # an image or video in an assistant turn is read, not learned
+        self.vision_ids = frozenset() if self.cfg.vision is None else frozenset(self.cfg.vision.token_ids)
 
     def render(self, row: ChatRow) -> tuple[str, list[AssistantSpan]]:
         """The conversation's text and its assistant turns: recorded by our renderer as it writes them; read from
@@ -307,9 +309,8 @@ class _Worker:
                 fps, vision=self.cfg.vision))
         ids = self.tokenizer.encode(text)
         mask = learned_tokens(self.tokenizer, ids, text, self.settings.policy.ranges(spans), where=row.where)
-        if self.cfg.vision is not None:  # an image or video in an assistant turn is read, not learned
-            vision = set(self.cfg.vision.token_ids)
-            mask = [0 if token in vision else learned for token, learned in zip(ids, mask, strict=True)]
+        if self.vision_ids:
+            mask = [0 if token in self.vision_ids else learned for token, learned in zip(ids, mask, strict=True)]
         status = "kept"
         limit = self.settings.seq_length
         if limit is not None and len(ids) > limit:
