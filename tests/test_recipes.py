@@ -84,6 +84,23 @@ def test_environment_overrides_a_recipe_setting():
     assert args[args.index("--micro-batch-size") + 1] == "3"
 
 
+def test_load_is_save_however_the_folder_is_spelt(tmp_path):
+    """LOAD naming SAVE's folder (a trailing slash, ./, a link to it, existing or not yet) resumes SAVE as LOAD=SAVE
+    does; only another folder becomes megatron's --pretrained-checkpoint."""
+    save = tmp_path / "ckpt"
+    (tmp_path / "link").symlink_to(save)
+    for load in (f"{save}/", f"{tmp_path}/./ckpt", f"{tmp_path}/other/../ckpt", str(tmp_path / "link")):
+        args = recipe_args("0.8b", SAVE=str(save), LOAD=load)
+        assert "--pretrained-checkpoint" not in args, load
+        assert args[args.index("--load") + 1] == load
+    save.mkdir()
+    args = recipe_args("0.8b", SAVE=str(save), LOAD=str(tmp_path / "link"))
+    assert "--pretrained-checkpoint" not in args
+    args = recipe_args("0.8b", SAVE=str(save), LOAD=str(tmp_path / "base"))
+    assert args[args.index("--load") + 1] == str(save)
+    assert args[args.index("--pretrained-checkpoint") + 1] == str(tmp_path / "base")
+
+
 def test_flag_contradicting_the_architecture_is_named(monkeypatch):
     from megatron_qwen35.config import PRESETS
 
