@@ -8,13 +8,13 @@ does not reset, so with `--log-interval 1` the second line of every process is a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_qwen35.demo import tensorboard_scalars as scalars
+from megatron_qwen35.runtime import free_local_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,6 @@ class Run:
     stdout: str
     stderr: str
     returncode: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(command: list[str], workdir: Path, tensorboard: Path, env: dict, check: bool, timeout: int) -> Run:
@@ -60,10 +54,10 @@ def pretrain(workdir: Path, *flags: str, nproc: int = 1, run_name: str = "run", 
     tensorboard = workdir / f"tb-{run_name}"
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-        str(_free_port())]
+        str(free_local_port())]
     command = [*launcher, str(REPO / "pretrain_qwen35.py"), *base, "--tensorboard-dir", str(tensorboard),
                "--tensorboard-log-interval", "1", *flags]
-    return _run(command, workdir, tensorboard, {"MASTER_PORT": str(_free_port())}, check, timeout)
+    return _run(command, workdir, tensorboard, {"MASTER_PORT": str(free_local_port())}, check, timeout)
 
 
 # A recipe's settings for tiny-moe on CPU ranks: mock data, fp32 (PRECISION empty) so layouts compare to the bit of
@@ -77,7 +71,7 @@ def recipe(workdir: Path, *flags: str, nproc: int = 1, run_name: str = "run", ch
     """recipes/common.sh (torchrun with `nproc` ranks, as a user launches a recipe) with TINY_RECIPE and `settings`
     as its environment, `flags` as extra Megatron flags."""
     tensorboard = workdir / f"tb-{run_name}"
-    env = {**TINY_RECIPE, "GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port()),
+    env = {**TINY_RECIPE, "GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(free_local_port()),
            "SAVE": str(workdir / f"ckpt-{run_name}"), "PYTHON": sys.executable, **settings}
     command = ["bash", str(REPO / "recipes" / "common.sh"), "--tensorboard-dir", str(tensorboard),
                "--tensorboard-log-interval", "1", *flags]

@@ -274,6 +274,25 @@ def test_dynamo_disabled():
 # ----------------------------------------------------------------------------- initialize_parallel
 
 
+def test_a_local_rendezvous_port_is_free_below_the_ephemeral_range_and_not_drawn_from_seeded_state():
+    """free_local_port: a port outgoing connections are never given (below the kernel's ephemeral range) that binds
+    now, drawn from the OS's entropy (megatron seeds Python's random alike in every rank and test worker)."""
+    import random
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    draws = []
+    for _ in range(2):
+        random.seed(1234)
+        draws.append([runtime.free_local_port() for _ in range(4)])
+    assert draws[0] != draws[1]
+    for port in draws[0] + draws[1]:
+        assert 10000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_initialize_parallel_single_process(parallel_1):
     from megatron.core import parallel_state
 

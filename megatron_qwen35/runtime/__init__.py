@@ -11,6 +11,7 @@ Public API:
     compute_device()         cuda current device, else cpu
     transformer_engine_available()  whether Transformer Engine imports here (GPU nodes with TE installed)
     transformer_engine_import_error()  why it does not (the error a run that chose TE reports)
+    free_local_port()        a free port for a local rendezvous, outside the kernel's ephemeral range
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,7 @@ __all__ = [
     "compute_device",
     "transformer_engine_available",
     "transformer_engine_import_error",
+    "free_local_port",
     "no_cuda",
     "register",
 ]
@@ -81,15 +84,33 @@ def transformer_engine_available() -> bool:
     return transformer_engine_import_error() is None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_local_port() -> int:
+    """A free TCP port on 127.0.0.1 for a rendezvous (MASTER_PORT), below the kernel's ephemeral range.
+
+    The usual trick, binding port 0 and closing the socket, hands out a port from the ephemeral range, which the kernel
+    gives again to any outgoing connection (gloo's pair connections, another run's store clients) before the
+    launcher binds it: EADDRINUSE, seen in this suite with two workers. Ports below the range are only ever taken by
+    an explicit bind, so a random one that binds now stays free unless another launcher draws the same one."""
+    import random
+
+    low = 32768  # Linux's default, where /proc does not say
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # drawn from the OS's entropy: the random module's own state is seeded alike in every rank and test worker
+    candidates = random.SystemRandom().sample(range(10000, low), min(100, low - 10000)) if low > 10000 else []
+    for port in [*candidates, 0]:  # 0: the kernel's choice, where nothing below the range binds
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def _init_process_group() -> None:
     """Create the default process group from env (RANK/WORLD_SIZE/MASTER_*), or as a single
-    process on a free local port when the env does not describe a job."""
+    process with an in-process store when the env does not describe a job."""
     global _OWNS_PROCESS_GROUP
     if torch.distributed.is_initialized():
         return
@@ -106,12 +127,9 @@ def _init_process_group() -> None:
     else:
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        torch.distributed.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
-        )
+        # a one-rank world needs no rendezvous: an in-process store, no port to race for
+        torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                             world_size=1)
     _OWNS_PROCESS_GROUP = True
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -77,11 +76,10 @@ def _single_process_environment() -> None:
     """megatron initialises torch.distributed from the environment (env://): give a run without a launcher one."""
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from megatron_qwen35.runtime import free_local_port
+
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(port))):
+                       ("MASTER_PORT", str(free_local_port()))):
         os.environ.setdefault(key, value)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from megatron_qwen35.runtime import free_local_port
 
 # How long surviving ranks may keep running after another rank failed (to report their own error).
 _GRACE_AFTER_FAILURE_S = 3.0
@@ -54,12 +55,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self):
         return self.tb
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -105,7 +100,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300, 
     __tracebackhide__ = True  # pytest: show the child traceback, not this function's source
     context = mp.get_context("spawn") if fresh_interpreter else _CONTEXT
     results = context.Queue()
-    job_env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    job_env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_local_port()),
                "OMP_NUM_THREADS": "1"}
     procs = []
     for rank in range(world_size):
