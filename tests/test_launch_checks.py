@@ -32,12 +32,12 @@ def assert_refused_in_one_line(run, *, says: str) -> str:
     return lines[0]
 
 
-def recipe_refused(tmp_path: Path, *, says: str, nproc: int = 1, **settings) -> str:
-    """The recipe refuses the launch in one line and leaves tmp_path exactly as it was (no --save, no TensorBoard
-    folder, nothing changed in its inputs)."""
+def recipe_refused(tmp_path: Path, *flags: str, says: str, nproc: int = 1, **settings) -> str:
+    """The recipe (extra Megatron `flags` last) refuses the launch in one line and leaves tmp_path exactly as it was
+    (no --save, no TensorBoard folder, nothing changed in its inputs)."""
     before = tree(tmp_path)
     # Python's warnings on, as a user's shell has them (the other runs of the suite ignore them)
-    run = recipe(tmp_path, nproc=nproc, check=False, **{"PYTHONWARNINGS": "default", **settings})
+    run = recipe(tmp_path, *flags, nproc=nproc, check=False, **{"PYTHONWARNINGS": "default", **settings})
     line = assert_refused_in_one_line(run, says=says)
     assert tree(tmp_path) == before
     return line
@@ -117,6 +117,13 @@ def make_config_json(preset: str, **changes) -> dict:
 
 def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
     recipe_refused(tmp_path, TRAIN_ITERS="100", WARMUP="2000", says="--lr-warmup-iters 2000 (WARMUP) must be below")
+
+
+def test_an_optimizer_the_distributed_optimizer_cannot_hold_is_refused(tmp_path):
+    """--optimizer sgd beside the recipes' --use-distributed-optimizer: megatron-core's DistributedOptimizer asserted
+    on every rank after building the model."""
+    recipe_refused(tmp_path, "--optimizer", "sgd",
+                   says="--optimizer sgd with --use-distributed-optimizer (the recipes set it)")
 
 
 def test_a_run_without_a_length_is_refused(tmp_path):

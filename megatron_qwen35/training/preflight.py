@@ -7,7 +7,8 @@ started, nothing written anywhere (megatron's tensorboard writer and every save 
 - the architecture flags against the model (training/flags.py), and megatron's own argument validation;
 - the parallel layout against the model's heads, experts, widths, layers and the sequence length
   (`parallel_layout.check_parallel_layout`, which megatron-core would otherwise hit as a bare assert deep in a layer);
-- the learning-rate schedule (a warm-up as long as the decay is megatron's assert once the optimizer is built);
+- the learning-rate schedule (a warm-up as long as the decay is megatron's assert once the optimizer is built), and an
+  optimizer the distributed optimizer can hold;
 - the data: every --data-path prefix's .bin and .idx, a --vl-data-path directory's samples and vision config, and,
   where evaluation is on, a validation split that holds at least one sequence;
 - the --load checkpoint against the model, and a resumed run's schedule against the saved one (`checkpoint_check.py`).
@@ -70,6 +71,15 @@ def check_schedule(args) -> None:
             raise LaunchRefused(f"--lr-warmup-iters {args.lr_warmup_iters} (WARMUP) must be below the "
                                 f"{decay} iterations the learning rate decays over (--lr-decay-iters, else "
                                 "--train-iters)")
+
+
+def check_optimizer(args) -> None:
+    """An optimizer megatron-core's distributed optimizer (the recipes') can hold: 0.19.2 builds SGD without the state
+    initialiser its checkpoints need, and DistributedOptimizer asserts on every rank once the model is built."""
+    if args.use_distributed_optimizer and args.optimizer == "sgd" and not args.optimizer_cpu_offload:
+        raise LaunchRefused("--optimizer sgd with --use-distributed-optimizer (the recipes set it): megatron-core's "
+                            "distributed optimizer holds adam or lion, not sgd; use --optimizer adam, or launch "
+                            "pretrain_qwen35.py without --use-distributed-optimizer")
 
 
 def evaluation_is_on(args) -> bool:
@@ -312,6 +322,7 @@ def check_launch(args, cfg: Qwen35Config) -> list[str]:
     check_save(args)
     check_lora(args, cfg)
     check_schedule(args)
+    check_optimizer(args)
     check_data(args, cfg)
     return check_load(args, cfg)
 
