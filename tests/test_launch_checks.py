@@ -176,6 +176,62 @@ def test_a_vl_data_folder_without_samples_is_refused(tmp_path):
                    says=f"--vl-data-path {tmp_path / 'vl'}: {tmp_path / 'vl'} is not a VL dataset directory")
 
 
+def preprocessed(tmp_path: Path, tool: str, preset: str) -> Path:
+    """CHAT_AND_VL_TOOLS' rows through `tool` for `preset`, in tmp_path/<tool's stem>-<preset>."""
+    rows, _ = CHAT_AND_VL_TOOLS[tool]
+    (tmp_path / "rows.jsonl").write_text(rows + "\n")
+    out = tmp_path / f"{Path(tool).stem}-{preset}"
+    main = runpy.run_path(str(REPO / "tools/data" / tool), run_name="cli")["main"]
+    assert main(["--input", str(tmp_path / "rows.jsonl"), "--output-dir", str(out), "--qwen35-preset", preset]) == 0
+    return out
+
+
+def test_chat_data_that_does_not_fit_the_run_is_refused_at_launch(tmp_path):
+    """SFT_DATA_PATH made for another model, a conversation longer than SEQ_LEN, more than one packed sequence per
+    micro-batch (a --micro-batch-size after the recipe's, which sets 1): one line each, before any rank starts."""
+    chats = preprocessed(tmp_path, "preprocess_sft.py", "tiny-moe")
+    vl_chats = preprocessed(tmp_path, "preprocess_sft.py", "tiny-vl")
+    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(vl_chats), SEQ_LEN="256",
+                   says=f"--sft-data-path {vl_chats} was preprocessed for model 'tiny-vl' (vocabulary 512, vision "
+                        "tower); this run's 'tiny-moe' differs (vocabulary 512, no vision tower)")
+    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="16",
+                   says="tokens, more than --seq-length 16 holds")
+    recipe_refused(tmp_path, "--micro-batch-size", "2", MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="256",
+                   says="--micro-batch-size 1 (a packed sequence already holds several conversations), not 2")
+    recipe(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="256", TRAIN_ITERS="1", WARMUP="0",
+           GLOBAL_BATCH="1")  # the same data and run otherwise train
+
+
+def test_vl_data_for_another_vision_config_or_without_samples_is_refused_at_launch(tmp_path):
+    """VL_DATA_PATH made for tiny-vl (vision token ids in a 512-token vocabulary) on tiny-vl-demo (the real
+    vocabulary's ids), and an index listing no samples."""
+    from megatron_qwen35.data.preprocess_vl import INDEX
+
+    samples = preprocessed(tmp_path, "preprocess_vl.py", "tiny-vl")
+    recipe_refused(tmp_path, PRESET="tiny-vl-demo", MOCK_DATA="0", VL_DATA_PATH=str(samples),
+                   says=f"--vl-data-path {samples} was preprocessed for another vision config than model "
+                        "'tiny-vl-demo' (field: data, model): {'image_token_id': (508, 248056)")
+    index = json.loads((samples / INDEX).read_text())
+    (samples / INDEX).write_text(json.dumps({**index, "shards": []}))
+    recipe_refused(tmp_path, PRESET="tiny-vl", MOCK_DATA="0", VL_DATA_PATH=str(samples),
+                   says=f"--vl-data-path {samples} holds no samples")
+
+
+def test_a_hugging_face_folder_or_a_checkpoint_missing_a_data_file_as_load_is_refused(checkpoint, tmp_path):
+    """LOAD= a Hugging Face folder (not converted), or a Megatron checkpoint whose .distcp file is gone or cut off (a
+    copy interrupted): named before any rank starts, where dist_checkpointing failed deep in torch on every rank."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    recipe_refused(tmp_path, LOAD=str(hf), says=f"--pretrained-checkpoint {hf} is a Hugging Face checkpoint, not a "
+                                                 "Megatron one: convert it first")
+    data = sorted((checkpoint / "release").glob("*.distcp"))[0]
+    os.truncate(data, data.stat().st_size // 2)
+    recipe_refused(tmp_path, LOAD=str(checkpoint), says=f"{data} is cut off at {data.stat().st_size} bytes")
+    data.unlink()
+    recipe_refused(tmp_path, LOAD=str(checkpoint), says=f"{data} is missing (it holds '")
+
+
 def test_another_tools_checkpoint_of_another_model_is_named_by_its_tensors_and_left_unchanged(checkpoint, tmp_path):
     """No qwen35_config.json (a checkpoint another tool wrote), --load = --save as the recipes default: refused from
     its own tensor metadata, naming the first differing tensors, and the checkpoint is not written to."""
@@ -265,14 +321,10 @@ def test_cut_off_or_damaged_data_is_named_at_launch(small_corpus, tmp_path):
     os.truncate(f"{corpus}.idx", 20)
     recipe_refused(tmp_path, PRESET="tiny-demo", MOCK_DATA="0", DATA_PATH=str(corpus), SEQ_LEN="64",
                    says=f"{corpus}.idx is not a readable Megatron index (no index header)")
-    rows, preset = CHAT_AND_VL_TOOLS["preprocess_sft.py"]
-    (tmp_path / "rows.jsonl").write_text(rows + "\n")
-    tool = runpy.run_path(str(REPO / "tools/data/preprocess_sft.py"), run_name="cli")["main"]
-    assert tool(["--input", str(tmp_path / "rows.jsonl"), "--output-dir", str(tmp_path / "chats"),
-                 "--qwen35-preset", preset]) == 0
-    shard = tmp_path / "chats" / "shard_00000.safetensors"
+    chats = preprocessed(tmp_path, "preprocess_sft.py", "tiny-moe")
+    shard = chats / "shard_00000.safetensors"
     os.truncate(shard, shard.stat().st_size - 8)
-    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(tmp_path / "chats"), SEQ_LEN="64",
+    recipe_refused(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="64",
                    says=f"{shard}: not a readable shard")
     (tmp_path / "vl").mkdir()
     (tmp_path / "vl" / "index.json").write_text("[]")
