@@ -410,6 +410,10 @@ def test_a_run_saving_into_the_checkpoint_it_loaded_leaves_it_describing_what_it
     # TRAIN_ITERS raised to train on: megatron's scheduler asserted the saved decay on every rank once all was built
     recipe_refused(tmp_path, TRAIN_ITERS="2", **same,
                    says="resumes a run saved with another learning-rate schedule: lr_decay_steps 4 saved, 8 now")
+    # the learning rate changed too (the decay as saved), named by its flag and the recipe's setting
+    recipe_refused(tmp_path, "--lr-decay-iters", "1", TRAIN_ITERS="2", **{**same, "LR": "2e-3"},
+                   says="resumes a run saved with another learning-rate schedule: max_lr 0.001 saved, 0.002 now "
+                        "(--lr (LR))")
     run = recipe(tmp_path, "--override-opt_param-scheduler", run_name="on", TRAIN_ITERS="2", **same)
     assert list(run.losses) == [2], run.stderr[-3000:]
     # its common state (iteration, args, schedule) cut out of the index: named, not torch's per-rank traceback
