@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one process):
 # most tests launch recipes whose single-threaded start-up (importing megatron.training) leaves a core idle.
-# Measured on a 2-core machine: 19.6-22.8 minutes over the last two fresh-clone runs (.ci/run: 21.8-24.6 minutes with set-up; TEST_WORKERS=0 runs them in one process, slower).
+# Measured on a 2-core machine: 18.4-19.6 minutes over the last two fresh-clone runs (.ci/run: 19.9-21.8 minutes with set-up; TEST_WORKERS=0 runs them in one process, slower).
 TEST_WORKERS ?= 2
 
 test: setup
