@@ -97,8 +97,12 @@ LOAD_ARGS=(--load "$LOAD")
 # read weights-only while SAVE holds no checkpoint: the same command run again (a requeued job) resumes from SAVE
 # instead of starting over from LOAD and saving over SAVE's iterations. LoRA reads the base on every resume (SAVE's
 # checkpoints hold the adapters alone: megatron_qwen35/lora/base.py). The same folder however spelt (./ckpt, ckpt/,
-# through a link) is SAVE itself: compared resolved, existing or not.
-[ "$(realpath -m -- "$LOAD")" != "$(realpath -m -- "$SAVE")" ] && LOAD_ARGS=(--load "$SAVE" --pretrained-checkpoint "$LOAD")
+# through a link) is SAVE itself: compared resolved, existing or not (as spelt where realpath lacks GNU's -m).
+same_folder() {
+  local a b
+  { a=$(realpath -m -- "$1" 2>/dev/null) && b=$(realpath -m -- "$2" 2>/dev/null) && [ "$a" = "$b" ]; } || [ "$1" = "$2" ]
+}
+same_folder "$LOAD" "$SAVE" || LOAD_ARGS=(--load "$SAVE" --pretrained-checkpoint "$LOAD")
 CKPT_ARGS=(--save "$SAVE" "${LOAD_ARGS[@]}" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist)
 LOG_ARGS=(--log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}")
 

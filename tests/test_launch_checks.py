@@ -198,8 +198,9 @@ def test_chat_data_that_does_not_fit_the_run_is_refused_at_launch(tmp_path):
                    says="tokens, more than --seq-length 16 holds")
     recipe_refused(tmp_path, "--micro-batch-size", "2", MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="256",
                    says="--micro-batch-size 1 (a packed sequence already holds several conversations), not 2")
-    recipe(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="256", TRAIN_ITERS="1", WARMUP="0",
-           GLOBAL_BATCH="1")  # the same data and run otherwise train
+    run = recipe(tmp_path, MOCK_DATA="0", SFT_DATA_PATH=str(chats), SEQ_LEN="256", TRAIN_ITERS="1", WARMUP="0",
+                 GLOBAL_BATCH="1")  # the same data and run otherwise train
+    assert list(run.losses) == [1]
 
 
 def test_vl_data_for_another_vision_config_or_without_samples_is_refused_at_launch(tmp_path):

@@ -78,9 +78,10 @@ def _single_process_environment() -> None:
         return
     from megatron_qwen35.runtime import free_local_port
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(free_local_port()))):
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:  # a port is drawn only where none is given
+        os.environ["MASTER_PORT"] = str(free_local_port())
 
 
 def _parse_and_validate(argv: list[str]):
